@@ -1,0 +1,332 @@
+"""Hugging Face checkpoint folders: lazy, streaming reads and atomic, sharded writes.
+
+A folder holds config.json, optional generation_config.json, tokenizer files and either
+model.safetensors or shards listed in model.safetensors.index.json. Reading memory-maps the
+safetensors and yields one tensor at a time; nothing is loaded whole unless `load_state_dict` is
+called. Writing streams tensors into size-bounded shards inside a temporary folder that is renamed
+into place only when complete. Pickled weights (*.bin, *.pt) are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import ModelConfig
+from .errors import PizooError
+from .fsutil import atomic_dir, atomic_write_json, read_json
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+GENERATION_FILE = "generation_config.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+# safetensors dtype names -> (torch dtype, bytes per element)
+ST_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Tensors some checkpoints carry that the model recomputes; harmless to skip.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Checks what safe_open would only discover late (or not at all): truncation, overlapping or
+    out-of-range offsets, unknown dtypes, and byte counts that disagree with shapes.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise PizooError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-export it")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or 8 + n > size:
+                raise PizooError(f"{path}: truncated or corrupt safetensors header (claims {n} bytes, file has {size}); "
+                                 "re-download or re-export it")
+            raw = f.read(n)
+    except OSError as e:
+        raise PizooError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PizooError(f"{path}: corrupt safetensors header (not JSON); re-download or re-export it") from None
+    if not isinstance(header, dict):
+        raise PizooError(f"{path}: corrupt safetensors header; re-download or re-export it")
+    data_start, data_len = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise PizooError(f"{path}: corrupt safetensors entry for '{name}'; re-download or re-export it") from None
+        if dtype not in ST_DTYPES:
+            raise PizooError(f"{path}: tensor '{name}' has dtype {dtype}, which pizoo does not read")
+        expected = math.prod(shape) * ST_DTYPES[dtype][1]
+        if end - begin != expected or begin < 0:
+            raise PizooError(f"{path}: tensor '{name}' holds {end - begin} bytes but shape {list(shape)} "
+                             f"{dtype} needs {expected}; the file is corrupt")
+        if end > data_len:
+            raise PizooError(f"{path}: truncated: tensor '{name}' ends at byte {end} but only {data_len} data bytes "
+                             "exist; re-download or re-export it")
+        end_max = max(end_max, end)
+        out[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+    if end_max != data_len:
+        raise PizooError(f"{path}: {data_len - end_max} trailing bytes after the last tensor; the file is corrupt")
+    return out
+
+
+class Checkpoint:
+    """A read-only view of an HF checkpoint folder. Tensors are memory-mapped on demand."""
+
+    def __init__(self, path: Path, config: ModelConfig, tensors: dict[str, TensorInfo], raw_config: dict):
+        self.path = path
+        self.config = config
+        self.raw_config = raw_config
+        self.tensors = tensors  # name -> TensorInfo, in file order
+
+    # --- facts --------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def dtype(self) -> str:
+        """The dominant floating dtype of the weights (by bytes), as a torch name."""
+        by: dict[str, int] = {}
+        for t in self.tensors.values():
+            by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
+        st = max(by, key=by.get) if by else "F32"
+        return str(ST_DTYPES[st][0]).removeprefix("torch.")
+
+    def num_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors.values())
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    # --- tensor access ------------------------------------------------------------------------
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        if info is None:
+            raise PizooError(f"{self.path}: no tensor named '{name}'")
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def iter_tensors(self, names: Iterable[str] | None = None, *, progress: bool = False,
+                     desc: str = "reading") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one at a time, memory-mapped, grouped by file to keep one file open."""
+        wanted = list(self.tensors) if names is None else list(names)
+        by_file: dict[Path, list[str]] = {}
+        for n in wanted:
+            if n not in self.tensors:
+                raise PizooError(f"{self.path}: no tensor named '{n}'")
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        bar = tqdm(total=sum(self.tensors[n].nbytes for n in wanted), unit="B", unit_scale=True,
+                   desc=desc, disable=not progress, leave=False)
+        try:
+            for file, file_names in by_file.items():
+                with safe_open(str(file), framework="pt") as f:
+                    for n in file_names:
+                        t = f.get_tensor(n)
+                        bar.update(self.tensors[n].nbytes)
+                        yield n, t
+        finally:
+            bar.close()
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor in RAM (only when explicitly asked: small models, tests)."""
+        return dict(self.iter_tensors())
+
+
+def _validate_shapes(path: Path, cfg: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
+    expected = cfg.expected_shapes()
+    for name, shape in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            if name == "lm_head.weight":
+                raise PizooError(f"{path}: tensor 'lm_head.weight' is missing but config.json has "
+                                 "tie_word_embeddings=false; set it to true if the head is tied")
+            raise PizooError(f"{path}: tensor '{name}' is missing from the safetensors files")
+        if info.shape != shape:
+            raise PizooError(f"{info.file}: tensor '{name}' has shape {list(info.shape)} but config.json implies "
+                             f"{list(shape)}; the weights and config.json disagree")
+    for name in tensors:
+        if name not in expected and not name.endswith(IGNORED_SUFFIXES):
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some exporters store the tied head anyway; it is ignored
+            raise PizooError(f"{tensors[name].file}: unexpected tensor '{name}' for a {cfg.architecture} model "
+                             "with this config.json")
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def open_checkpoint(path: str | os.PathLike, *, validate: bool = True) -> Checkpoint:
+    """Open an HF folder: parse config.json, index the safetensors headers, check shapes."""
+    path = Path(path)
+    if not path.exists():
+        raise PizooError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise PizooError(f"{path}: expected a Hugging Face model folder (with config.json)")
+    if not (path / "config.json").is_file():
+        raise PizooError(f"{path}: no config.json; is this a Hugging Face model folder?")
+    raw = read_json(path / "config.json", "config.json")
+    cfg = ModelConfig.from_hf_dict(raw, str(path / "config.json"))
+    tensors: dict[str, TensorInfo] = {}
+    if (path / INDEX_FILE).is_file():
+        index = read_json(path / INDEX_FILE, INDEX_FILE)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise PizooError(f"{path / INDEX_FILE}: missing or empty 'weight_map'")
+        files = sorted(set(weight_map.values()))
+        for fname in files:
+            fpath = path / fname
+            if not fpath.is_file():
+                raise PizooError(f"{path / INDEX_FILE}: lists shard '{fname}', which does not exist")
+            header = read_safetensors_header(fpath)
+            for n, info in header.items():
+                if weight_map.get(n) != fname:
+                    raise PizooError(f"{fpath}: holds tensor '{n}' that {INDEX_FILE} does not map to this file")
+                tensors[n] = info
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise PizooError(f"{path / INDEX_FILE}: tensor '{missing[0]}' is listed but not in its shard")
+    elif (path / SINGLE_FILE).is_file():
+        tensors = read_safetensors_header(path / SINGLE_FILE)
+    else:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickles:
+            raise PizooError(f"{path}: only pickled weights ({pickles[0]}); pizoo never unpickles untrusted files. "
+                             "Convert them to safetensors first")
+        raise PizooError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+    if validate:
+        _validate_shapes(path, cfg, tensors)
+    return Checkpoint(path, cfg, tensors, raw)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_checkpoint(out: str | os.PathLike, config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, copy_files_from: str | os.PathLike | None = None,
+                     generation_config: dict | None = None, overwrite: bool = False, dtype: torch.dtype | None = None,
+                     progress: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write an HF folder atomically, streaming `tensors` into shards of at most `max_shard_bytes`.
+
+    Tensors are written as given (dtype kept) unless `dtype` converts floating tensors. Tokenizer
+    files and generation_config.json are copied from `copy_files_from`. Only one shard's tensors
+    are held in memory at a time.
+    """
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        shards: list[tuple[str, list[str]]] = []
+        current: dict[str, torch.Tensor] = {}
+        current_bytes = 0
+        total_bytes = 0
+        bar = tqdm(unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
+
+        def flush() -> None:
+            nonlocal current, current_bytes
+            if not current:
+                return
+            name = f"shard-{len(shards):05d}.tmp"
+            save_file(current, str(tmp / name), metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, current_bytes = {}, 0
+
+        seen: set[str] = set()
+        for name, t in tensors:
+            if name in seen:
+                raise PizooError(f"{out}: tensor '{name}' written twice")
+            seen.add(name)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            t = t.detach().to("cpu").contiguous()
+            nbytes = t.numel() * t.element_size()
+            if current and current_bytes + nbytes > max_shard_bytes:
+                flush()
+            current[name] = t
+            current_bytes += nbytes
+            total_bytes += nbytes
+            bar.update(nbytes)
+        flush()
+        bar.close()
+        if not shards:
+            raise PizooError(f"{out}: no tensors to write")
+        if len(shards) == 1:
+            os.replace(tmp / shards[0][0], tmp / SINGLE_FILE)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, (tmp_name, names) in enumerate(shards, start=1):
+                final = _shard_name(i, len(shards))
+                os.replace(tmp / tmp_name, tmp / final)
+                weight_map.update({n: final for n in names})
+            atomic_write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total_bytes},
+                                                 "weight_map": dict(sorted(weight_map.items()))})
+        hf = config.to_hf_dict()
+        if dtype is not None:
+            hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
+        atomic_write_json(tmp / "config.json", hf)
+        if copy_files_from is not None:
+            src = Path(copy_files_from)
+            for fname in TOKENIZER_FILES + (GENERATION_FILE,):
+                if (src / fname).is_file():
+                    shutil.copy2(src / fname, tmp / fname)
+        if generation_config is not None:
+            atomic_write_json(tmp / GENERATION_FILE, generation_config)
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+    return out
+
+
+def save_model(model: torch.nn.Module, out: str | os.PathLike, config: ModelConfig | None = None, **kwargs) -> Path:
+    """Write a pizoo LlamaModel as an HF folder (see write_checkpoint for options)."""
+    cfg = config or model.config
+    sd = model.hf_state_dict()
+    return write_checkpoint(out, cfg, sd.items(), **kwargs)
+
+
+def parse_dtype(name: str | None, where: str = "--dtype") -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPE_NAMES:
+        raise PizooError(f"{where}: unknown dtype '{name}'; use float32, float16 or bfloat16")
+    return DTYPE_NAMES[name]

@@ -1,0 +1,525 @@
+"""Model and RoPE configuration: one normalised view of a Hugging Face config.json.
+
+pizoo reads both transformers conventions (v4: `rope_scaling` + top-level `rope_theta`; v5: one
+`rope_parameters` dict) and writes files that both load: `rope_scaling` and `rope_theta` for v4,
+plus an identical `rope_parameters` for v5 (v5 gives `rope_scaling` priority when both are present,
+so the two never disagree).
+
+Methods transformers has no name for are written in a form it computes exactly, and recorded in a
+`pizoo` block so pizoo can read the method back:
+- ntk (static NTK-aware): a changed `rope_theta` (base * s^(d/(d-2))), no `rope_scaling`.
+- clex (baked at the target length): `longrope` with short_factor all ones, long_factor = the CLEX
+  factors and attention_factor 1.0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PizooError
+
+# config.json "architectures" / "model_type" -> pizoo architecture name.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+HF_CLASS = {v: k for k, v in ARCHITECTURES.items()}
+
+# Model families that have no rotary position embedding at all.
+NON_ROPE_MODEL_TYPES = {
+    "gpt2", "bert", "roberta", "distilbert", "t5", "bart", "opt", "bloom", "mpt", "albert",
+    "electra", "deberta", "deberta-v2", "xlm-roberta", "gpt_bigcode", "falcon_alibi",
+}
+
+# The RoPE methods pizoo computes. `ntk` and `clex` have no transformers rope_type of their own.
+ROPE_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "clex")
+# transformers rope_type -> pizoo type
+_HF_ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
+                  "llama3": "llama3", "longrope": "longrope"}
+
+# Keys that belong to each method in rope_scaling, besides rope_type/type/factor.
+METHOD_KEYS = {
+    "none": (),
+    "linear": (),
+    "ntk": (),
+    "dynamic": (),
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "llama3": ("low_freq_factor", "high_freq_factor"),
+    "longrope": ("short_factor", "long_factor", "attention_factor"),
+    "clex": ("max_factor", "param_factor", "act", "time_dt"),
+}
+
+
+@dataclass
+class RopeConfig:
+    """How positions are rotated: the method, the base, and the method's own parameters.
+
+    `type` is what is computed; `method` is what the user asked for (they differ only for CLEX once
+    baked, which computes as `longrope`). `original_context` is the pre-training length L.
+    """
+
+    type: str = "none"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_context: int | None = None
+    method: str | None = None
+    attention_factor: float | None = None
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # longrope (and baked clex)
+    short_factor: list[float] | None = None
+    long_factor: list[float] | None = None
+    # clex (learned ODE; see pizoo.clex)
+    max_factor: float = 16.0
+    param_factor: int = 1
+    act: str = "silu"
+    time_dt: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = self.type
+
+    @property
+    def is_scaled(self) -> bool:
+        return self.type != "none"
+
+    def params(self) -> dict[str, Any]:
+        """The method's own parameters (for inspect, cards and exports)."""
+        keys = METHOD_KEYS[self.method if self.method in METHOD_KEYS else self.type]
+        if self.method == "clex" and self.type == "longrope":
+            keys = keys + ("long_factor",)
+        out = {}
+        for k in keys:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Stable JSON description: type, factor, theta, original_context and the method's keys."""
+        d = {"type": self.method, "factor": self.factor, "theta": self.theta,
+             "original_context": self.original_context}
+        if self.method != self.type:
+            d["computed_as"] = self.type
+        d.update(self.params())
+        return d
+
+    def scaled(self, method: str, factor: float, original_context: int, **params) -> "RopeConfig":
+        """A copy with a scaling method applied on top of this (unscaled) base."""
+        if self.is_scaled:
+            raise PizooError(
+                f"rope: model already uses '{self.method}' scaling (factor {self.factor}); "
+                "extend an unscaled base checkpoint instead")
+        new = RopeConfig(type=method, theta=self.theta, factor=float(factor),
+                         original_context=int(original_context), method=method)
+        for k, v in params.items():
+            if not hasattr(new, k):
+                raise PizooError(f"rope: unknown parameter '{k}' for method '{method}'")
+            setattr(new, k, v)
+        new.validate("rope")
+        return new
+
+    def validate(self, where: str) -> None:
+        if self.type not in ROPE_TYPES:
+            raise PizooError(f"{where}: unknown RoPE type '{self.type}'; use one of {', '.join(ROPE_TYPES)}")
+        if not (self.theta > 0 and math.isfinite(self.theta)):
+            raise PizooError(f"{where}: rope_theta must be a positive number, got {self.theta}")
+        if self.type != "none":
+            if not (self.factor >= 1.0 and math.isfinite(self.factor)) and self.type != "longrope":
+                raise PizooError(f"{where}: rope factor must be >= 1, got {self.factor}")
+            if self.original_context is None or self.original_context <= 0:
+                raise PizooError(f"{where}: '{self.type}' scaling needs original_max_position_embeddings")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise PizooError(f"{where}: llama3 high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor})")
+        if self.type == "longrope" and (self.short_factor is None or self.long_factor is None):
+            raise PizooError(f"{where}: longrope needs both short_factor and long_factor")
+        if self.type == "yarn" and not self.beta_fast > self.beta_slow:
+            raise PizooError(f"{where}: yarn beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family model's shape plus its RoPE configuration, normalised from config.json."""
+
+    architecture: str  # llama | mistral | qwen2
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # llama: q,k,v,o biases
+    qkv_bias: bool = False  # qwen2: q,k,v biases only
+    sliding_window: int | None = None
+    sliding_window_layers: list[int] = field(default_factory=list)
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # The full original config.json, so keys pizoo does not model survive a round trip.
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # --- derived facts -------------------------------------------------------------------
+    @property
+    def original_context(self) -> int:
+        """The pre-training context length L (before any scaling)."""
+        return self.rope.original_context or self.max_position_embeddings
+
+    @property
+    def context_length(self) -> int:
+        """The length the model is meant to be used at (the extended length once scaled)."""
+        target = (self.raw.get("pizoo") or {}).get("target_context")
+        return int(target) if target else self.max_position_embeddings
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the checkpoint must hold, by HF name, with its shape."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h),
+                                              "model.norm.weight": (h,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, h)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (self.intermediate_size, h),
+                p + "mlp.up_proj.weight": (self.intermediate_size, h),
+                p + "mlp.down_proj.weight": (h, self.intermediate_size),
+            })
+            if self.attention_bias or self.qkv_bias:
+                shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                               p + "self_attn.v_proj.bias": (kv,)})
+            if self.attention_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+        return shapes
+
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in self.expected_shapes().values())
+
+    def num_non_embedding_params(self) -> int:
+        return self.num_params() - self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of a layer (None: full causal attention)."""
+        return self.sliding_window if layer in self.sliding_window_layers else None
+
+    # --- reading and writing config.json -----------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        return _parse_hf_config(d, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        from .fsutil import read_json
+
+        return _parse_hf_config(read_json(path, "config.json"), str(path))
+
+    def with_rope(self, rope: RopeConfig, context_length: int | None = None) -> "ModelConfig":
+        """A copy with new RoPE scaling; `context_length` becomes max_position_embeddings."""
+        new = copy.deepcopy(self)
+        new.rope = rope
+        if context_length is not None:
+            new.max_position_embeddings = int(context_length)
+        new.raw.setdefault("pizoo", {})
+        new.raw["pizoo"]["rope_method"] = rope.method
+        if context_length is not None:
+            new.raw["pizoo"]["target_context"] = int(context_length)
+        return new
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json content that transformers v4 and v5 both load with this exact RoPE."""
+        d = copy.deepcopy(self.raw)
+        for legacy in ("rope_scaling", "rope_parameters", "rope_theta"):
+            d.pop(legacy, None)
+        d.update({
+            "architectures": [HF_CLASS[self.architecture]],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": self.torch_dtype,
+            "dtype": self.torch_dtype,
+        })
+        if self.architecture == "llama":
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = False
+        if self.architecture == "mistral":
+            d["sliding_window"] = self.sliding_window
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            d["eos_token_id"] = self.eos_token_id
+        theta, scaling = _rope_to_hf(self.rope, self.head_dim)
+        if self.rope.type == "dynamic":
+            # transformers' dynamic NTK treats max_position_embeddings as the original length L and
+            # scales only past it; the usable (target) length is kept in the pizoo block instead.
+            d["max_position_embeddings"] = self.rope.original_context
+            d.setdefault("pizoo", {})["target_context"] = self.context_length
+        d["rope_theta"] = theta
+        d["rope_scaling"] = scaling
+        params = {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
+        d["rope_parameters"] = params
+        pizoo_block = dict(d.get("pizoo") or {})
+        if self.rope.method in ("ntk", "clex"):
+            pizoo_block["rope_method"] = self.rope.method
+            pizoo_block["rope"] = self.rope.describe()
+        if pizoo_block:
+            d["pizoo"] = pizoo_block
+        else:
+            d.pop("pizoo", None)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing helpers
+
+
+def _get(d: dict, key: str, source: str, kind: type | tuple, *, default: Any = ..., minimum: float | None = None):
+    if key not in d or d[key] is None:
+        if default is ...:
+            raise PizooError(f"{source}: missing required field '{key}'")
+        return default
+    v = d[key]
+    if kind is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if isinstance(v, bool) and kind is not bool or not isinstance(v, kind):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise PizooError(f"{source}: field '{key}' must be {name}, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise PizooError(f"{source}: field '{key}' must be >= {minimum}, got {v!r}")
+    return v
+
+
+def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if model_type in NON_ROPE_MODEL_TYPES:
+        raise PizooError(f"{source}: model_type '{model_type}' has no rotary position embeddings; "
+                         "pizoo extends RoPE models (llama, mistral, qwen2)")
+    arch = MODEL_TYPES.get(model_type) if model_type else None
+    if arch is None:
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        what = f"model_type '{model_type}'" if model_type else f"architectures {archs}"
+        raise PizooError(f"{source}: unsupported {what}; pizoo supports llama, mistral and qwen2 "
+                         "(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")
+    hidden = _get(d, "hidden_size", source, int, minimum=1)
+    heads = _get(d, "num_attention_heads", source, int, minimum=1)
+    kv_heads = _get(d, "num_key_value_heads", source, int, default=heads, minimum=1)
+    head_dim = _get(d, "head_dim", source, int, default=None)
+    if head_dim is None:
+        if hidden % heads:
+            raise PizooError(f"{source}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                             "set head_dim explicitly")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        raise PizooError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if head_dim % 2:
+        raise PizooError(f"{source}: head_dim {head_dim} must be even for rotary embeddings")
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise PizooError(f"{source}: hidden_act '{act}' is not supported; Llama-family models use silu")
+    if d.get("mlp_bias"):
+        raise PizooError(f"{source}: mlp_bias=true is not supported by pizoo's Llama model")
+    rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    partial = d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise PizooError(f"{source}: partial_rotary_factor={partial} (partial rotary) is not supported; "
+                         "pizoo needs RoPE on the full head dimension")
+    max_pos = _get(d, "max_position_embeddings", source, int, minimum=1)
+    sliding, sliding_layers = None, []
+    num_layers = _get(d, "num_hidden_layers", source, int, minimum=1)
+    if arch == "mistral" and d.get("sliding_window"):
+        sliding = _get(d, "sliding_window", source, int, minimum=1)
+        sliding_layers = list(range(num_layers))
+    if arch == "qwen2" and d.get("use_sliding_window") and d.get("sliding_window"):
+        sliding = _get(d, "sliding_window", source, int, minimum=1)
+        first = _get(d, "max_window_layers", source, int, default=num_layers)
+        sliding_layers = list(range(first, num_layers))
+    dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+    cfg = ModelConfig(
+        architecture=arch,
+        vocab_size=_get(d, "vocab_size", source, int, minimum=1),
+        hidden_size=hidden,
+        intermediate_size=_get(d, "intermediate_size", source, int, minimum=1),
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_pos,
+        rope=_parse_rope(d, source, head_dim, max_pos),
+        rms_norm_eps=_get(d, "rms_norm_eps", source, float, default=1e-6),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", False)) if arch == "llama" else False,
+        qkv_bias=arch == "qwen2",
+        sliding_window=sliding,
+        sliding_window_layers=sliding_layers,
+        torch_dtype=str(dtype).removeprefix("torch."),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        raw=copy.deepcopy(d),
+    )
+    return cfg
+
+
+def _parse_rope(d: dict[str, Any], source: str, head_dim: int, max_pos: int) -> RopeConfig:
+    params = d.get("rope_parameters")
+    scaling = d.get("rope_scaling")
+    if params is not None and not isinstance(params, dict):
+        raise PizooError(f"{source}: rope_parameters must be an object, got {params!r}")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise PizooError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
+    # Same priority as transformers v5: a legacy rope_scaling wins over rope_parameters.
+    spec: dict[str, Any] = dict(params or {})
+    if scaling:
+        spec.update(scaling)
+    theta = d.get("rope_theta", spec.get("rope_theta", 10000.0))
+    if (params and "rope_theta" in params and "rope_theta" in d
+            and not math.isclose(float(params["rope_theta"]), float(d["rope_theta"]))):
+        raise PizooError(f"{source}: rope_theta ({d['rope_theta']}) and rope_parameters.rope_theta "
+                         f"({params['rope_theta']}) disagree; keep one")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise PizooError(f"{source}: rope_theta must be a number, got {theta!r}")
+    where = f"{source}: rope_scaling" if scaling else f"{source}: rope_parameters"
+    hf_type = spec.get("rope_type", spec.get("type", "default")) if spec else "default"
+    if "rope_type" in spec and "type" in spec and spec["rope_type"] != spec["type"]:
+        raise PizooError(f"{where}: 'type' ({spec['type']}) and 'rope_type' ({spec['rope_type']}) disagree; keep one")
+    pizoo_block = d.get("pizoo") or {}
+    if hf_type not in _HF_ROPE_TYPES:
+        raise PizooError(f"{where}: rope type '{hf_type}' is not supported; use one of "
+                         f"{', '.join(_HF_ROPE_TYPES)}")
+    rtype = _HF_ROPE_TYPES[hf_type]
+    rope = RopeConfig(type=rtype, theta=float(theta))
+    if rtype == "none":
+        recorded = pizoo_block.get("rope") or {}
+        if pizoo_block.get("rope_method") == "ntk" and recorded:
+            # A static NTK model is stored as a changed rope_theta; recover the base and factor.
+            rope = RopeConfig(type="ntk", theta=float(recorded["theta"]), factor=float(recorded["factor"]),
+                              original_context=int(recorded["original_context"]))
+            expected = ntk_theta(rope.theta, rope.factor, head_dim)
+            if not math.isclose(expected, float(theta), rel_tol=1e-9):
+                raise PizooError(f"{source}: rope_theta {theta} does not match the recorded NTK scaling "
+                                 f"(base {rope.theta}, factor {rope.factor} -> {expected}); fix pizoo.rope or rope_theta")
+        return rope
+    factor = spec.get("factor")
+    orig = spec.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))):
+        raise PizooError(f"{where}: 'factor' must be a number, got {factor!r}")
+    if orig is not None and (isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0):
+        raise PizooError(f"{where}: 'original_max_position_embeddings' must be a positive integer, got {orig!r}")
+    if rtype in ("linear", "dynamic", "yarn", "llama3") and factor is None:
+        if rtype in ("yarn",) and orig:
+            factor = max_pos / orig
+        else:
+            raise PizooError(f"{where}: '{hf_type}' scaling needs 'factor'")
+    if rtype == "dynamic":
+        # transformers computes dynamic NTK against max_position_embeddings (it is L, not the target).
+        orig = max_pos
+    if rtype in ("linear",) and orig is None:
+        orig = int(round(max_pos / float(factor))) if factor else max_pos
+    if orig is None:
+        orig = max_pos
+    if rtype == "yarn" and factor is not None and orig and max_pos != orig:
+        implied = max_pos / orig
+        if not math.isclose(implied, float(factor), rel_tol=1e-3) and max_pos > orig:
+            # Known pitfall: factor and original_max_position_embeddings disagree. Computation follows
+            # `factor` (as transformers and llama.cpp do), so only flag it loudly in inspect.
+            pizoo_block = {**pizoo_block, "warning": f"yarn factor {factor} != max_position_embeddings/"
+                                                     f"original_max_position_embeddings = {implied:g}"}
+    rope = RopeConfig(type=rtype, theta=float(theta), factor=float(factor if factor is not None else 1.0),
+                      original_context=int(orig))
+    for key in METHOD_KEYS[rtype]:
+        if key in spec and spec[key] is not None:
+            setattr(rope, key, spec[key])
+    if rtype == "longrope":
+        for key in ("short_factor", "long_factor"):
+            v = spec.get(key)
+            if not isinstance(v, list) or len(v) != head_dim // 2:
+                raise PizooError(f"{where}: '{key}' must be a list of head_dim/2 = {head_dim // 2} numbers")
+        if factor is None:
+            rope.factor = max_pos / rope.original_context
+        if pizoo_block.get("rope_method") == "clex":
+            rope.method = "clex"
+            recorded = pizoo_block.get("rope") or {}
+            for key in METHOD_KEYS["clex"]:
+                if key in recorded:
+                    setattr(rope, key, recorded[key])
+    rope.validate(where)
+    return rope
+
+
+def ntk_theta(theta: float, factor: float, dim: int) -> float:
+    """Static NTK-aware base: base * s^(d/(d-2)) (bloc97, 2023)."""
+    return theta * factor ** (dim / (dim - 2))
+
+
+def _rope_to_hf(rope: RopeConfig, head_dim: int) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) in transformers' terms for a pizoo RopeConfig."""
+    if rope.type == "none":
+        return rope.theta, None
+    if rope.type == "ntk":
+        return ntk_theta(rope.theta, rope.factor, head_dim), None
+    if rope.type == "clex":
+        raise PizooError("rope: a CLEX model must be baked into longrope factors before it is written "
+                         "(pizoo.clex.bake_clex)")
+    s: dict[str, Any] = {"rope_type": rope.type, "type": rope.type, "factor": rope.factor}
+    if rope.type in ("yarn", "llama3", "longrope"):
+        s["original_max_position_embeddings"] = rope.original_context
+    if rope.type == "yarn":
+        s.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
+        for k in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(rope, k) is not None:
+                s[k] = getattr(rope, k)
+    elif rope.type == "llama3":
+        s.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    elif rope.type == "longrope":
+        s.update(short_factor=list(rope.short_factor), long_factor=list(rope.long_factor))
+        if rope.attention_factor is not None:
+            s["attention_factor"] = rope.attention_factor
+    return rope.theta, s
+
+
+def rope_from_dict(d: dict[str, Any], where: str) -> RopeConfig:
+    """Build a RopeConfig from a plain dict (recipes, CLI); unknown keys are an error naming the key."""
+    known = {f for f in RopeConfig.__dataclass_fields__}
+    for k in d:
+        if k not in known:
+            raise PizooError(f"{where}: unknown RoPE key '{k}'")
+    rope = RopeConfig(**d)
+    rope.validate(where)
+    return rope
+
+
+def rope_to_dict(rope: RopeConfig) -> dict[str, Any]:
+    return asdict(rope)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real checkpoints built once per test session (real files on disk)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VARIANTS = ("llama", "llama-gqa-tied", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def _build(root: Path, name: str, **kwargs) -> Path:
+    from pizoo.synthetic import write_tiny_model
+
+    path = root / name
+    if not path.exists():
+        write_tiny_model(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tiny_root):
+    """tiny_model_factory(name, variant=..., tokenizer=..., rope=..., **config) -> Path (cached by name)."""
+
+    def make(name: str, **kwargs) -> Path:
+        return _build(tiny_root, name, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session", params=VARIANTS)
+def tiny_variant(request, tiny_model_factory) -> Path:
+    """One tiny checkpoint per supported variant; sentencepiece tokenizer for llama, BPE elsewhere."""
+    tok = "sentencepiece" if request.param == "llama" else "bpe"
+    return tiny_model_factory(request.param, variant=request.param, tokenizer=tok)
+
+
+@pytest.fixture
+def tiny_llama(tiny_model_factory, tmp_path) -> Path:
+    """A private copy of the tiny llama (tests may modify it)."""
+    src = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
+    dst = tmp_path / "llama"
+    shutil.copytree(src, dst)
+    return dst
