@@ -128,6 +128,40 @@ def inspect_cmd(
         typer.echo(f"warning: {w}", err=True)
 
 
+@command("convert", STEPS)
+def convert_cmd(
+    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
+    to: str = typer.Option(..., "--to", help="Target format: gguf or trtllm."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="gguf: f32|f16|bf16|q8_0 (default f16). "
+                                        "trtllm: float16|bfloat16|float32 (default float16)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (trtllm)."),
+    pre: Optional[str] = typer.Option(None, "--pre", help="gguf: tokenizer.ggml.pre name for an unrecognised BPE tokenizer."),
+    static_length: Optional[int] = typer.Option(None, "--static-length",
+                                                help="gguf: bake dynamic NTK into a static scaling at this length."),
+    tp: int = typer.Option(1, "--tp", help="trtllm: tensor-parallel size (1, 2, 4, 8)."),
+    pp: int = typer.Option(1, "--pp", help="trtllm: pipeline-parallel size (1, 2, 4)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Convert a model to GGUF (llama.cpp) or a TensorRT-LLM checkpoint, with the RoPE scaling inside."""
+    from .resolve import resolve_model
+
+    src = resolve_model(model).path
+    if to == "gguf":
+        from .export.gguf import export_gguf
+
+        result = export_gguf(src, out, dtype=dtype or "f16", pre=pre, static_length=static_length,
+                             overwrite=overwrite, progress=True)
+        typer.echo(f"wrote {result}")
+    elif to == "trtllm":
+        from .export.trtllm import export_trtllm, trtllm_build_command
+
+        result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
+        typer.echo(f"wrote {result}")
+        typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
+    else:
+        raise PizooError(f"--to: unknown format '{to}'; use gguf or trtllm")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

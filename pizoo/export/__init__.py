@@ -1,0 +1,1 @@
+"""Exporters: GGUF (llama.cpp) and TensorRT-LLM checkpoints. HF output is pizoo.checkpoint."""

@@ -1,0 +1,92 @@
+"""Resolve what the user named as a model into a local HF folder.
+
+Order (first match wins): a local HF folder, a GGUF file (imported into the cache once, keyed by its
+sha256), a zoo name or alias, a Hub id (snapshot_download into the zoo). When nothing resolves, the
+error lists what was tried.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PizooError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ResolvedModel:
+    path: Path  # a local HF folder
+    source: str  # "folder" | "gguf" | "zoo" | "hub"
+    spec: str  # what the user typed
+    hub_id: str | None = None  # the Hub id when known (lineage)
+    revision: str | None = None
+    gguf_file: Path | None = None
+
+
+def pizoo_home() -> Path:
+    """PIZOO_HOME, or the platform cache folder (~/.cache/pizoo)."""
+    env = os.environ.get("PIZOO_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pizoo"
+
+
+def imported_gguf_dir(gguf: Path) -> Path:
+    """Where a GGUF file's HF import is cached (content-addressed: a changed file re-imports)."""
+    from .fsutil import sha256_file
+
+    digest = sha256_file(gguf)[:16]
+    return pizoo_home() / "imports" / f"{gguf.stem}-{digest}"
+
+
+def import_gguf_cached(gguf: Path) -> Path:
+    from .gguf_import import import_gguf
+
+    out = imported_gguf_dir(gguf)
+    if not (out / "config.json").is_file():
+        import_gguf(gguf, out, overwrite=True)
+    return out
+
+
+def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> ResolvedModel:
+    """Turn a folder, .gguf file, zoo name/alias or Hub id into a local HF folder."""
+    spec = str(spec)
+    tried: list[str] = []
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(path=path, source="folder", spec=spec)
+        tried.append(f"folder {path} (no config.json)")
+    elif path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ResolvedModel(path=import_gguf_cached(path), source="gguf", spec=spec, gguf_file=path)
+        raise PizooError(f"{path}: not a model (expected an HF folder or a .gguf file)")
+    else:
+        tried.append(f"path {path} (does not exist)")
+    try:
+        from . import zoo as zoo_mod
+    except ModuleNotFoundError:
+        zoo_mod = None
+    if zoo_mod is not None:
+        hit = zoo_mod.resolve_local(spec)
+        if hit is not None:
+            return hit
+        tried.append(f"zoo name or alias '{spec}'")
+        hub_id = zoo_mod.alias_hub_id(spec)
+    else:
+        hub_id = None
+    hub_id = hub_id or (spec if HUB_ID.match(spec) else None)
+    if hub_id and allow_download:
+        from .hub import pull
+
+        local = pull(hub_id)
+        return ResolvedModel(path=local, source="hub", spec=spec, hub_id=hub_id)
+    if hub_id:
+        tried.append(f"Hub id '{hub_id}' (downloads disabled)")
+    raise PizooError(f"cannot resolve model '{spec}': tried {'; '.join(tried)}. Give an HF folder, a .gguf file, "
+                     "a zoo name (pizoo zoo list) or a Hub id")
