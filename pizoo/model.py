@@ -53,16 +53,15 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # enable_gqa lets SDPA share each kv head across its query group without copying k/v.
+        gqa = self.n_kv != self.n_heads
         if self.window is not None and T > self.window:
             # Sliding window: query t sees keys in (t - window, t]. Only built when it matters.
             i = torch.arange(T, device=x.device)
             mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
