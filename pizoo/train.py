@@ -1,0 +1,705 @@
+"""The calibration fine-tune: teach a model its new RoPE scale (`pizoo calibrate`).
+
+One engine runs a tiny model on a CPU in CI and a 13B model on 8 GPUs:
+
+- AdamW; linear warmup from `warmup_start` (10%) of the peak lr, then constant or cosine; gradient
+  accumulation up to the recipe's global batch (in sequences); gradient clipping at 1.0.
+- GPU: float32 master weights, bf16 autocast (and FSDP bf16 mixed precision), SDPA flash attention.
+  CPU: float32 throughout, deterministic (tests rely on bit-identical resume).
+- Chunked cross-entropy: the head and the loss run `loss_chunk` positions at a time under
+  activation checkpointing, so neither forward nor backward holds [T, vocab] float32 logits.
+- Short-sequence calibration (train_len < ctx): position ids are spread over the target range, PoSE
+  style (two chunks, the second shifted by a random skip) or sorted random positions (CLEX style).
+- Under torchrun (WORLD_SIZE > 1): each decoder layer and then the whole model are sharded with
+  FSDP2 `fully_shard` over NCCL (GPU) or gloo (CPU). All ranks read the same deterministic sequence
+  stream and keep every world_size-th sequence of each global batch; checkpoints are gathered to
+  full tensors and written by rank 0 only, as is the final folder.
+- Robustness: an atomic checkpoint every `checkpoint_every` steps (model, optimizer, RNG, data
+  position, metrics) in `<out>.calibrate-state/`; resume continues exactly (same data, optimizer
+  and RNG state; bit-identical on CPU); Ctrl-C saves and raises `Interrupted`; a NaN/inf loss stops
+  with a clear message and keeps the last good checkpoint; tqdm shows loss, tokens/s and ETA;
+  metrics.jsonl gets one line per step (copied into the output folder at the end).
+
+Checkpoint files are safetensors plus JSON; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import __version__
+from .errors import Interrupted, PizooError
+from .fsutil import atomic_dir, atomic_write_json, read_json, sha256_file
+
+STATE_SUFFIX = ".calibrate-state"
+DEFAULT_CHECKPOINT_EVERY = 50
+DEFAULT_LOSS_CHUNK = 1024
+FULL_HASH_LIMIT = 2 << 30  # hash whole weight files up to 2 GiB; larger bases hash their headers
+
+
+@dataclass
+class CalibrationResult:
+    out: Path
+    method: str
+    factor: float
+    ctx: int
+    steps: int
+    tokens: int
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+    duration_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed setup (torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False  # this call initialised the process group (and tears it down)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, value: float, device: torch.device) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if world <= 1:
+        return _Dist(), torch.device(device or ("cuda" if use_cuda else "cpu"))
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owned = False
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        owned = True
+    d = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owned=owned)
+    return d, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning rate and positions
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int, start: float, schedule: str,
+          min_ratio: float = 0.0) -> float:
+    """Linear warmup from start*peak to peak over `warmup` steps, then constant or cosine to min_ratio*peak."""
+    if warmup > 0 and step < warmup:
+        return peak * (start + (1 - start) * step / warmup)
+    if schedule == "cosine" and total > warmup:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak
+
+
+def _generator(*parts: Any) -> torch.Generator:
+    """A generator seeded from `parts`: identical on every rank, world size and resume."""
+    digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def pose_positions(length: int, target: int, gen: torch.Generator) -> torch.Tensor:
+    """PoSE skip-wise positions: two chunks; the second one shifted by a random skip so the ids span
+    up to `target`. Relative distances inside each chunk stay real; across chunks they are long."""
+    if length >= target:
+        return torch.arange(length)
+    split = int(torch.randint(1, length, (1,), generator=gen))
+    skip = int(torch.randint(0, target - length + 1, (1,), generator=gen))
+    pos = torch.arange(length)
+    pos[split:] += skip
+    return pos
+
+
+def sorted_random_positions(length: int, span: int, gen: torch.Generator) -> torch.Tensor:
+    """CLEX-style positions: 0, span-1 and length-2 distinct sorted random ids in between."""
+    if length >= span:
+        return torch.arange(length)
+    inner = torch.randperm(span - 2, generator=gen)[:length - 2] + 1
+    return torch.cat([torch.tensor([0]), inner.sort().values, torch.tensor([span - 1])])
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss module (FSDP root): forward + chunked cross-entropy in one module call
+
+
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy, the head applied `chunk` positions at a time.
+
+    Each chunk runs under activation checkpointing, so backward recomputes its logits instead of
+    keeping [T, vocab] float32 logits alive. Computing the loss inside the module's forward keeps
+    the head weight gathered while it is used when the module is FSDP-sharded.
+    """
+
+    def __init__(self, lm: nn.Module, chunk: int = DEFAULT_LOSS_CHUNK):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm(input_ids, position_ids)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        t = targets.reshape(-1)
+        w = self.lm.head_weight
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], self.chunk):
+            total = total + checkpoint(_ce_sum, h[s:s + self.chunk], w, t[s:s + self.chunk], use_reentrant=False)
+        return total / t.numel()
+
+
+# ------------------------------------------------------------------------------------------------
+# Model construction and state
+
+
+def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, seed: int,
+                          activation_checkpointing: bool, loss_chunk: int):
+    """Meta-device build, optional FSDP sharding, then materialise on `dev`."""
+    from .model import LlamaModel
+
+    train_cfg = cfg.with_rope(rope, ctx)
+    with torch.device("meta"):
+        lm = LlamaModel(train_cfg)
+        if rope.method == "clex":
+            from .clex import clex_module_for
+
+            lm.rotary.set_frequency_module(clex_module_for(rope, cfg.head_dim))
+    lm.activation_checkpointing = activation_checkpointing
+    wrapper = CausalLMLoss(lm, loss_chunk)
+    if dist_.world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if dev.type == "cuda" else MixedPrecisionPolicy())
+        for layer in lm.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(wrapper, mp_policy=mp)
+    wrapper.to_empty(device=dev)
+    if rope.method == "clex":
+        # The ODE's initial weights, identical on every rank (seeded), loaded like any weight.
+        from .clex import clex_module_for
+
+        torch.manual_seed(seed)
+        init = clex_module_for(rope, cfg.head_dim).state_dict()
+        _load_full(wrapper, {f"lm.rotary.learned.{k}": v for k, v in init.items()}, strict=False)
+    return wrapper
+
+
+def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
+    """Copy full tensors (by wrapper name) into the parameters, sharded or not, one at a time."""
+    params = dict(wrapper.named_parameters())
+    seen = set()
+    for name, full in (tensors.items() if isinstance(tensors, dict) else tensors):
+        p = params.get(name)
+        if p is None:
+            continue
+        seen.add(name)
+        with torch.no_grad():
+            full = full.to(device=p.device, dtype=p.dtype)
+            if hasattr(p, "device_mesh"):  # an FSDP2 DTensor: keep this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(full)
+    if strict:
+        missing = [n for n in params if n not in seen]
+        if missing:
+            raise PizooError(f"checkpoint: no weights for '{missing[0]}'; the base checkpoint is incomplete")
+
+
+def _load_base_weights(wrapper: nn.Module, ckpt) -> None:
+    _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_tensors()), strict=False)
+    expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.")}
+    loaded = {f"lm.{n}" for n in ckpt.tensors}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise PizooError(f"{ckpt.path}: no weights for '{missing[0][3:]}'; the base checkpoint is incomplete")
+
+
+def _full_model_state(wrapper: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (gathered) float32 CPU tensors of every parameter, by wrapper name; complete on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _full_optimizer_state(wrapper: nn.Module, opt) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as (flat tensors, JSON-able rest), keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(wrapper, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pname, st in osd.get("state", {}).items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pname}::{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(pname, {})[k] = v
+    return tensors, {"param_groups": osd.get("param_groups", []), "scalars": scalars}
+
+
+def _set_optimizer_state(wrapper: nn.Module, opt, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state: dict[str, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pname, k = key.rsplit("::", 1)
+        state.setdefault(pname, {})[k] = v
+    for pname, extra in meta.get("scalars", {}).items():
+        state.setdefault(pname, {}).update(extra)
+    set_optimizer_state_dict(wrapper, opt, {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training-state checkpoints (<out>.calibrate-state/step-NNNNNNN/)
+
+
+def state_dir_for(out: Path) -> Path:
+    return out.parent / f"{out.name}{STATE_SUFFIX}"
+
+
+def _latest_checkpoint(state_dir: Path) -> Path | None:
+    steps = sorted(state_dir.glob("step-*/trainer.json"))
+    return steps[-1].parent if steps else None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    if "cpu" in tensors:
+        torch.set_rng_state(tensors["cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _save_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict, dist_: _Dist) -> None:
+    """Gather and write one checkpoint atomically (rank 0), then drop older ones."""
+    from safetensors.torch import save_file
+
+    model_sd = _full_model_state(wrapper)
+    opt_tensors, opt_meta = _full_optimizer_state(wrapper, opt)
+    if dist_.is_main:
+        final = state_dir / f"step-{step:07d}"
+        with atomic_dir(final, overwrite=True) as tmp:
+            save_file(model_sd, str(tmp / "model.safetensors"))
+            save_file(opt_tensors or {"__empty__": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+            save_file(_rng_state(), str(tmp / "rng.safetensors"))
+            atomic_write_json(tmp / "optimizer.json", opt_meta)
+            atomic_write_json(tmp / "trainer.json", trainer)
+        for old in state_dir.glob("step-*"):
+            if old != final and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+    dist_.barrier()
+
+
+def _load_checkpoint(path: Path, wrapper: nn.Module, opt) -> dict:
+    from safetensors.torch import load_file
+
+    trainer = read_json(path / "trainer.json", "trainer state")
+    model_sd = load_file(str(path / "model.safetensors"))
+    _load_full(wrapper, model_sd)
+    opt_tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
+    _set_optimizer_state(wrapper, opt, opt_tensors, read_json(path / "optimizer.json", "optimizer state"))
+    _set_rng_state(load_file(str(path / "rng.safetensors")))
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------
+# Lineage
+
+
+def base_weights_digest(ckpt) -> dict[str, Any]:
+    """sha256 of the base weights: whole files when small, else the index and safetensors headers."""
+    files = ckpt.files
+    total = sum(f.stat().st_size for f in files)
+    h = hashlib.sha256()
+    if total <= FULL_HASH_LIMIT:
+        for f in files:
+            h.update(f.name.encode() + b"\0" + bytes.fromhex(sha256_file(f)))
+        return {"sha256": h.hexdigest(), "sha256_of": "safetensors files"}
+    index = ckpt.path / "model.safetensors.index.json"
+    if index.is_file():
+        h.update(index.read_bytes())
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + b"\0" + fh.read(n))
+    return {"sha256": h.hexdigest(), "sha256_of": "index and safetensors headers"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+class _StopRequest:
+    """First Ctrl-C (or SIGTERM) asks the loop to save and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers, Ctrl-C raises as usual
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+
+
+def _run_args(**kw) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+
+
+def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str | None = None,
+              steps: int | None = None, train_len: int | None = None, seed: int = 0, resume: bool = True,
+              checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, device: str | None = None,
+              activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
+              micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
+              max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
+              log=print) -> CalibrationResult:
+    """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
+
+    `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
+    `micro_batch` sequences go through one forward/backward (gradient accumulation covers the
+    rest). `train_len` (default: ctx) shorter than ctx spreads position ids over the target range.
+    """
+    from .checkpoint import open_checkpoint
+    from .data import PackedSequences, data_fingerprint, default_corpus_note, describe_sources
+    from .recipes import load_recipe
+    from .resolve import resolve_model
+
+    t0 = time.time()
+    rec = load_recipe(recipe)
+    out = Path(out)
+    resolved = resolve_model(model)
+    ckpt = open_checkpoint(resolved.path)
+    cfg = ckpt.config
+    if cfg.rope.is_scaled:
+        raise PizooError(f"{resolved.path}: model already uses '{cfg.rope.method}' scaling; calibrate an unscaled base")
+    L = cfg.original_context
+    if not isinstance(ctx, int) or ctx <= L:
+        raise PizooError(f"--ctx {ctx}: must be greater than the model's original context ({L} tokens)")
+    factor = ctx / L
+    rope = rec.rope_config(cfg.rope, factor, L)
+    n_steps = (rec.steps if rec.train else 0) if steps is None else int(steps)
+    if n_steps < 0:
+        raise PizooError(f"--steps {steps}: must be >= 0")
+    T = int(train_len or ctx)
+    if T < 2 or T > ctx:
+        raise PizooError(f"--train-len {train_len}: must be between 2 and --ctx ({ctx})")
+    if checkpoint_every < 1:
+        raise PizooError(f"--checkpoint-every {checkpoint_every}: must be >= 1")
+    if out.exists() and not overwrite:
+        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+
+    dist_, dev = _init_distributed(device)
+    try:
+        gb = int(global_batch or rec.global_batch)
+        if micro_batch < 1 or gb % (micro_batch * dist_.world):
+            raise PizooError(f"--global-batch {gb}: must be a multiple of --micro-batch ({micro_batch}) x "
+                             f"world size ({dist_.world})")
+        accum = gb // (micro_batch * dist_.world)
+        peak_lr = float(lr) if lr is not None else rec.lr_for(cfg.num_params())
+        warmup = rec.warmup_for(n_steps)
+        state_dir = state_dir_for(out)
+        if dist_.is_main and data is None and n_steps > 0:
+            log(f"note: {default_corpus_note()}")
+        fingerprint = data_fingerprint(data, "train") if n_steps > 0 else None
+        run_args = _run_args(base=str(resolved.path), recipe=rec.to_dict(), ctx=ctx, steps=n_steps, train_len=T,
+                             seed=seed, global_batch=gb, lr=peak_lr, data_fingerprint=fingerprint,
+                             max_grad_norm=max_grad_norm)
+
+        wrapper = _build_training_model(cfg, rope, ctx, dev, dist_, seed, activation_checkpointing, loss_chunk)
+        _load_base_weights(wrapper, ckpt)
+        decay, no_decay = [], []
+        for name, p in wrapper.named_parameters():
+            (no_decay if p.ndim < 2 else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": rec.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=peak_lr, betas=rec.betas, eps=1e-8)
+
+        start_step, losses, tokens_done = 0, [], 0
+        if dist_.is_main and not resume and state_dir.exists():
+            shutil.rmtree(state_dir)
+        dist_.barrier()
+        latest = _latest_checkpoint(state_dir) if resume and state_dir.exists() else None
+        if latest is not None:
+            saved = read_json(latest / "trainer.json", "trainer state")
+            changed = [k for k in run_args if saved.get("run_args", {}).get(k) != run_args[k] and k != "steps"]
+            if changed:
+                raise PizooError(f"{state_dir}: saved with different settings ({changed[0]}); rerun with the same "
+                                 "arguments, or pass --no-resume to start over")
+            trainer = _load_checkpoint(latest, wrapper, opt)
+            start_step, losses, tokens_done = trainer["step"], trainer["losses"], trainer["tokens"]
+            if dist_.is_main:
+                log(f"resuming from {latest} (step {start_step})")
+
+        metrics_path = state_dir / "metrics.jsonl"
+        if dist_.is_main and n_steps > 0:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics_path, start_step)
+
+        amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+               else contextlib.nullcontext())
+        stream = None
+        if n_steps > start_step:
+            stream = PackedSequences(resolved.path, data, T + 1, seed=seed, split="train", bos=cfg.bos_token_id,
+                                     eos=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None,
+                                     start=start_step * gb)
+        bar = None
+        if progress and dist_.is_main and n_steps > start_step:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_steps, initial=start_step, desc=f"calibrate {rec.name} -> {ctx}", unit="step",
+                       dynamic_ncols=True)
+        last_saved = start_step if latest is not None else None
+
+        def save(step_done: int) -> None:
+            nonlocal last_saved
+            trainer = {"step": step_done, "losses": losses, "tokens": tokens_done,
+                       "data_position": step_done * gb, "run_args": run_args, "pizoo_version": __version__}
+            _save_checkpoint(state_dir, step_done, wrapper, opt, trainer, dist_)
+            last_saved = step_done
+
+        wrapper.train()
+        with _StopRequest() as stop:
+            for step in range(start_step, n_steps):
+                t_step = time.time()
+                cur_lr = lr_at(step, peak=peak_lr, warmup=warmup, total=n_steps, start=rec.warmup_start,
+                               schedule=rec.schedule, min_ratio=rec.min_lr_ratio)
+                for g in opt.param_groups:
+                    g["lr"] = cur_lr
+                batch = stream.take(gb)
+                mine = list(range(dist_.rank, gb, dist_.world))
+                span = _step_span(rec, rope, ctx, T, L, seed, step)
+                loss_sum = 0.0
+                for a in range(accum):
+                    idx = mine[a * micro_batch:(a + 1) * micro_batch]
+                    seqs = torch.tensor([batch[i] for i in idx], dtype=torch.long)
+                    pos = torch.stack([_positions(rec, T, span, seed, step, i) for i in idx])
+                    if hasattr(wrapper, "set_requires_gradient_sync"):
+                        wrapper.set_requires_gradient_sync(a == accum - 1)
+                    with amp:
+                        loss = wrapper(seqs[:, :-1].to(dev), pos.to(dev), seqs[:, 1:].to(dev))
+                    (loss / accum).backward()
+                    loss_sum += float(loss.detach())
+                step_loss = dist_.all_mean(loss_sum / accum, dev)
+                if not math.isfinite(step_loss):
+                    kept = (f"the last good checkpoint (step {last_saved}) is kept in {state_dir}"
+                            if last_saved is not None else "no checkpoint was written yet")
+                    raise PizooError(f"step {step + 1}: loss is {step_loss}; training diverged and stopped ({kept}). "
+                                     "Lower the learning rate (--lr) or check the data")
+                norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), max_grad_norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                tokens_done += gb * T
+                dt = time.time() - t_step
+                if dist_.is_main:
+                    _append_metrics(metrics_path, {"step": step + 1, "loss": step_loss, "lr": cur_lr,
+                                                   "grad_norm": grad_norm, "tokens": tokens_done,
+                                                   "tokens_per_s": gb * T / max(dt, 1e-9),
+                                                   "elapsed_s": round(time.time() - t0, 3)})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{gb * T / max(dt, 1e-9):,.0f}")
+                    bar.update(1)
+                done = step + 1
+                stopping = dist_.any(stop.requested, dev)
+                if stopping or (done % checkpoint_every == 0 and done < n_steps):
+                    save(done)
+                if stopping:
+                    if bar is not None:
+                        bar.close()
+                    raise Interrupted(f"interrupted at step {done}/{n_steps}; state saved in {state_dir}; "
+                                      "rerun the same command (with --resume, the default) to continue")
+        if bar is not None:
+            bar.close()
+        if keep_state and n_steps > 0 and last_saved != n_steps:
+            save(n_steps)  # the final training state stays inspectable (and the ODE module with it)
+
+        final_state = _full_model_state(wrapper)
+        if dist_.is_main:
+            _write_output(out, ckpt, cfg, rope, ctx, rec, final_state, dev, resolved=resolved, data=data,
+                          describe_sources=describe_sources, fingerprint=fingerprint, stream=stream, steps=n_steps,
+                          tokens=tokens_done, train_len=T, global_batch=gb, losses=losses, seed=seed,
+                          world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr)
+            if not keep_state:
+                shutil.rmtree(state_dir, ignore_errors=True)
+        dist_.barrier()
+        return CalibrationResult(out=out, method=rec.method, factor=factor, ctx=ctx, steps=n_steps, tokens=tokens_done,
+                                 final_loss=losses[-1] if losses else None, losses=list(losses),
+                                 resumed_from=start_step, duration_s=time.time() - t0)
+    finally:
+        if dist_.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _step_span(rec, rope, ctx: int, T: int, L: int, seed: int, step: int) -> int:
+    """The range of position ids this step's sequences cover.
+
+    Static methods cover the whole target (ctx). CLEX samples an integer scale t in [1, max] per
+    step (same on every rank) and covers t*L, so the ODE learns every scale up to the target.
+    """
+    if rec.method != "clex":
+        return ctx
+    t_max = min(int(math.floor(rope.max_factor)), math.ceil(ctx / L))
+    t = int(torch.randint(1, t_max + 1, (1,), generator=_generator(seed, "clex-scale", step)))
+    return max(T, min(ctx, t * L))
+
+
+def _positions(rec, T: int, span: int, seed: int, step: int, index: int) -> torch.Tensor:
+    gen = _generator(seed, "positions", step, index)
+    if rec.positions == "sorted-random":
+        return sorted_random_positions(T, span, gen)
+    return pose_positions(T, span, gen)
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """Keep the metric lines of steps <= upto_step (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= upto_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, state: dict[str, torch.Tensor], dev, *, resolved, data,
+                  describe_sources, fingerprint, stream, steps, tokens, train_len, global_batch, losses, seed, world,
+                  t0, metrics_path: Path, overwrite: bool, lr: float) -> None:
+    """The HF folder: trained weights in the base dtype, scaled config.json, tokenizer, lineage."""
+    from .checkpoint import DTYPE_NAMES, write_checkpoint
+
+    out_rope = rope
+    if rope.method == "clex":
+        from .clex import bake_clex, clex_module_for
+
+        module = clex_module_for(rope, cfg.head_dim)
+        module.load_state_dict({k.removeprefix("lm.rotary.learned."): v for k, v in state.items()
+                                if k.startswith("lm.rotary.learned.")})
+        out_rope = bake_clex(module.eval(), rope, ctx)
+    out_cfg = cfg.with_rope(out_rope, ctx)
+    base_record = {"spec": resolved.spec, "path": str(resolved.path), "hub_id": resolved.hub_id,
+                   **base_weights_digest(ckpt)}
+    out_cfg.raw["pizoo"].update({"base_model": resolved.hub_id or resolved.spec, "recipe": rec.name,
+                                 "original_context": cfg.original_context})
+    calib = {
+        "base_model": base_record,
+        "recipe": rec.to_dict(),
+        "method": rec.method,
+        "factor": ctx / cfg.original_context,
+        "ctx": ctx,
+        "original_context": cfg.original_context,
+        "steps": steps,
+        "tokens": tokens,
+        "train_len": train_len,
+        "global_batch": global_batch,
+        "lr": lr,
+        "data": None if steps == 0 else {
+            "sources": describe_sources(data), "split": "train", "fingerprint": fingerprint,
+            "documents": len(stream.splits) if stream is not None else None,
+            "tokens": stream.tokens_read if stream is not None else None},
+        "final_loss": losses[-1] if losses else None,
+        "seed": seed,
+        "world_size": world,
+        "device": str(dev.type),
+        "duration_s": round(time.time() - t0, 3),
+        "pizoo_version": __version__,
+    }
+    if rope.method == "clex":
+        calib["clex"] = {"baked_scale": min(math.ceil(ctx / cfg.original_context), int(rope.max_factor)),
+                         "long_factor": out_rope.long_factor}
+    base_dtype = DTYPE_NAMES.get(ckpt.dtype(), torch.float32)
+    if steps == 0:
+        tensors: Iterator = ckpt.iter_tensors()
+    else:
+        tensors = ((k.removeprefix("lm."), v) for k, v in state.items() if not k.startswith("lm.rotary."))
+    extra = {"calibration.json": json.dumps(calib, indent=2) + "\n"}
+    if metrics_path.is_file():
+        extra["metrics.jsonl"] = metrics_path.read_text()
+    write_checkpoint(out, out_cfg, tensors, copy_files_from=ckpt.path, dtype=base_dtype, overwrite=overwrite,
+                     extra_files=extra)
+
+
+def default_output_dir(model: str, ctx: int, recipe: str) -> Path:
+    """<model name>-<ctx, e.g. 32k>-<recipe name> in the current folder."""
+    name = Path(str(model).rstrip("/")).name or "model"
+    size = f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
+    return Path(f"{name}-{size}-{Path(str(recipe)).stem}")
