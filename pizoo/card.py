@@ -1,0 +1,329 @@
+"""The model card (README.md) of a published context-extended model.
+
+YAML metadata the Hub indexes (base_model + base_model_relation finetune, library_name, tags,
+license inherited from the base, model-index perplexity results), then a body that says what was
+done, from which base, with which result, how to use every format, and the pizoo command that
+reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .fsutil import human_bytes
+
+# What users call each method, and the tag the card gets for it.
+METHOD_NAMES = {
+    "pi": "Position Interpolation", "linear": "Position Interpolation", "ntk": "NTK-aware scaling",
+    "dynamic": "dynamic NTK scaling", "dynamic-ntk": "dynamic NTK scaling", "yarn": "YaRN",
+    "llama3": "Llama-3 style scaling", "longrope": "LongRoPE", "clex": "CLEX",
+}
+# Short labels used in file names (SmolLM2-135M-32K-PI-Q8_0.gguf).
+METHOD_LABELS = {
+    "pi": "PI", "linear": "PI", "ntk": "NTK", "dynamic": "DynNTK", "dynamic-ntk": "DynNTK", "yarn": "YaRN",
+    "llama3": "Llama3", "longrope": "LongRoPE", "clex": "CLEX",
+}
+
+
+@dataclass
+class CardFacts:
+    """Everything the card states, gathered from the release folder by pizoo.hub."""
+
+    repo_id: str
+    config: dict  # the HF config.json
+    calibration: dict | None = None  # calibration.json
+    evaluation: dict | None = None  # eval.json
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path in repo, bytes), README excluded
+    gguf_files: list[str] = field(default_factory=list)  # paths in repo
+    trtllm_build: str | None = None  # the trtllm-build command, relative to the repo layout
+    plot: str | None = None  # path in repo of the perplexity plot
+    license: str | None = None  # inherited from the base; None when unknown
+    forced: bool = False  # pushed with --force past a failed or missing gate
+    reproduce: str | None = None  # the pizoo command that makes this model
+
+
+# --------------------------------------------------------------------------------------------
+# Facts derived from calibration.json / config.json
+
+
+def method_of(config: dict, calibration: dict | None) -> str | None:
+    calib = calibration or {}
+    recipe = calib.get("recipe") if isinstance(calib.get("recipe"), dict) else {}
+    return (calib.get("method") or recipe.get("method") or recipe.get("name")
+            or (config.get("pizoo") or {}).get("rope_method"))
+
+
+def context_of(config: dict, calibration: dict | None) -> int | None:
+    calib = calibration or {}
+    return calib.get("ctx") or (config.get("pizoo") or {}).get("target_context") or config.get("max_position_embeddings")
+
+
+def original_context_of(config: dict, calibration: dict | None) -> int | None:
+    calib = calibration or {}
+    if calib.get("original_context"):
+        return calib["original_context"]
+    scaling = config.get("rope_scaling") or {}
+    return scaling.get("original_max_position_embeddings")
+
+
+def factor_of(config: dict, calibration: dict | None) -> float | None:
+    calib = calibration or {}
+    if calib.get("factor"):
+        return calib["factor"]
+    ctx, orig = context_of(config, calib), original_context_of(config, calib)
+    return round(ctx / orig, 4) if ctx and orig else (config.get("rope_scaling") or {}).get("factor")
+
+
+def base_id_of(config: dict, calibration: dict | None) -> str | None:
+    base = (calibration or {}).get("base_model") or {}
+    return base.get("hub_id") or (config.get("pizoo") or {}).get("base_model") or base.get("spec")
+
+
+def context_label(ctx: int) -> str:
+    """32768 -> '32K'; lengths that are not whole KiB multiples stay as numbers."""
+    return f"{ctx // 1024}K" if ctx % 1024 == 0 else str(ctx)
+
+
+def reproduce_command(calibration: dict | None, run: dict | None, config: dict) -> str | None:
+    """The exact command from run.json when `pizoo extend` recorded it, else one rebuilt from calibration.json."""
+    run = run or {}
+    for key in ("command", "argv"):
+        cmd = run.get(key)
+        if isinstance(cmd, list) and cmd:
+            return shlex.join(str(c) for c in cmd)
+        if isinstance(cmd, str) and cmd.strip():
+            return cmd.strip()
+    calib = calibration or {}
+    base = base_id_of(config, calib)
+    ctx = context_of(config, calib)
+    if not (base and ctx):
+        return None
+    recipe = calib.get("recipe") if isinstance(calib.get("recipe"), dict) else {}
+    parts = ["pizoo", "extend", str(base), "--ctx", str(ctx)]
+    recipe_name = recipe.get("name") or calib.get("method")
+    if recipe_name:
+        parts += ["--recipe", str(recipe_name)]
+    for src in (calib.get("data") or {}).get("sources") or []:
+        parts += ["--data", str(src)]
+    if calib.get("steps") is not None:
+        parts += ["--steps", str(calib["steps"])]
+    if calib.get("train_len"):
+        parts += ["--train-len", str(calib["train_len"])]
+    return shlex.join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+
+def card_metadata(facts: CardFacts) -> dict[str, Any]:
+    cfg, calib = facts.config, facts.calibration
+    method = method_of(cfg, calib)
+    rope_method = (cfg.get("pizoo") or {}).get("rope_method")
+    tags = ["context-extension", "rope-scaling"]
+    for t in (method, rope_method):
+        if t and t not in tags:
+            tags.append(str(t))
+    if facts.gguf_files:
+        tags.append("gguf")
+    if facts.trtllm_build:
+        tags.append("tensorrt-llm")
+    tags.append("pizoo")
+    meta: dict[str, Any] = {}
+    if facts.license:
+        meta["license"] = facts.license
+    base = base_id_of(cfg, calib)
+    if base:
+        meta["base_model"] = base
+        meta["base_model_relation"] = "finetune"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = tags
+    results = [r for r in (facts.evaluation or {}).get("results") or [] if r.get("ppl") is not None]
+    if results:
+        dataset = _eval_dataset(facts.evaluation)
+        meta["model-index"] = [{
+            "name": facts.repo_id.split("/")[-1],
+            "results": [{
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": {"type": dataset, "name": dataset},
+                "metrics": [{"type": "perplexity", "value": round(float(r["ppl"]), 4),
+                             "name": f"Perplexity @ {r['ctx']} tokens"} for r in results],
+            }],
+        }]
+    return meta
+
+
+def _eval_dataset(evaluation: dict | None) -> str:
+    data = (evaluation or {}).get("data")
+    if isinstance(data, dict):
+        name = data.get("name") or ", ".join(str(s) for s in data.get("sources") or [])
+        if name:
+            return name
+    if isinstance(data, str) and data:
+        return data
+    return "pizoo-eval-corpus"
+
+
+def render_card(facts: CardFacts) -> str:
+    """README.md text: YAML front matter, then the body."""
+    meta = yaml.safe_dump(card_metadata(facts), sort_keys=False, allow_unicode=True)
+    return f"---\n{meta}---\n\n{_body(facts)}"
+
+
+def _body(facts: CardFacts) -> str:
+    cfg, calib, ev = facts.config, facts.calibration or {}, facts.evaluation or {}
+    name = facts.repo_id.split("/")[-1]
+    method = method_of(cfg, calib)
+    method_name = METHOD_NAMES.get(str(method), str(method or "RoPE scaling"))
+    ctx, orig, factor = context_of(cfg, calib), original_context_of(cfg, calib), factor_of(cfg, calib)
+    base = base_id_of(cfg, calib) or "an unrecorded base model"
+    out: list[str] = [f"# {name}", ""]
+    span = f"from {orig:,} to {ctx:,} tokens" if orig and ctx else f"to {ctx:,} tokens" if ctx else ""
+    out.append(f"[{base}](https://huggingface.co/{base}) with its context window extended {span}"
+               f"{f' (factor {factor:g})' if factor else ''} by **{method_name}**, calibrated and evaluated "
+               f"with [pizoo](https://pypi.org/project/pizoo/) {__version__}.")
+    out.append("")
+    if facts.forced:
+        gate = ev.get("gate")
+        why = "; ".join(gate.get("reasons") or []) if gate else "the evaluation never ran"
+        verdict = "failed" if gate else "was not run"
+        out += [f"> **Warning:** this model was published with `--force` although its evaluation gate {verdict}"
+                f" ({why or 'no reasons recorded'}). Check the results below before relying on it.", ""]
+
+    out += ["## Method", "", f"- Method: {method_name} (`{method}`)" if method else "- Method: not recorded"]
+    if factor:
+        out.append(f"- Scale factor: {factor:g}")
+    if orig:
+        out.append(f"- Original context: {orig:,} tokens")
+    if ctx:
+        out.append(f"- Extended context: {ctx:,} tokens")
+    scaling = cfg.get("rope_scaling")
+    out.append(f"- `rope_scaling` in config.json: `{json.dumps(scaling)}`" if scaling
+               else f"- `rope_theta` in config.json: {cfg.get('rope_theta')} (no `rope_scaling`)")
+    out.append("")
+
+    if calib:
+        out += ["## Calibration", ""]
+        recipe = calib.get("recipe") if isinstance(calib.get("recipe"), dict) else {}
+        hyper = recipe.get("hyperparameters") or recipe.get("training") or {}
+        out.append(f"- Recipe: `{recipe.get('name') or method}`")
+        for key, label in (("steps", "Steps"), ("tokens", "Training tokens"), ("train_len", "Sequence length"),
+                           ("seed", "Seed"), ("final_loss", "Final loss")):
+            if calib.get(key) is not None:
+                value = calib[key]
+                out.append(f"- {label}: {value:,}" if isinstance(value, int) else f"- {label}: {value}")
+        if hyper:
+            out += ["", "| hyperparameter | value |", "|---|---|"]
+            out += [f"| {k} | {_cell(v)} |" for k, v in hyper.items()]
+        data = calib.get("data") or {}
+        if data:
+            out += ["", "Data:", ""]
+            sources = data.get("sources") or []
+            out.append(f"- Sources: {', '.join(f'`{s}`' for s in sources) if sources else 'not recorded'}")
+            for key, label in (("documents", "Documents"), ("tokens", "Tokens"), ("fingerprint", "Fingerprint")):
+                if data.get(key) is not None:
+                    value = data[key]
+                    out.append(f"- {label}: {value:,}" if isinstance(value, int) else f"- {label}: `{value}`")
+        out.append("")
+
+    out += ["## Evaluation", ""]
+    results = ev.get("results") or []
+    if results:
+        baseline = _baseline_ppl(ev.get("baseline"))
+        head = "| context | perplexity |" + (" base perplexity |" if baseline else "") + " tokens | documents | stride |"
+        out += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in results:
+            row = f"| {r.get('ctx')} | {_num(r.get('ppl'))} |"
+            if baseline:
+                row += f" {_num(baseline.get(r.get('ctx')))} |"
+            row += f" {_cell(r.get('tokens'))} | {_cell(r.get('documents'))} | {_cell(r.get('stride'))} |"
+            out.append(row)
+        out.append("")
+    passkey = ev.get("passkey") or {}
+    if passkey:
+        out.append(f"Passkey retrieval: effective context k_max = {_cell(passkey.get('k_max'))} tokens.")
+        acc = passkey.get("accuracy_by_distance") or {}
+        if acc:
+            out.append("Accuracy by distance: " + ", ".join(f"{d}: {_num(a)}" for d, a in acc.items()) + ".")
+        out.append("")
+    gate = ev.get("gate")
+    if gate:
+        out.append(f"Gate: **{'passed' if gate.get('passed') else 'failed'}**"
+                   + (f" ({'; '.join(gate.get('reasons'))})" if gate.get("reasons") else "") + ".")
+        if gate.get("thresholds"):
+            out.append(f"Thresholds: `{json.dumps(gate['thresholds'])}`.")
+        out.append("")
+    elif not results:
+        out += ["No evaluation was recorded for this model.", ""]
+    if facts.plot:
+        out += [f"![Perplexity against context length]({facts.plot})", ""]
+
+    out += ["## Files", "", "| file | size |", "|---|---|"]
+    out += [f"| `{path}` | {human_bytes(size)} |" for path, size in facts.files]
+    out.append("")
+
+    out += ["## Usage", "", "### transformers", "", "The scaling is in config.json; no custom code is needed.",
+            "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{facts.repo_id}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{facts.repo_id}", torch_dtype="auto")', "```", ""]
+    if facts.gguf_files:
+        gguf = facts.gguf_files[0]
+        out += ["### llama.cpp", "", "```bash", f"hf download {facts.repo_id} {gguf} --local-dir .",
+                f"llama-cli -m {gguf} -c {ctx or 0} -p \"Once upon a time\"", "```", ""]
+    if facts.trtllm_build:
+        out += ["### TensorRT-LLM", "", "```bash", f"hf download {facts.repo_id} --include 'trtllm/*' --local-dir .",
+                facts.trtllm_build, "```", ""]
+    if facts.reproduce:
+        out += ["## Reproduce", "", "```bash", facts.reproduce, "```", ""]
+    out += ["## License", ""]
+    out.append(f"`{facts.license}`, inherited from the base model {base}." if facts.license
+               else f"Inherited from the base model {base}; see its card.")
+    out.append("")
+    return "\n".join(out)
+
+
+def _baseline_ppl(baseline: Any) -> dict:
+    """{ctx: ppl} from eval.json's `baseline` (a results list, or an object holding one)."""
+    if isinstance(baseline, dict):
+        baseline = baseline.get("results")
+    if not isinstance(baseline, list):
+        return {}
+    return {r.get("ctx"): r.get("ppl") for r in baseline if isinstance(r, dict)}
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else _cell(v)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, (dict, list)):
+        return f"`{json.dumps(v)}`"
+    return str(v)
+
+
+def read_card_license(readme: Path) -> str | None:
+    """The `license:` of a model card's YAML front matter, if the file has one."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return None
+    lic = meta.get("license") if isinstance(meta, dict) else None
+    return str(lic) if lic else None

@@ -1,0 +1,460 @@
+"""Publish to and pull from the Hugging Face Hub through huggingface_hub (`pizoo push`, `pizoo pull`).
+
+push: one commit holding the HF files at the repo root, the GGUF files at the root named
+`Base-32K-PI-Q8_0.gguf`, the TensorRT-LLM checkpoint under trtllm/, the evaluation (eval/eval.json,
+eval/ppl.png) and the model card (README.md). Large files take the client's LFS path, and the LFS
+batch endpoint skips objects the Hub already holds, so a push that failed half-way only uploads what
+is missing when it is run again. A model whose evaluation gate failed or never ran is refused unless
+`force`, which the card then states.
+
+pull: snapshot_download (resumable: partial files stay in the zoo's downloads/ folder) into the
+zoo, then one rename into models/ and a zoo entry.
+
+The endpoint comes from HF_ENDPOINT, the token from the argument, HF_TOKEN or the saved login,
+all read at call time. The token is only handed to huggingface_hub: it is never printed, logged,
+written into a card or a manifest, and any error text is scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, method_of, read_card_license,
+                   render_card, reproduce_command)
+from .errors import GateFailed, PizooError
+from .fsutil import read_json
+from .zoo import Artifact, Zoo, alias_info, default_name, locate_artifact
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+
+
+def hub_endpoint() -> str:
+    """HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or constants.is_offline_mode()
+
+
+def check_repo_id(repo_id: str) -> str:
+    """NAMESPACE/NAME with the Hub's rules, or a PizooError that says what they are."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    rules = ("expected NAMESPACE/NAME using letters, digits, '-', '_' and '.', at most 96 characters, "
+             "without '--' or '..', not starting or ending with '-' or '.'")
+    if not REPO_ID.match(repo_id):
+        raise PizooError(f"repo id '{repo_id}': {rules}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise PizooError(f"repo id '{repo_id}': {rules}") from None
+    if repo_id.split("/")[1].endswith((".", "-")) or len(repo_id) > 96:
+        raise PizooError(f"repo id '{repo_id}': {rules}")
+    return repo_id
+
+
+# --------------------------------------------------------------------------------------------
+# What a push uploads
+
+
+@dataclass
+class UploadFile:
+    path_in_repo: str
+    size: int
+    source: Path | None = None  # the local file; None for the generated model card
+    content: bytes | None = None  # the model card's bytes
+
+
+@dataclass
+class PushResult:
+    url: str | None  # the repo (or branch, or pull request) on the Hub; None for a dry run
+    commit: str | None
+    files: list[UploadFile]
+    card: str
+    pr_url: str | None = None
+    dry_run: bool = False
+    forced: bool = False
+    zoo_entry: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass
+class Release:
+    """An artifact folder read for publishing: its parts, its JSON records and the gate verdict."""
+
+    artifact: Artifact
+    config: dict
+    calibration: dict | None
+    evaluation: dict | None
+    run: dict | None
+
+    @property
+    def gate_passed(self) -> bool | None:
+        """True/False from eval.json's gate; None when no evaluation or no gate was recorded."""
+        gate = (self.evaluation or {}).get("gate")
+        if not isinstance(gate, dict) or not isinstance(gate.get("passed"), bool):
+            return None
+        return gate["passed"]
+
+
+def read_release(folder: str | os.PathLike) -> Release:
+    art = locate_artifact(folder)
+    config = read_json(art.hf_dir / "config.json", "config.json")
+    calib_path = art.hf_dir / "calibration.json"
+    calibration = read_json(calib_path, "calibration.json") if calib_path.is_file() else None
+    evaluation = read_json(art.eval_json, "eval.json") if art.eval_json else None
+    run = read_json(art.run_json, "run.json") if art.run_json else None
+    return Release(artifact=art, config=config, calibration=calibration, evaluation=evaluation, run=run)
+
+
+def gguf_file_type(path: Path) -> str | None:
+    """The GGUF's general.file_type as a label (F32, F16, BF16, Q8_0, ...), None when absent."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise PizooError(f"{path}: not a readable GGUF file ({e}); re-export it with `pizoo convert --to gguf`") from None
+    fld = reader.fields.get("general.file_type")
+    if fld is None:
+        return None
+    value = int(fld.parts[fld.data[0]][0])
+    try:
+        name = gguf.LlamaFileType(value).name
+    except ValueError:
+        return f"type{value}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def gguf_repo_name(release: Release, gguf_path: Path, repo_id: str) -> str:
+    """The convention on the Hub: BASE-CTXK-METHOD-TYPE.gguf, e.g. SmolLM2-135M-32K-PI-Q8_0.gguf."""
+    base = base_id_of(release.config, release.calibration)
+    stem = (base or repo_id).rstrip("/").split("/")[-1]
+    parts = [stem]
+    ctx = context_of(release.config, release.calibration)
+    if ctx:
+        parts.append(context_label(int(ctx)))
+    method = method_of(release.config, release.calibration)
+    if method:
+        parts.append(METHOD_LABELS.get(str(method), str(method).upper()))
+    kind = gguf_file_type(gguf_path)
+    if kind:
+        parts.append(kind)
+    return "-".join(parts) + ".gguf"
+
+
+def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
+    """Every file of the commit except README.md, with its path in the repo."""
+    art = release.artifact
+    skip = {p.resolve() for p in art.eval_files()}
+    files: list[UploadFile] = []
+    for path in art.hf_files():
+        rel = path.relative_to(art.hf_dir).as_posix()
+        if rel == "README.md" or path.resolve() in skip:
+            continue  # the generated card replaces any README; eval files go under eval/
+        files.append(UploadFile(rel, path.stat().st_size, path))
+    for path in art.gguf_files:
+        files.append(UploadFile(gguf_repo_name(release, path, repo_id), path.stat().st_size, path))
+    for path in art.trtllm_files():
+        files.append(UploadFile(f"trtllm/{path.relative_to(art.trtllm_dir).as_posix()}", path.stat().st_size, path))
+    for path in art.eval_files():
+        files.append(UploadFile(f"eval/{path.name}", path.stat().st_size, path))
+    seen: dict[str, Path | None] = {}
+    for f in files:
+        if f.path_in_repo in seen:
+            raise PizooError(f"{f.source}: would be uploaded as '{f.path_in_repo}' like {seen[f.path_in_repo]}; "
+                             "keep one GGUF file per type in the release folder")
+        seen[f.path_in_repo] = f.source
+    return files
+
+
+def inherited_license(release: Release) -> str | None:
+    """The base's license: its local card, its zoo copy's card, the shipped alias data, in that order."""
+    base = (release.calibration or {}).get("base_model") or {}
+    base_id = base_id_of(release.config, release.calibration)
+    cards = []
+    if base.get("path"):
+        cards.append(Path(base["path"]) / "README.md")
+    if base_id:
+        pulled = Zoo().find_by_hub(base_id)
+        if pulled:
+            cards.append(Path(pulled["path"]) / "README.md")
+    for card in cards:
+        lic = read_card_license(card)
+        if lic:
+            return lic
+    aliases = Zoo().aliases()
+    for info in aliases.values():
+        if base_id and info.get("hub_id") == base_id and info.get("license"):
+            return info["license"]
+    info = alias_info(base["spec"]) if base.get("spec") else None
+    return info.get("license") if info else None
+
+
+def trtllm_build_line(release: Release) -> str | None:
+    """The trtllm-build command for the uploaded trtllm/ folder (paths as they are in the repo)."""
+    from .export.trtllm import trtllm_build_command
+
+    tdir = release.artifact.trtllm_dir
+    if tdir is None:
+        return None
+    line = trtllm_build_command(tdir)
+    return line.replace(shlex.quote(str(tdir)), "trtllm").replace(str(tdir), "trtllm")
+
+
+def card_for(release: Release, repo_id: str, files: list[UploadFile], *, forced: bool) -> str:
+    facts = CardFacts(
+        repo_id=repo_id, config=release.config, calibration=release.calibration, evaluation=release.evaluation,
+        files=[(f.path_in_repo, f.size) for f in files],
+        gguf_files=[f.path_in_repo for f in files if f.path_in_repo.endswith(".gguf")],
+        trtllm_build=trtllm_build_line(release),
+        plot=next((f.path_in_repo for f in files if f.path_in_repo.startswith("eval/") and f.path_in_repo.endswith(".png")), None),
+        license=inherited_license(release), forced=forced,
+        reproduce=reproduce_command(release.calibration, release.run, release.config))
+    return render_card(facts)
+
+
+def check_gate(release: Release, *, force: bool) -> bool:
+    """Refuse a failed or missing gate unless `force`. Returns whether the push is forced past it."""
+    passed = release.gate_passed
+    if passed:
+        return False
+    if force:
+        return True
+    art = release.artifact
+    if passed is False:
+        reasons = "; ".join((release.evaluation or {}).get("gate", {}).get("reasons") or []) or "no reasons recorded"
+        raise GateFailed(f"{art.eval_json}: the evaluation gate failed ({reasons}); improve the model, or pass "
+                         "--force to publish anyway (the card will say so)")
+    where = art.eval_json or f"{art.root / 'eval' / 'eval.json'} or {art.root / 'eval.json'}"
+    raise PizooError(f"{where}: no evaluation gate verdict (the gate never ran); run `pizoo eval` first, or pass "
+                     "--force to publish anyway (the card will say so)")
+
+
+# --------------------------------------------------------------------------------------------
+# Push
+
+
+def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, dry_run: bool = False, force: bool = False, token: str | None = None) -> PushResult:
+    """Publish a release folder (or an HF folder) to the Hub in one commit; record it in the zoo.
+
+    dry_run: plan the files and the card, contact no one. revision: a branch, created from main
+    when missing. create_pr: open a pull request against main instead of committing to it.
+    """
+    check_repo_id(repo_id)
+    if create_pr and revision not in (None, "main"):
+        raise PizooError(f"--create-pr with --revision {revision}: a pull request targets main; drop one of them")
+    release = read_release(folder)
+    forced = check_gate(release, force=force)
+    files = plan_upload(release, repo_id)
+    card = card_for(release, repo_id, files, forced=forced)
+    files.append(UploadFile("README.md", len(card.encode()), None, card.encode()))
+    if dry_run:
+        return PushResult(url=None, commit=None, files=files, card=card, dry_run=True, forced=forced)
+
+    endpoint = hub_endpoint()
+    if hub_offline():
+        raise PizooError("HF_HUB_OFFLINE is set: pizoo will not contact the Hub; unset it (or set HF_HUB_OFFLINE=0) "
+                         "to push, or use --dry-run")
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise PizooError(f"no Hugging Face token to push with; {LOGIN_HINT}")
+    api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
+    action = "push to"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main" and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
+                                  path_or_fileobj=f.content if f.content is not None else str(f.source))
+               for f in files]
+        summary = _commit_summary(release)
+        info = api.create_commit(repo_id, ops, commit_message=summary,
+                                 commit_description=f"Published with pizoo {__version__}."
+                                 + (" Forced past a failed or missing evaluation gate." if forced else ""),
+                                 revision=revision, create_pr=create_pr)
+    except Exception as e:  # every client failure becomes one line; nothing is recorded as published
+        raise hub_failure(e, action=action, repo_id=repo_id, endpoint=endpoint, token=token) from None
+
+    url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision and revision != "main" and not create_pr else "")
+    entry = Zoo().record_publication(release.artifact.root, {
+        "repo_id": repo_id, "revision": "main" if create_pr else (revision or "main"), "commit": info.oid,
+        "url": url, "pr_url": info.pr_url, "endpoint": endpoint, "forced": forced,
+        "files": [{"path": f.path_in_repo, "size": f.size} for f in files]})
+    return PushResult(url=url, commit=info.oid, files=files, card=card, pr_url=info.pr_url, forced=forced,
+                      zoo_entry=entry["name"])
+
+
+def push_release(folder: str | os.PathLike, repo_id: str, *, progress: bool = False, **options) -> dict:
+    """`push` for the `pizoo extend` pipeline: the result as a plain dict for run.json, with the
+    client's progress bars shown only when `progress`."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    were_disabled = are_progress_bars_disabled()
+    if not progress:
+        disable_progress_bars()
+    try:
+        result = push(folder, repo_id, **options)
+    finally:
+        if not progress and not were_disabled:
+            enable_progress_bars()
+    return {"repo_id": repo_id, "url": result.url, "commit": result.commit, "pr_url": result.pr_url,
+            "files": len(result.files), "bytes": result.total_bytes, "forced": result.forced,
+            "zoo_entry": result.zoo_entry}
+
+
+def _commit_summary(release: Release) -> str:
+    method = method_of(release.config, release.calibration)
+    ctx = context_of(release.config, release.calibration)
+    what = ", ".join(str(x) for x in (method, f"{ctx} tokens" if ctx else None) if x)
+    return f"pizoo: context-extended model ({what})" if what else "pizoo: upload model"
+
+
+# --------------------------------------------------------------------------------------------
+# Pull
+
+
+def pull(repo_id: str, revision: str | None = None, *, token: str | None = None) -> Path:
+    """Download a Hub repo (or an alias's repo) into the zoo and register it; returns the HF folder.
+
+    A pull already in the zoo at the same commit is not downloaded again. Partial downloads stay in
+    PIZOO_HOME/downloads/ and are resumed by the next pull.
+    """
+    info = alias_info(repo_id) if "/" not in repo_id else None
+    hub_id = check_repo_id(info["hub_id"] if info else repo_id)
+    zoo = Zoo()
+    if hub_offline():
+        hit = zoo.find_by_hub(hub_id, revision)
+        if hit is not None:
+            return _hf_dir(hit)
+        raise PizooError(f"HF_HUB_OFFLINE is set and {hub_id} is not in the zoo; unset HF_HUB_OFFLINE to pull it")
+    from huggingface_hub import HfApi, snapshot_download
+
+    endpoint = hub_endpoint()
+    slug = hub_id.replace("/", "--") + (f"@{revision.replace('/', '--')}" if revision and revision != "main" else "")
+    staging = zoo.home / "downloads" / slug
+    try:
+        api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
+        commit = api.repo_info(hub_id, revision=revision).sha
+        hit = zoo.find_by_hub(hub_id, revision)
+        if hit is not None and hit["hub"].get("commit") == commit and _files_present(hit):
+            return _hf_dir(hit)
+        snapshot_download(hub_id, revision=commit, local_dir=staging, cache_dir=zoo.home / "downloads" / ".hf-cache",
+                          endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
+    except Exception as e:
+        raise hub_failure(e, action="pull", repo_id=hub_id, endpoint=endpoint, token=token) from None
+    shutil.rmtree(staging / ".cache", ignore_errors=True)  # download bookkeeping, not model files
+    final = zoo.home / "models" / slug
+    _replace_dir(staging, final)
+    hub = {"repo_id": hub_id, "revision": revision or "main", "commit": commit, "endpoint": endpoint}
+    entry = zoo.register_folder(final, name=default_name(final, hub), source="hub", hub=hub)
+    return _hf_dir(entry)
+
+
+def _hf_dir(entry: dict) -> Path:
+    return Path(entry["path"]) / (entry["formats"]["hf"].get("path") or ".")
+
+
+def _files_present(entry: dict) -> bool:
+    root = Path(entry["path"])
+    return all((root / f["path"]).is_file() and (root / f["path"]).stat().st_size == f["size"]
+               for fmt in entry["formats"].values() for f in fmt["files"])
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished download into place in one rename (the old copy, if any, is moved aside first)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, trash / "old")
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _network_errors() -> tuple[type, ...]:
+    types: list[type] = [ConnectionError, TimeoutError]
+    for mod_name in ("httpx2", "httpx"):
+        try:
+            mod = __import__(mod_name)
+        except ImportError:
+            continue
+        types += [mod.NetworkError, mod.TimeoutException, mod.RemoteProtocolError]
+    return tuple(types)
+
+
+def hub_failure(exc: BaseException, *, action: str, repo_id: str, endpoint: str, token: str | None) -> PizooError:
+    """One line for what went wrong talking to the Hub, with the fix; the token is scrubbed out."""
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    chain = list(_chain(exc))
+    message = None
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        message = f"HF_HUB_OFFLINE is set: cannot {action} {repo_id}; unset HF_HUB_OFFLINE to use the Hub"
+    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+    if message is None and http is not None:
+        status = http.response.status_code
+        server = (http.server_message or "").strip().splitlines()
+        detail = f": {server[0]}" if server else ""
+        namespace = repo_id.split("/")[0]
+        if status == 401 and not isinstance(http, RepositoryNotFoundError):
+            message = f"the Hub at {endpoint} rejected the token (401 Unauthorized); {LOGIN_HINT} with a valid token"
+        elif status == 403:
+            message = (f"the token may not write to '{namespace}' on the Hub (403 Forbidden{detail}); use a token "
+                       f"with write access to that user or organization ({LOGIN_HINT})")
+        elif isinstance(http, RevisionNotFoundError):
+            message = f"{repo_id}: revision not found on the Hub; check --revision"
+        elif isinstance(http, RepositoryNotFoundError) or status in (401, 404):
+            message = f"{repo_id}: repository not found on the Hub at {endpoint} (or private and the token cannot see it)"
+        else:
+            message = f"cannot {action} {repo_id}: the Hub at {endpoint} answered {status}{detail}"
+    if message is None and any(isinstance(e, _network_errors()) for e in chain):
+        message = (f"cannot reach the Hub at {endpoint} to {action} {repo_id}; check the network or HF_ENDPOINT and "
+                   "retry (a retried push uploads only what is missing)")
+    if message is None and any(isinstance(e, HFValidationError) for e in chain):
+        message = f"repo id '{repo_id}': rejected by huggingface_hub ({str(chain[-1]).splitlines()[0]})"
+    if message is None:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        message = f"cannot {action} {repo_id}: {type(exc).__name__}: {first}"
+    if token:
+        message = message.replace(token, "***")
+    return PizooError(message)

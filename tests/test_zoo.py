@@ -1,0 +1,183 @@
+"""The local model zoo: manifests, verify, rm, du, aliases, resolution, and concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_hub import invoke, png_bytes
+
+
+@pytest.fixture
+def home(monkeypatch, tmp_path) -> Path:
+    path = tmp_path / "pizoo-home"
+    monkeypatch.setenv("PIZOO_HOME", str(path))
+    return path
+
+
+@pytest.fixture
+def extended(tiny_model_factory, tmp_path) -> Path:
+    """A release folder: hf/ (tiny model + calibration.json), eval/ (eval.json + ppl.png)."""
+    out = tmp_path / "tiny-ext"
+    shutil.copytree(tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece"), out / "hf")
+    (out / "hf" / "calibration.json").write_text(json.dumps({
+        "base_model": {"spec": "smollm2-135m", "hub_id": "HuggingFaceTB/SmolLM2-135M", "revision": "abc123",
+                       "sha256": "cd" * 32},
+        "recipe": {"name": "yarn", "hyperparameters": {"lr": 2e-5}}, "method": "yarn", "factor": 4.0,
+        "ctx": 256, "original_context": 64, "steps": 12, "tokens": 3072,
+        "data": {"sources": ["builtin:corpus"], "fingerprint": "beef" * 4}}))
+    (out / "eval").mkdir()
+    (out / "eval" / "eval.json").write_text(json.dumps({
+        "results": [{"ctx": 256, "ppl": 8.5, "tokens": 500, "documents": 2, "stride": 64}],
+        "passkey": {"k_max": 256}, "gate": {"passed": True, "reasons": []}}))
+    (out / "eval" / "ppl.png").write_bytes(png_bytes())
+    return out
+
+
+def test_manifest_records_lineage_recipe_data_eval_and_formats(home, extended):
+    from pizoo.fsutil import sha256_file
+    from pizoo.zoo import Zoo
+
+    entry = Zoo().register_folder(extended)
+    assert entry["name"] == "tiny-ext" and entry["kind"] == "extended" and entry["source"] == "local"
+    assert entry["lineage"] == {"base_model": "HuggingFaceTB/SmolLM2-135M", "base_revision": "abc123",
+                                "base_sha256": "cd" * 32, "base_spec": "smollm2-135m"}
+    assert entry["recipe"]["name"] == "yarn" and entry["steps"] == 12 and entry["data_fingerprint"] == "beef" * 4
+    assert entry["eval"]["results"][0]["ppl"] == 8.5 and entry["eval"]["gate_passed"] is True
+    files = {f["path"]: f for f in entry["formats"]["hf"]["files"]}
+    assert entry["formats"]["hf"]["path"] == "hf"
+    weights = extended / "hf" / "model.safetensors"
+    assert files["hf/model.safetensors"]["sha256"] == sha256_file(weights)
+    assert files["hf/model.safetensors"]["size"] == weights.stat().st_size
+    assert [f["path"] for f in entry["formats"]["eval"]["files"]] == ["eval/eval.json", "eval/ppl.png"]
+
+    shown = invoke("zoo", "show", "tiny-ext")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["lineage"]["base_revision"] == "abc123"
+    listed = invoke("zoo", "list", "--json")
+    rows = json.loads(listed.stdout)
+    assert [(r["name"], r["method"], r["context"], r["formats"]) for r in rows] == [("tiny-ext", "yarn", 256, ["hf"])]
+    assert "tiny-ext" in invoke("zoo", "list").stdout
+
+
+def test_verify_reports_a_changed_file_and_exits_non_zero(home, extended):
+    from pizoo.zoo import Zoo
+
+    Zoo().register_folder(extended)
+    ok = invoke("zoo", "verify", "tiny-ext")
+    assert ok.returncode == 0 and "match their sha256" in ok.stdout
+    weights = extended / "hf" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    weights.write_bytes(bytes(data))
+    (extended / "eval" / "ppl.png").unlink()
+    bad = invoke("zoo", "verify", "tiny-ext")
+    assert bad.returncode == 1
+    assert "model.safetensors: sha256" in bad.stdout and "ppl.png: missing" in bad.stdout
+    assert "2 of" in bad.stderr
+
+
+def test_rm_deletes_only_files_the_zoo_owns_and_du_counts(home, extended):
+    from pizoo.zoo import Zoo
+
+    zoo = Zoo()
+    zoo.register_folder(extended)
+    owned = home / "models" / "org--pulled"
+    shutil.copytree(extended / "hf", owned)
+    zoo.register_folder(owned, name="org/pulled", source="hub",
+                        hub={"repo_id": "org/pulled", "revision": "main", "commit": "0" * 40})
+    usage = zoo.disk_usage()
+    model_bytes = sum(p.stat().st_size for p in owned.iterdir())
+    assert usage["entries"]["org/pulled"] == model_bytes and usage["home_on_disk"]["models"] == model_bytes
+    assert "total" in invoke("zoo", "du").stdout
+
+    out = invoke("zoo", "rm", "org/pulled")
+    assert out.returncode == 0 and not owned.exists()
+    out = invoke("zoo", "rm", "tiny-ext")
+    assert out.returncode == 0 and "kept" in out.stdout and (extended / "hf" / "config.json").exists()
+    assert zoo.list() == []
+    missing = invoke("zoo", "rm", "tiny-ext")
+    assert missing.returncode == 2 and "no entry named 'tiny-ext'" in missing.stderr
+
+
+def test_shipped_and_user_aliases(home):
+    from pizoo.zoo import alias_hub_id, alias_info, shipped_aliases
+
+    shipped = shipped_aliases()
+    for name in ("llama-7b", "llama-13b", "llama-2-7b", "llama-2-13b", "llama-3-8b", "llama-3.1-8b", "mistral-7b",
+                 "qwen2-7b", "smollm2-135m"):
+        assert {"hub_id", "architecture", "context"} <= set(shipped[name]), name
+    assert alias_hub_id("llama-2-7b") == "meta-llama/Llama-2-7b-hf"
+    assert alias_hub_id("SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert alias_info("llama-2-7b")["context"] == 4096
+    assert alias_hub_id("no-such-alias") is None
+
+    out = invoke("zoo", "alias", "llama-2-7b", "me/my-llama", "--context", "4096", "--license", "llama2")
+    assert out.returncode == 0
+    assert alias_hub_id("llama-2-7b") == "me/my-llama"  # the user's alias wins
+    assert json.loads(invoke("zoo", "aliases", "--json").stdout)["llama-2-7b"]["origin"] == "user"
+    bad = invoke("zoo", "alias", "x", "not a hub id")
+    assert bad.returncode == 2 and "not a Hub id" in bad.stderr
+
+
+def test_resolve_model_finds_zoo_entries_by_name_and_hub_id(home, extended):
+    from pizoo.resolve import resolve_model
+    from pizoo.zoo import Zoo
+
+    zoo = Zoo()
+    zoo.register_folder(extended)
+    hit = resolve_model("tiny-ext", allow_download=False)
+    assert hit.source == "zoo" and hit.path == (extended / "hf").resolve()
+    pulled = home / "models" / "HuggingFaceTB--SmolLM2-135M"
+    shutil.copytree(extended / "hf", pulled)
+    zoo.register_folder(pulled, name="HuggingFaceTB/SmolLM2-135M", source="hub",
+                        hub={"repo_id": "HuggingFaceTB/SmolLM2-135M", "revision": "main", "commit": "1" * 40})
+    for spec in ("HuggingFaceTB/SmolLM2-135M", "smollm2-135m"):  # Hub id, and the alias naming it
+        hit = resolve_model(spec, allow_download=False)
+        assert hit.source == "zoo" and hit.path == pulled.resolve() and hit.revision == "1" * 40
+
+
+def test_corrupt_index_is_a_one_line_error(home):
+    home.mkdir(parents=True)
+    (home / "zoo.json").write_text("{not json")
+    out = invoke("zoo", "list")
+    assert out.returncode == 2 and "zoo.json: invalid JSON" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pizoo.zoo import Zoo
+    tag, n, root, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    while not go.exists():
+        time.sleep(0.005)
+    zoo = Zoo()
+    for i in range(n):
+        zoo.register_folder(root / f"{tag}-{i}", name=f"{tag}-{i}")
+""")
+
+
+def test_two_concurrent_writers_lose_no_entry(home, tmp_path):
+    n = 25
+    for tag in ("a", "b"):
+        for i in range(n):
+            folder = tmp_path / "models" / f"{tag}-{i}"
+            folder.mkdir(parents=True)
+            (folder / "config.json").write_text(json.dumps({"model_type": "llama", "i": i, "tag": tag}))
+    go = tmp_path / "go"
+    env = {**os.environ, "PIZOO_HOME": str(home)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, tag, str(n), str(tmp_path / "models"), str(go)], env=env)
+             for tag in ("a", "b")]
+    go.touch()  # both start registering at the same moment
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    from pizoo.zoo import Zoo
+
+    names = {e["name"] for e in Zoo().list()}
+    assert names == {f"{tag}-{i}" for tag in ("a", "b") for i in range(n)}
+    assert not list(home.glob(".zoo.json.*.tmp"))  # no temporary file left behind
