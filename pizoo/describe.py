@@ -17,8 +17,14 @@ Describer = Callable[[Path], dict[str, Any]]
 FORMATS: list[tuple[str, Detector, Describer]] = []
 
 
-def register_format(name: str, detect: Detector, describe: Describer) -> None:
-    FORMATS.append((name, detect, describe))
+def register_format(name: str, detect: Detector, describe: Describer, *, before: str | None = None) -> None:
+    """Add a format; `before` names a format whose detector would also accept these paths (a
+    TensorRT-LLM checkpoint folder also has a config.json, so it must be tried before "hf")."""
+    names = [n for n, _, _ in FORMATS]
+    if before in names:
+        FORMATS.insert(names.index(before), (name, detect, describe))
+    else:
+        FORMATS.append((name, detect, describe))
 
 
 def describe_hf(path: Path) -> dict[str, Any]:
