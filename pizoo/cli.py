@@ -162,6 +162,421 @@ def convert_cmd(
         raise PizooError(f"--to: unknown format '{to}'; use gguf or trtllm")
 
 
+@command("import", MODELS)
+def import_cmd(
+    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
+    out: Path = typer.Option(..., "--out", help="Output HF folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
+    from .gguf_import import import_gguf
+
+    result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
+    typer.echo(f"wrote {result}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation and the gate
+
+
+@command("eval", STEPS)
+def eval_cmd(
+    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
+    ctx: Optional[str] = typer.Option(None, "--ctx", help="Context lengths, comma-separated (e.g. 2048,4096,8k). "
+                                      "Default: the original context, its doublings and the target."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Text to score: .txt, .jsonl (text field), folder, "
+                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    split: str = typer.Option("heldout", "--split", help="Which documents: heldout (never trained on), train or all."),
+    stride: int = typer.Option(256, "--stride", help="Window step (PI/YaRN: 256); --stride equal to the window "
+                               "is the disjoint mode."),
+    passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Run passkey retrieval (the paper's prompt)."),
+    passkey_mode: str = typer.Option("greedy", "--passkey-mode", help="greedy (the key is what greedy decoding "
+                                     "emits) or loglik (mean exact-match likelihood of the key)."),
+    passkey_trials: int = typer.Option(10, "--passkey-trials", help="Random 5-digit keys per distance."),
+    passkey_distances: int = typer.Option(32, "--passkey-distances", help="Distances spread over the window."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Base model to compare with, measured at its "
+                                           "original context (default: the base recorded with a calibrated model)."),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Measure no baseline (skips the ppl checks)."),
+    baseline_ctx: str = typer.Option("original", "--baseline-ctx", help="original: the base at its original "
+                                     "context and shorter ones; all: at every --ctx too (extrapolation)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the gate thresholds from this recipe."),
+    max_ppl_ratio_target: Optional[float] = typer.Option(None, "--max-ppl-ratio-target",
+                                                         help="Gate: ppl at the target / base ppl (default 1.10)."),
+    max_ppl_ratio_original: Optional[float] = typer.Option(None, "--max-ppl-ratio-original",
+                                                           help="Gate: ppl at the original context / the base's "
+                                                           "(default 1.05)."),
+    min_passkey_accuracy: Optional[float] = typer.Option(None, "--min-passkey-accuracy",
+                                                         help="Gate: passkey accuracy at every distance up to the "
+                                                         "target (default 0.9)."),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Measure only; apply no gate (exit 0)."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most this many documents."),
+    doc_tokens: Optional[int] = typer.Option(None, "--doc-tokens", help="Tokens scored per document "
+                                             "(default: the longest --ctx)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the passkeys."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32|bfloat16|float16 (default: bf16 on GPU, "
+                                        "fp32 on CPU)."),
+    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per forward pass "
+                                               "(default: 16384 on CPU, from free memory on GPU)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Measure again even when results are cached."),
+    full_hash: bool = typer.Option(False, "--full-hash", help="Identify the model by a hash of every weight byte "
+                                   "(default: sizes, times, headers and samples)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and ppl.png "
+                                       "(default: pizoo-eval/<model name>)."),
+    as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
+) -> None:
+    """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
+    from .evaluate import GateThresholds, evaluate_model, format_report, raise_if_failed
+
+    if baseline and no_baseline:
+        raise PizooError("--baseline and --no-baseline: give one or the other")
+    thresholds = GateThresholds()
+    if recipe is not None:
+        from .recipes import load_recipe
+
+        thresholds = load_recipe(recipe).gate
+    for name, value in (("max_ppl_ratio_target", max_ppl_ratio_target),
+                        ("max_ppl_ratio_original", max_ppl_ratio_original),
+                        ("min_passkey_accuracy", min_passkey_accuracy)):
+        if value is not None:
+            setattr(thresholds, name, value)
+    out = out or Path("pizoo-eval") / Path(model.rstrip("/")).name.removesuffix(".gguf")
+    report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
+                            baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
+                            out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
+                            passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
+                            doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=device, dtype=dtype,
+                            batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
+                            echo=lambda msg: typer.echo(msg, err=True))
+    if as_json:
+        print_json(report)
+    else:
+        typer.echo(format_report(report))
+        typer.echo(f"\nwrote {out / 'eval.json'}" + (f" and {out / report['plot']}" if report["plot"] else ""))
+    raise_if_failed(report, out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration and recipes
+
+
+@command("calibrate", STEPS)
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Base model: HF folder, .gguf file, zoo name or Hub id."),
+    ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (must exceed the original)."),
+    recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Training text: .txt, .jsonl (text field), folder, "
+                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the recipe's)."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help="Sequence length to train on (default: --ctx); "
+                                            "shorter spreads position ids over the target range."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HF folder (default: <model>-<ctx>-<recipe>)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint of this --out."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
+                                               "(default: the recipe's)."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per forward/backward on each process."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's, by model size)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order and position sampling."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save the training state every N steps."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing",
+                                                  help="Recompute layer activations in backward (less memory)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+) -> None:
+    """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
+    from .train import calibrate, default_output_dir
+
+    out = out or default_output_dir(model, ctx, recipe)
+    result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
+                       seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
+                       activation_checkpointing=activation_checkpointing, global_batch=global_batch,
+                       micro_batch=micro_batch, lr=lr, overwrite=overwrite,
+                       log=lambda msg: typer.echo(msg, err=True))
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    typer.echo(f"wrote {result.out} ({result.method} x{result.factor:g} -> {result.ctx} tokens, "
+               f"{result.steps} steps{loss})")
+
+
+recipes_app = typer.Typer(help="Calibration recipes: RoPE method, training hyperparameters, gate thresholds.",
+                          no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes", rich_help_panel=STEPS)
+
+
+@command("list", STEPS, sub=recipes_app)
+def recipes_list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the built-in recipes."""
+    from .recipes import list_recipes, load_recipe
+
+    rows = [load_recipe(name) for name in list_recipes()]
+    if as_json:
+        print_json([{"name": r.name, "method": r.method, "steps": r.steps, "description": r.description,
+                     "path": r.path} for r in rows])
+        return
+    width = max((len(r.name) for r in rows), default=4)
+    for r in rows:
+        typer.echo(f"{r.name:<{width}}  {r.method:<8} {r.steps:>5} steps  {r.description}")
+
+
+@command("show", STEPS, sub=recipes_app)
+def recipes_show_cmd(
+    name: str = typer.Argument(..., help="Recipe name or path of a .toml file."),
+    as_json: bool = typer.Option(False, "--json", help="The validated recipe as JSON."),
+) -> None:
+    """Show a recipe (validated); prints the TOML source, or JSON with --json."""
+    from .recipes import load_recipe
+
+    r = load_recipe(name)
+    if as_json:
+        print_json(r.to_dict())
+    else:
+        typer.echo(f"# {r.path}")
+        typer.echo(Path(r.path).read_text(encoding="utf-8").rstrip())
+
+
+# ------------------------------------------------------------------------------------------------
+# Hub and zoo
+
+
+@command("push", HUB)
+def push_cmd(
+    folder: Path = typer.Argument(..., help="Release folder from `pizoo extend` (hf/, gguf/, trtllm/, eval/) "
+                                  "or an HF model folder."),
+    repo_id: str = typer.Argument(..., help="Hub repository, NAMESPACE/NAME (created when missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created from main if "
+                                           "missing)."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request against main instead."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List every file, its size and the card; contact no one."),
+    force: bool = typer.Option(False, "--force", help="Publish even though the evaluation gate failed or never "
+                               "ran (the card says so)."),
+) -> None:
+    """Publish a model to the Hugging Face Hub: every format and a model card, in one commit."""
+    from .fsutil import human_bytes
+    from .hub import push
+
+    result = push(folder, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
+                  force=force)
+    width = max(len(f.path_in_repo) for f in result.files)
+    if result.dry_run:
+        where = f" (branch {revision})" if revision else " (pull request)" if create_pr else ""
+        typer.echo(f"dry run: would push {len(result.files)} files ({human_bytes(result.total_bytes)}) to "
+                   f"{repo_id}{where}; nothing was sent")
+        for f in result.files:
+            src = str(f.source) if f.source else "generated model card"
+            typer.echo(f"  {f.path_in_repo:<{width}}  {human_bytes(f.size):>10}  {src}")
+        typer.echo("--- README.md ---")
+        typer.echo(result.card.rstrip())
+        return
+    if result.forced:
+        typer.echo("warning: pushed with --force past a failed or missing evaluation gate; the card says so",
+                   err=True)
+    typer.echo(f"pushed {len(result.files)} files ({human_bytes(result.total_bytes)}) to {result.url}")
+    typer.echo(f"commit {result.commit}")
+    if result.pr_url:
+        typer.echo(f"pull request {result.pr_url}")
+    typer.echo(f"zoo entry {result.zoo_entry}")
+
+
+@command("pull", HUB)
+def pull_cmd(
+    model: str = typer.Argument(..., help="Hub id (NAMESPACE/NAME) or alias (pizoo zoo aliases)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit (default: main)."),
+) -> None:
+    """Download a model from the Hub into the zoo (resumable) and print its folder."""
+    from .hub import pull
+
+    typer.echo(str(pull(model, revision)))
+
+
+zoo_app = typer.Typer(help="The local model zoo: bases and extended models, formats, checksums, lineage.",
+                      no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo", rich_help_panel=HUB)
+
+
+def _zoo_summary(entry: dict) -> dict:
+    fmts = entry.get("formats", {})
+    ev = entry.get("eval") or {}
+    return {"name": entry["name"], "kind": entry.get("kind"), "source": entry.get("source"),
+            "method": entry.get("method"), "context": entry.get("context"),
+            "base": (entry.get("lineage") or {}).get("base_model"),
+            "formats": sorted(k for k in fmts if k != "eval"),
+            "bytes": sum(f.get("bytes", 0) for f in fmts.values()),
+            "gate_passed": ev.get("gate_passed"),
+            "published": [p.get("url") for p in entry.get("published", [])], "path": entry["path"]}
+
+
+@command("list", HUB, sub=zoo_app)
+def zoo_list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the models in the zoo."""
+    from .fsutil import human_bytes
+    from .zoo import Zoo
+
+    rows = [_zoo_summary(e) for e in Zoo().list()]
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("the zoo is empty (pizoo pull, pizoo extend or pizoo push add models)")
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        gate = {True: "gate passed", False: "gate FAILED", None: "no gate"}[r["gate_passed"]]
+        typer.echo(f"{r['name']:<{width}}  {r['kind']:<8} {str(r['method'] or '-'):<8} "
+                   f"{str(r['context'] or '-'):>7}  {','.join(r['formats']):<16} {human_bytes(r['bytes']):>10}  {gate}")
+
+
+@command("show", HUB, sub=zoo_app)
+def zoo_show_cmd(name: str = typer.Argument(..., help="Zoo entry name (pizoo zoo list).")) -> None:
+    """Show an entry's full manifest (lineage, recipe, data, eval, formats with sha256) as JSON."""
+    from .zoo import Zoo
+
+    print_json(Zoo().get(name))
+
+
+@command("verify", HUB, sub=zoo_app)
+def zoo_verify_cmd(name: str = typer.Argument(..., help="Zoo entry name.")) -> None:
+    """Re-hash every file of an entry; exit 1 and list the files that changed or went missing."""
+    from .zoo import Zoo
+
+    report = Zoo().verify(name)
+    if report.ok:
+        typer.echo(f"{name}: all {report.checked} files match their sha256")
+        return
+    for line in report.problems:
+        typer.echo(line)
+    err(f"{name}: {len(report.problems)} of {report.checked} files differ from the manifest; re-pull or "
+        "re-export them, or `pizoo zoo rm` the entry")
+    raise typer.Exit(1)
+
+
+@command("rm", HUB, sub=zoo_app)
+def zoo_rm_cmd(name: str = typer.Argument(..., help="Zoo entry name.")) -> None:
+    """Remove an entry; files the zoo downloaded are deleted, folders elsewhere are left alone."""
+    from .zoo import Zoo
+
+    entry, deleted = Zoo().remove(name)
+    typer.echo(f"removed {name}" + (f" and deleted {entry['path']}" if deleted else f" (kept {entry['path']})"))
+
+
+@command("du", HUB, sub=zoo_app)
+def zoo_du_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Disk usage per entry, and what the zoo folder itself holds."""
+    from .fsutil import human_bytes
+    from .zoo import Zoo
+
+    usage = Zoo().disk_usage()
+    if as_json:
+        print_json(usage)
+        return
+    width = max([len(n) for n in usage["entries"]] + [5])
+    for name, size in sorted(usage["entries"].items(), key=lambda kv: -kv[1]):
+        typer.echo(f"{name:<{width}}  {human_bytes(size):>10}")
+    typer.echo(f"{'total':<{width}}  {human_bytes(usage['entries_total']):>10}")
+    typer.echo(f"zoo folder {usage['home']}: {human_bytes(usage['home_total'])} "
+               f"(models {human_bytes(usage['home_on_disk']['models'])}, "
+               f"partial downloads {human_bytes(usage['home_on_disk']['downloads'])})")
+
+
+@command("alias", HUB, sub=zoo_app)
+def zoo_alias_cmd(
+    name: str = typer.Argument(..., help="Short name, e.g. my-base."),
+    hub_id: str = typer.Argument(..., help="Hub id it stands for, NAMESPACE/NAME."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="llama, mistral or qwen2."),
+    context: Optional[int] = typer.Option(None, "--context", help="The base's native context in tokens."),
+    license: Optional[str] = typer.Option(None, "--license", help="The base's license id (inherited by cards)."),
+) -> None:
+    """Add a user alias (it wins over a shipped one with the same name)."""
+    from .zoo import Zoo
+
+    Zoo().add_alias(name, hub_id, architecture=architecture, context=context, license=license)
+    typer.echo(f"alias {name} -> {hub_id}")
+
+
+@command("aliases", HUB, sub=zoo_app)
+def zoo_aliases_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the aliases: shipped ones for common bases, and the user's."""
+    from .zoo import Zoo
+
+    aliases = Zoo().aliases()
+    if as_json:
+        print_json(aliases)
+        return
+    width = max(len(n) for n in aliases)
+    for name, a in sorted(aliases.items()):
+        typer.echo(f"{name:<{width}}  {a['hub_id']:<52} {str(a.get('architecture') or '-'):<8} "
+                   f"{str(a.get('context') or '-'):>7}  {a['origin']}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole pipeline
+
+
+@command("extend", PIPELINE)
+def extend_cmd(
+    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or alias (smollm2-135m, llama-2-7b, ...) "
+                                "or Hub id."),
+    ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (e.g. 32768)."),
+    recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Calibration/evaluation text: .txt, .jsonl, folder, "
+                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Calibration steps (default: the recipe's)."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help="Calibration sequence length (default: --ctx); "
+                                            "shorter sequences spread their positions over the target."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
+                                               "(default: the recipe's)."),
+    formats: str = typer.Option("hf,gguf,trtllm", "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
+                                "(hf is always written: the others are made from it)."),
+    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF matrix type: f32, f16, bf16 or q8_0."),
+    tp: int = typer.Option(1, "--tp", help="TensorRT-LLM tensor-parallel size (1, 2, 4, 8)."),
+    eval_mode: str = typer.Option("full", "--eval", help="full: perplexity and passkey up to the target with the "
+                                  "gate (needs a GPU for long targets); quick: a short ungated check a CPU finishes "
+                                  "in minutes."),
+    eval_ctx: Optional[str] = typer.Option(None, "--eval-ctx", help="Context lengths to evaluate, comma-separated "
+                                           "(default: the --eval mode's)."),
+    push: Optional[str] = typer.Option(None, "--push", help="Publish to this Hub repo (NAMESPACE/NAME) if the gate "
+                                       "passes."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Release folder (default: ./MODEL-32k)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit; touch nothing."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip finished stages whose inputs are unchanged "
+                                "and whose outputs verify (default), or start over."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Calibration steps between training "
+                                         "checkpoints."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order, positions and passkeys."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="With --dry-run: plan for other hardware "
+                                           "(h100, h100x8, a100x16, cpu); WORLD_SIZE is read otherwise."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable plan (--dry-run) or summary on "
+                                 "stdout; progress goes to stderr."),
+) -> None:
+    """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
+    from .evaluate import parse_contexts
+    from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
+    from .plan import render_plan
+
+    opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
+                         formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
+                         resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
+                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
+                         progress=sys.stderr.isatty())
+    if dry_run:
+        plan = plan_extend(opts)
+        if as_json:
+            print_json(plan.to_dict())
+        else:
+            typer.echo(render_plan(plan))
+        if not plan.fits:
+            from .plan import refuse_if_unfit
+
+            refuse_if_unfit(plan)
+        return
+    summary = extend(opts)
+    if summary.get("worker"):  # a torchrun rank other than 0: it only joined the calibration
+        return
+    if as_json:
+        print_json(summary)
+    else:
+        typer.echo(render_summary(summary))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker gets one core's worth of threads; oversubscribing 2 cores with 2x2 torch
+    # threads makes tiny forwards 10-100x slower.
+    import torch
+
+    torch.set_num_threads(1)
+
 VARIANTS = ("llama", "llama-gqa-tied", "mistral", "qwen2")
 
 
