@@ -12,13 +12,27 @@ One engine runs a tiny model on a CPU in CI and a 13B model on 8 GPUs:
   style (two chunks, the second shifted by a random skip) or sorted random positions (CLEX style).
 - Under torchrun (WORLD_SIZE > 1): each decoder layer and then the whole model are sharded with
   FSDP2 `fully_shard` over NCCL (GPU) or gloo (CPU). All ranks read the same deterministic sequence
-  stream and keep every world_size-th sequence of each global batch; checkpoints are gathered to
-  full tensors and written by rank 0 only, as is the final folder.
+  stream and keep every world_size-th sequence of each global batch. Training checkpoints are
+  sharded (below); the final folder is gathered one tensor at a time and written by rank 0 only.
 - Robustness: an atomic checkpoint every `checkpoint_every` steps (model, optimizer, RNG, data
   position, metrics) in `<out>.calibrate-state/`; resume continues exactly (same data, optimizer
   and RNG state; bit-identical on CPU); Ctrl-C saves and raises `Interrupted`; a NaN/inf loss stops
   with a clear message and keeps the last good checkpoint; tqdm shows loss, tokens/s and ETA;
   metrics.jsonl gets one line per step (copied into the output folder at the end).
+
+Checkpoint layout, `<out>.calibrate-state/step-NNNNNNN/`:
+
+- single process: model.safetensors, optimizer.safetensors + optimizer.json, rng.safetensors,
+  trainer.json (full tensors; the process holds the whole model anyway).
+- under torchrun (sharded): rank{R}.safetensors per rank, holding that rank's local FSDP shards of
+  every parameter and of AdamW's exp_avg / exp_avg_sq, the `step` counters and the rank's RNG
+  state (`rng::cpu`, `rng::cuda`), streamed to disk one tensor at a time; manifest.json (world
+  size, step, data position, param groups, each rank's file and RNG tensors, and for every tensor
+  its global shape and each rank's row range: FSDP2 shards dim 0 in rank order); trainer.json.
+  All ranks write into `.step-NNNNNNN.tmp/`; after a barrier rank 0 checks every rank's header,
+  writes the manifest and renames the folder into place, so a step folder exists only complete.
+  A resume on another world size (or a single process) reassembles each rank's rows from the
+  saved row ranges; the values are copied exactly, only the later reduction order differs.
 
 Checkpoint files are safetensors plus JSON; nothing is ever unpickled.
 """
@@ -32,6 +46,7 @@ import math
 import os
 import shutil
 import signal
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +62,9 @@ from .errors import Interrupted, PizooError
 from .fsutil import atomic_dir, atomic_write_json, read_json, sha256_file
 
 STATE_SUFFIX = ".calibrate-state"
+MANIFEST_FILE = "manifest.json"  # present only in sharded (torchrun) training checkpoints
+SHARDED_FORMAT = "pizoo.sharded-training-state"
+SHARDED_FORMAT_VERSION = 1
 DEFAULT_CHECKPOINT_EVERY = 50
 DEFAULT_LOSS_CHUNK = 1024
 FULL_HASH_LIMIT = 2 << 30  # hash whole weight files up to 2 GiB; larger bases hash their headers
@@ -104,6 +122,17 @@ class _Dist:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def all_gather_ints(self, values: list[int], device: torch.device) -> list[list[int]]:
+        """Every rank's `values` (the same length on all ranks), indexed by rank."""
+        if self.world == 1:
+            return [list(values)]
+        import torch.distributed as dist
+
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        return [part.tolist() for part in parts]
 
 
 def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
@@ -265,7 +294,7 @@ def _load_base_weights(wrapper: nn.Module, ckpt) -> None:
 
 
 def _full_model_state(wrapper: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (gathered) float32 CPU tensors of every parameter, by wrapper name; complete on rank 0."""
+    """Full float32 CPU tensors of every parameter, by wrapper name (single-process checkpoints)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -286,6 +315,21 @@ def _full_optimizer_state(wrapper: nn.Module, opt) -> tuple[dict[str, torch.Tens
             else:
                 scalars.setdefault(pname, {})[k] = v
     return tensors, {"param_groups": osd.get("param_groups", []), "scalars": scalars}
+
+
+def _gathered_state(wrapper: nn.Module, keep) -> Iterator[tuple[str, torch.Tensor]]:
+    """The wrapper's state-dict entries whose name passes `keep`, as full CPU tensors, one at a time.
+
+    Under FSDP each entry is all-gathered when it is reached, so every rank must run this generator
+    to the end in step with the others (rank 0 writes what it yields; the other ranks drain it).
+    Peak memory is one full tensor, never the model.
+    """
+    for name, t in wrapper.state_dict().items():
+        if not keep(name):
+            continue
+        if hasattr(t, "full_tensor"):  # an FSDP2 DTensor shard
+            t = t.full_tensor()
+        yield name, t.detach().to("cpu")
 
 
 def _set_optimizer_state(wrapper: nn.Module, opt, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -331,27 +375,52 @@ def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _save_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict, dist_: _Dist) -> None:
-    """Gather and write one checkpoint atomically (rank 0), then drop older ones."""
+def _save_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict, dist_: _Dist,
+                     dev: torch.device) -> None:
+    """One training checkpoint, written atomically: sharded per rank under torchrun, else full tensors."""
+    if dist_.world > 1:
+        _save_sharded_checkpoint(state_dir, step, wrapper, opt, trainer, dist_, dev)
+    else:
+        _save_full_checkpoint(state_dir, step, wrapper, opt, trainer)
+
+
+def _load_checkpoint(path: Path, wrapper: nn.Module, opt, dist_: _Dist, dev: torch.device) -> dict:
+    """Restore a checkpoint of either layout, on any world size; returns trainer.json."""
+    if (path / MANIFEST_FILE).is_file():
+        return _load_sharded_checkpoint(path, wrapper, opt, dist_, dev)
+    return _load_full_checkpoint(path, wrapper, opt)
+
+
+def _drop_older_checkpoints(state_dir: Path, keep: Path) -> None:
+    for old in state_dir.glob("step-*"):
+        if old != keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_unfinished_saves(state_dir: Path) -> None:
+    """Temporary step folders of a save that was killed midway (never valid checkpoints)."""
+    for stale in state_dir.glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _save_full_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict) -> None:
+    """Single process: full tensors in one atomic folder, then drop older ones."""
     from safetensors.torch import save_file
 
     model_sd = _full_model_state(wrapper)
     opt_tensors, opt_meta = _full_optimizer_state(wrapper, opt)
-    if dist_.is_main:
-        final = state_dir / f"step-{step:07d}"
-        with atomic_dir(final, overwrite=True) as tmp:
-            save_file(model_sd, str(tmp / "model.safetensors"))
-            save_file(opt_tensors or {"__empty__": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
-            save_file(_rng_state(), str(tmp / "rng.safetensors"))
-            atomic_write_json(tmp / "optimizer.json", opt_meta)
-            atomic_write_json(tmp / "trainer.json", trainer)
-        for old in state_dir.glob("step-*"):
-            if old != final and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-    dist_.barrier()
+    final = state_dir / f"step-{step:07d}"
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_file(model_sd, str(tmp / "model.safetensors"))
+        save_file(opt_tensors or {"__empty__": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        save_file(_rng_state(), str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "optimizer.json", opt_meta)
+        atomic_write_json(tmp / "trainer.json", trainer)
+    _drop_older_checkpoints(state_dir, final)
 
 
-def _load_checkpoint(path: Path, wrapper: nn.Module, opt) -> dict:
+def _load_full_checkpoint(path: Path, wrapper: nn.Module, opt) -> dict:
+    """A single-process checkpoint; under FSDP each rank keeps its shard of every full tensor."""
     from safetensors.torch import load_file
 
     trainer = read_json(path / "trainer.json", "trainer state")
@@ -360,6 +429,316 @@ def _load_checkpoint(path: Path, wrapper: nn.Module, opt) -> dict:
     opt_tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
     _set_optimizer_state(wrapper, opt, opt_tensors, read_json(path / "optimizer.json", "optimizer state"))
     _set_rng_state(load_file(str(path / "rng.safetensors")))
+    return trainer
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded training checkpoints (torchrun): rank{R}.safetensors per rank + manifest.json
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+def _local_rows(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself."""
+    return t.to_local() if hasattr(t, "device_mesh") else t
+
+
+def _shard_layout(params: dict[str, torch.Tensor], dist_: _Dist, dev: torch.device) -> dict[str, dict]:
+    """Which rows of dim 0 each rank holds, per parameter: {"placement", "shards": [{rank, offset, rows}]}.
+
+    FSDP2 splits dim 0 of every parameter over a 1-D mesh in rank order, so a rank's offset is the
+    sum of the rows held by the ranks before it; one all_gather of the local row counts gives all.
+    Plain tensors (a single process) are held whole by every rank.
+    """
+    from torch.distributed.tensor import Shard
+
+    names = list(params)
+    for name in names:
+        t = params[name]
+        if hasattr(t, "device_mesh") and (t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),)
+                                          or list(t.device_mesh.get_coordinate() or ()) != [dist_.rank]):
+            raise PizooError(f"{name}: sharded as {tuple(t.placements)} on a {t.device_mesh.ndim}-D mesh; pizoo's "
+                             "sharded checkpoints need FSDP2's default layout (dim 0 split over ranks in order)")
+    sharded = [hasattr(params[n], "device_mesh") for n in names]
+    local = [_local_rows(params[n]).shape[0] if s else 0 for n, s in zip(names, sharded)]
+    by_rank = dist_.all_gather_ints(local, dev) if any(sharded) else [local] * dist_.world
+    layout: dict[str, dict] = {}
+    for i, name in enumerate(names):
+        full_rows = params[name].shape[0] if params[name].ndim else None
+        if not sharded[i]:
+            layout[name] = {"placement": "Replicate()",
+                            "shards": [{"rank": r, "offset": 0, "rows": full_rows} for r in range(dist_.world)]}
+            continue
+        shards, offset = [], 0
+        for r in range(dist_.world):
+            shards.append({"rank": r, "offset": offset, "rows": by_rank[r][i]})
+            offset += by_rank[r][i]
+        if offset != full_rows:
+            raise PizooError(f"{name}: the ranks hold {offset} of its {full_rows} rows; FSDP sharding is inconsistent")
+        layout[name] = {"placement": "Shard(0)", "shards": shards}
+    return layout
+
+
+def _rank_rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
+    out = {"rng::cpu": torch.get_rng_state()}
+    if dev.type == "cuda":
+        out["rng::cuda"] = torch.cuda.get_rng_state(dev)
+    return out
+
+
+def _rank_entries(params: dict[str, torch.Tensor], opt) -> list[tuple[str, torch.Tensor]]:
+    """(key, tensor) of everything one rank saves: parameters, then AdamW state as `NAME::exp_avg` etc.
+
+    Tensors are returned as they live (DTensors stay DTensors) so the manifest can tell sharded
+    from replicated ones; the writer takes each one's local rows.
+    """
+    entries = [(name, p) for name, p in params.items()]
+    for name, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                entries.append((f"{name}::{k}", v))
+    return entries
+
+
+def _optimizer_scalars(params: dict[str, torch.Tensor], opt) -> dict[str, dict[str, Any]]:
+    """Non-tensor optimizer state (none for AdamW today), kept so nothing is silently dropped."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            if not isinstance(v, torch.Tensor):
+                out.setdefault(name, {})[k] = v
+    return out
+
+
+def _write_safetensors_streamed(path: Path, entries: list[tuple[str, torch.Tensor]]) -> None:
+    """A safetensors file written one tensor at a time (one device-to-host copy each), then fsynced.
+
+    safetensors' save_file needs every tensor on the host at once: a rank's whole shard of the
+    model and optimizer. The header is known from shapes alone, so the data can follow piecewise.
+    """
+    from .checkpoint import TORCH_TO_ST
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, t in entries:
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # safetensors starts the data on an 8-byte boundary
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for _, t in entries:
+                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise PizooError(f"{path}: cannot write this rank's checkpoint shard ({e.strerror}); the state folder must "
+                         "be writable, have space, and be on a file system every node shares") from None
+
+
+def _sharded_manifest(tmp: Path, step: int, trainer: dict, entries: list[tuple[str, torch.Tensor]],
+                      layout: dict[str, dict], params: dict[str, torch.Tensor], opt, world: int) -> dict:
+    """The manifest, built after every rank wrote its file; each rank's header is checked against it."""
+    from .checkpoint import TORCH_TO_ST, read_safetensors_header
+
+    tensors: dict[str, dict] = {}
+    for key, t in entries:
+        owner = key.split("::", 1)[0]
+        if hasattr(t, "device_mesh"):  # a parameter or an AdamW moment: rows as the parameter's
+            tensors[key] = {"shape": list(t.shape), "dtype": TORCH_TO_ST[t.dtype], **layout[owner]}
+        else:  # AdamW's step counter (0-dim, the same on every rank) or a single-process tensor
+            tensors[key] = {"shape": list(t.shape), "dtype": TORCH_TO_ST[t.dtype], "placement": "Replicate()"}
+    ranks = []
+    for r in range(world):
+        path = tmp / _rank_file(r)
+        if not path.is_file():
+            raise PizooError(f"{path}: rank {r} wrote no checkpoint shard here; the state folder must be on a file "
+                             "system every node shares")
+        header = read_safetensors_header(path)
+        for key, meta in tensors.items():
+            got = header.get(key)
+            want = list(meta["shape"])
+            if meta["placement"] == "Shard(0)":
+                want[0] = meta["shards"][r]["rows"]
+            if got is None or list(got.shape) != want:
+                raise PizooError(f"{path}: '{key}' has shape {None if got is None else list(got.shape)}, expected "
+                                 f"{want}; the save is inconsistent, rerun to save again")
+        ranks.append({"rank": r, "file": path.name, "bytes": path.stat().st_size,
+                      "rng": sorted(k for k in header if k.startswith("rng::"))})
+    return {
+        "format": SHARDED_FORMAT,
+        "format_version": SHARDED_FORMAT_VERSION,
+        "step": step,
+        "data_position": trainer["data_position"],
+        "world_size": world,
+        "ranks": ranks,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        "optimizer_scalars": _optimizer_scalars(params, opt),
+        "tensors": tensors,
+    }
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished folder into place in one step (an existing one is moved aside first)."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_sharded_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict, dist_: _Dist,
+                             dev: torch.device) -> None:
+    """Every rank streams its own shards into `.step-N.tmp/rank{R}.safetensors`; after a barrier
+    rank 0 checks the headers, writes manifest.json and trainer.json, and renames the folder into
+    place, so `step-N/` only ever exists complete. No rank ever holds more than its shard."""
+    params = dict(wrapper.named_parameters())
+    layout = _shard_layout(params, dist_, dev)
+    final = state_dir / f"step-{step:07d}"
+    tmp = state_dir / f".{final.name}.tmp"
+    if dist_.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed midway
+        tmp.mkdir(parents=True)
+    dist_.barrier()
+    entries = _rank_entries(params, opt)
+    local = [(key, _local_rows(t)) for key, t in entries] + list(_rank_rng_state(dev).items())
+    _write_safetensors_streamed(tmp / _rank_file(dist_.rank), local)
+    dist_.barrier()
+    if dist_.is_main:
+        manifest = _sharded_manifest(tmp, step, trainer, entries, layout, params, opt, dist_.world)
+        atomic_write_json(tmp / "trainer.json", trainer)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)  # written last: the folder is complete
+        _publish_dir(tmp, final)
+        _drop_older_checkpoints(state_dir, final)
+    dist_.barrier()
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest = read_json(path / MANIFEST_FILE, "sharded checkpoint manifest")
+    where = path / MANIFEST_FILE
+    if manifest.get("format") != SHARDED_FORMAT or manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise PizooError(f"{where}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} is "
+                         f"not {SHARDED_FORMAT} v{SHARDED_FORMAT_VERSION}; pass --no-resume to start over")
+    for key, kind in (("world_size", int), ("ranks", list), ("tensors", dict), ("param_groups", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise PizooError(f"{where}: field '{key}' is missing or not a {kind.__name__}; the checkpoint is "
+                             "damaged, pass --no-resume to start over")
+    return manifest
+
+
+class _ShardReader:
+    """The saved rank files of one checkpoint, memory-mapped on first use, read as row ranges."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self._open: dict[int, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "_ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def file(self, rank: int):
+        from safetensors import safe_open
+
+        if rank not in self._open:
+            f = self.path / _rank_file(rank)
+            if not f.is_file():
+                raise PizooError(f"{f}: missing; the checkpoint is incomplete, pass --no-resume to start over")
+            self._open[rank] = self._stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+        return self._open[rank]
+
+    def entry(self, key: str, shape: torch.Size) -> dict:
+        meta = self.manifest["tensors"].get(key)
+        if meta is None:
+            raise PizooError(f"{self.path / MANIFEST_FILE}: no entry for '{key}'; the checkpoint does not match this "
+                             "model, pass --no-resume to start over")
+        if list(meta["shape"]) != list(shape):
+            raise PizooError(f"{self.path / MANIFEST_FILE}: '{key}' has shape {meta['shape']}, this model's is "
+                             f"{list(shape)}; pass --no-resume to start over")
+        return meta
+
+    def whole(self, key: str, shape: torch.Size, rank: int) -> torch.Tensor:
+        """A replicated tensor: this rank's own copy when it saved one, else rank 0's."""
+        self.entry(key, shape)
+        return self.file(rank if rank < self.manifest["world_size"] else 0).get_tensor(key)
+
+    def copy_rows(self, key: str, shape: torch.Size, dst: torch.Tensor, offset: int) -> None:
+        """Fill `dst` (this rank's rows offset..offset+len(dst) of tensor `key`) from the saved shards.
+
+        With the world size it was saved with, each rank reads exactly its own file; with another
+        it reads the overlapping row ranges of the saved shards (resharding by plain copies).
+        """
+        meta = self.entry(key, shape)
+        if meta["placement"] != "Shard(0)":  # saved whole by every rank: take this rank's rows of rank 0's copy
+            whole = self.file(0).get_tensor(key)
+            dst.copy_(whole.narrow(0, offset, dst.shape[0]) if dst.ndim else whole)
+            return
+        end, copied = offset + dst.shape[0], 0
+        for shard in meta["shards"]:
+            lo, hi = max(offset, shard["offset"]), min(end, shard["offset"] + shard["rows"])
+            if lo < hi:
+                rows = self.file(shard["rank"]).get_slice(key)[lo - shard["offset"]:hi - shard["offset"]]
+                dst[lo - offset:hi - offset].copy_(rows)
+                copied += hi - lo
+        if copied != dst.shape[0]:
+            raise PizooError(f"{self.path / MANIFEST_FILE}: rows {offset}..{end} of '{key}' are not all saved; the "
+                             "checkpoint is damaged, pass --no-resume to start over")
+
+
+def _load_sharded_checkpoint(path: Path, wrapper: nn.Module, opt, dist_: _Dist, dev: torch.device) -> dict:
+    """Restore parameters, AdamW state, param groups and RNG from a sharded checkpoint (any world size)."""
+    manifest = _read_manifest(path)
+    trainer = read_json(path / "trainer.json", "trainer state")
+    params = dict(wrapper.named_parameters())
+    layout = _shard_layout(params, dist_, dev)
+    states: dict[str, list[str]] = {}
+    for key in manifest["tensors"]:
+        owner, sep, k = key.partition("::")
+        if sep:
+            states.setdefault(owner, []).append(k)
+    if len(manifest["param_groups"]) != len(opt.param_groups):
+        raise PizooError(f"{path / MANIFEST_FILE}: {len(manifest['param_groups'])} optimizer param groups saved, this "
+                         f"run has {len(opt.param_groups)}; pass --no-resume to start over")
+    with torch.no_grad(), _ShardReader(path, manifest) as reader:
+        for name, p in params.items():
+            offset = layout[name]["shards"][dist_.rank]["offset"]
+            reader.copy_rows(name, p.shape, _local_rows(p), offset)
+            state: dict[str, Any] = dict(manifest.get("optimizer_scalars", {}).get(name, {}))
+            for k in states.get(name, []):
+                key = f"{name}::{k}"
+                if manifest["tensors"][key]["placement"] == "Shard(0)":
+                    value = torch.zeros_like(p)  # same sharding as the parameter, as AdamW creates it
+                    reader.copy_rows(key, p.shape, _local_rows(value), offset)
+                else:
+                    value = reader.whole(key, torch.Size(manifest["tensors"][key]["shape"]), dist_.rank)
+                state[k] = value
+            if state:
+                opt.state[p] = state
+        for group, saved in zip(opt.param_groups, manifest["param_groups"]):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        if dist_.rank < manifest["world_size"]:
+            # Training draws no randomness from these generators (positions use seeded ones); they
+            # are restored so any code that does (dropout, say) continues exactly too.
+            f = reader.file(dist_.rank)
+            torch.set_rng_state(f.get_tensor("rng::cpu"))
+            if dev.type == "cuda" and "rng::cuda" in f.keys():
+                torch.cuda.set_rng_state(f.get_tensor("rng::cuda"), dev)
     return trainer
 
 
@@ -492,6 +871,8 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         start_step, losses, tokens_done = 0, [], 0
         if dist_.is_main and not resume and state_dir.exists():
             shutil.rmtree(state_dir)
+        if dist_.is_main and state_dir.exists():
+            _remove_unfinished_saves(state_dir)
         dist_.barrier()
         latest = _latest_checkpoint(state_dir) if resume and state_dir.exists() else None
         if latest is not None:
@@ -500,10 +881,13 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             if changed:
                 raise PizooError(f"{state_dir}: saved with different settings ({changed[0]}); rerun with the same "
                                  "arguments, or pass --no-resume to start over")
-            trainer = _load_checkpoint(latest, wrapper, opt)
+            trainer = _load_checkpoint(latest, wrapper, opt, dist_, dev)
             start_step, losses, tokens_done = trainer["step"], trainer["losses"], trainer["tokens"]
             if dist_.is_main:
-                log(f"resuming from {latest} (step {start_step})")
+                saved_world = int(trainer.get("world_size", 1))
+                resharded = (f", saved by {saved_world} processes, resharded to {dist_.world}"
+                             if saved_world != dist_.world else "")
+                log(f"resuming from {latest} (step {start_step}{resharded})")
 
         metrics_path = state_dir / "metrics.jsonl"
         if dist_.is_main and n_steps > 0:
@@ -527,9 +911,9 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
 
         def save(step_done: int) -> None:
             nonlocal last_saved
-            trainer = {"step": step_done, "losses": losses, "tokens": tokens_done,
-                       "data_position": step_done * gb, "run_args": run_args, "pizoo_version": __version__}
-            _save_checkpoint(state_dir, step_done, wrapper, opt, trainer, dist_)
+            trainer = {"step": step_done, "losses": losses, "tokens": tokens_done, "data_position": step_done * gb,
+                       "world_size": dist_.world, "run_args": run_args, "pizoo_version": __version__}
+            _save_checkpoint(state_dir, step_done, wrapper, opt, trainer, dist_, dev)
             last_saved = step_done
 
         wrapper.train()
@@ -589,14 +973,20 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if keep_state and n_steps > 0 and last_saved != n_steps:
             save(n_steps)  # the final training state stays inspectable (and the ODE module with it)
 
-        final_state = _full_model_state(wrapper)
+        # Every rank takes part in each all-gather below; only rank 0 keeps and writes the tensors.
+        clex_state = (dict(_gathered_state(wrapper, lambda n: n.startswith("lm.rotary.learned.")))
+                      if rope.method == "clex" else {})
+        weights = ((k.removeprefix("lm."), v) for k, v in _gathered_state(wrapper, lambda n: not n.startswith("lm.rotary.")))
         if dist_.is_main:
-            _write_output(out, ckpt, cfg, rope, ctx, rec, final_state, dev, resolved=resolved, data=data,
+            _write_output(out, ckpt, cfg, rope, ctx, rec, weights, clex_state, dev, resolved=resolved, data=data,
                           describe_sources=describe_sources, fingerprint=fingerprint, stream=stream, steps=n_steps,
                           tokens=tokens_done, train_len=T, global_batch=gb, losses=losses, seed=seed,
                           world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr)
             if not keep_state:
                 shutil.rmtree(state_dir, ignore_errors=True)
+        elif n_steps > 0:  # rank 0 streams `weights` into the output folder (steps == 0 copies the base)
+            for _ in weights:
+                pass
         dist_.barrier()
         return CalibrationResult(out=out, method=rec.method, factor=factor, ctx=ctx, steps=n_steps, tokens=tokens_done,
                                  final_loss=losses[-1] if losses else None, losses=list(losses),
@@ -641,10 +1031,15 @@ def _append_metrics(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, state: dict[str, torch.Tensor], dev, *, resolved, data,
-                  describe_sources, fingerprint, stream, steps, tokens, train_len, global_batch, losses, seed, world,
-                  t0, metrics_path: Path, overwrite: bool, lr: float) -> None:
-    """The HF folder: trained weights in the base dtype, scaled config.json, tokenizer, lineage."""
+def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[tuple[str, torch.Tensor]],
+                  clex_state: dict[str, torch.Tensor], dev, *, resolved, data, describe_sources, fingerprint, stream,
+                  steps, tokens, train_len, global_batch, losses, seed, world, t0, metrics_path: Path, overwrite: bool,
+                  lr: float) -> None:
+    """The HF folder: trained weights in the base dtype, scaled config.json, tokenizer, lineage.
+
+    `weights` (HF names) is consumed one tensor at a time while writing; `clex_state` holds the
+    trained ODE module's tensors (wrapper names), baked into the config before any weight is written.
+    """
     from .checkpoint import DTYPE_NAMES, write_checkpoint
 
     out_rope = rope
@@ -652,8 +1047,7 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, state: dict[str, to
         from .clex import bake_clex, clex_module_for
 
         module = clex_module_for(rope, cfg.head_dim)
-        module.load_state_dict({k.removeprefix("lm.rotary.learned."): v for k, v in state.items()
-                                if k.startswith("lm.rotary.learned.")})
+        module.load_state_dict({k.removeprefix("lm.rotary.learned."): v for k, v in clex_state.items()})
         out_rope = bake_clex(module.eval(), rope, ctx)
     out_cfg = cfg.with_rope(out_rope, ctx)
     base_record = {"spec": resolved.spec, "path": str(resolved.path), "hub_id": resolved.hub_id,
@@ -687,10 +1081,7 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, state: dict[str, to
         calib["clex"] = {"baked_scale": min(math.ceil(ctx / cfg.original_context), int(rope.max_factor)),
                          "long_factor": out_rope.long_factor}
     base_dtype = DTYPE_NAMES.get(ckpt.dtype(), torch.float32)
-    if steps == 0:
-        tensors: Iterator = ckpt.iter_tensors()
-    else:
-        tensors = ((k.removeprefix("lm."), v) for k, v in state.items() if not k.startswith("lm.rotary."))
+    tensors: Iterator = ckpt.iter_tensors() if steps == 0 else weights
     extra = {"calibration.json": json.dumps(calib, indent=2) + "\n"}
     if metrics_path.is_file():
         extra["metrics.jsonl"] = metrics_path.read_text()
