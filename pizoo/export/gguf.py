@@ -1,0 +1,980 @@
+"""HF folder -> GGUF (llama.cpp) with the RoPE scaling inside, streamed tensor by tensor.
+
+What llama.cpp computes from the written file equals what the HF model computes at the extended
+length (tests compare logits through llama-cpp-python). How each scaling method is stored, and why
+(checked against the llama.cpp sources vendored by llama-cpp-python 0.3.36):
+
+- context_length is always the extended length, so llama.cpp's n_ctx_train is right.
+- linear: rope.scaling.type linear + factor (llama.cpp uses freq_scale = 1/factor).
+- yarn (default betas 32/1, truncated ramp): type yarn + factor + original_context_length. llama.cpp
+  always multiplies cos/sin by 0.1*ln(s)+1 for yarn and then by rope.scaling.attn_factor, and for
+  arch llama it ignores rope.scaling.yarn_attn_factor / yarn_beta_*; so an HF attention_factor (or
+  mscale pair) is written as attn_factor = hf_factor / (0.1*ln(s)+1). Non-default betas or an
+  untruncated ramp are written as per-frequency factors instead (exact).
+- ntk: the changed rope.freq_base (no scaling type).
+- llama3, baked clex (longrope with method clex), longrope, baked dynamic NTK and yarn variants:
+  a `rope_freqs` tensor (llama.cpp divides each frequency by it) plus attn_factor when the method
+  has an attention factor. llama.cpp's qwen2 graph ignores rope_freqs, so a qwen2 model with such a
+  scaling is written as arch llama (q/k permuted, q/k/v biases kept): llama.cpp's llama graph is the
+  same network with the rope_freqs input.
+- dynamic NTK has no static form; it is refused unless the user names a length to bake it at.
+
+A `pizoo.*` block of keys (ignored by llama.cpp) records the exact RoPE config, the original
+architecture and the sliding window, so `pizoo import` restores the model bit for bit.
+
+The data section is written by a pipeline: worker threads read memory-mapped safetensors in row
+chunks (q/k permuted, converted, q8_0 quantised with vectorised torch ops), at most a fixed number
+of chunks ahead of the main thread, which writes them in order. Source pages are released after each chunk, so resident
+memory stays at a few chunks whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import mmap
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, RopeConfig, ntk_theta, rope_to_dict
+from ..errors import PizooError
+from ..rope import frequency_factors, inv_freq_for, yarn_attention_factor
+
+log = logging.getLogger("pizoo.gguf")
+
+# --------------------------------------------------------------------------------------------
+# Names, types and tables shared with pizoo.gguf_import
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# general.file_type values (llama.cpp's LlamaFileType)
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+QUANT_BLOCK = 32  # Q8_0 block size (elements)
+Q8_0_BLOCK_BYTES = 34  # f16 scale + 32 int8
+# Elements per pipeline chunk: 1M elements (4 MiB as float32) keeps q8_0's temporaries in cache and
+# bounds memory; QUEUE_CHUNKS converted chunks wait for the writer at most.
+CHUNK_ELEMENTS = 1 << 20
+QUEUE_CHUNKS = 8
+
+# HF tensor names -> GGUF names (per layer names take the layer number).
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    """GGUF name of an HF tensor (None: not a weight llama.cpp needs, e.g. rotary_emb.inv_freq)."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """HF name of a GGUF tensor (None: not part of the HF model, e.g. rope_freqs.weight)."""
+    for hf, gg in GLOBAL_NAMES.items():
+        if gg == name:
+            return hf
+    m = _GGUF_LAYER_RE.match(name)
+    if m:
+        for hf, gg in LAYER_NAMES.items():
+            if gg == m.group(2):
+                return f"model.layers.{m.group(1)}.{hf}"
+    return None
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF 'rotate halves' q/k rows -> llama.cpp 'adjacent pairs' order (per head: halves interleaved).
+
+    Works on weights [rows, cols] and biases [rows]; `w` may hold any whole number of heads.
+    """
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of `permute_rows`."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+# Byte-level BPE pre-tokenizers pizoo recognises, as the regexes HF tokenizer.json files carry.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Canonical pre-tokenizer signature -> llama.cpp tokenizer.ggml.pre name. A signature lists the
+# pre-tokenizer steps: ("ByteLevel", use_regex), ("Digits", individual_digits), ("Split", regex).
+PRE_SIGNATURES: dict[tuple, str] = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",
+    (("Split", LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
+    (("Split", QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
+}
+# llama.cpp pre-tokenizer names -> the HF pre-tokenizer that splits text the same way (for import),
+# and whether the HF tokenizer normalises to NFC first.
+PRE_TO_HF: dict[str, tuple[tuple, bool]] = {
+    "gpt-2": ((("ByteLevel", True),), False),
+    "default": ((("ByteLevel", True),), False),
+    "smollm": ((("Digits", True), ("ByteLevel", True)), False),
+    "starcoder": ((("Digits", True), ("ByteLevel", True)), False),
+    "refact": ((("Digits", True), ("ByteLevel", True)), False),
+    "codeshell": ((("Digits", True), ("ByteLevel", True)), False),
+    "llama-bpe": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
+    "llama3": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
+    "llama-v3": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
+    "dbrx": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
+    "smaug-bpe": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
+    "qwen2": ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
+    "deepseek-r1-qwen": ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
+}
+# Names llama.cpp (as vendored by llama-cpp-python 0.3.36) accepts for tokenizer.ggml.pre; an unknown
+# name makes the file fail to load, so an explicit --pre is checked against this list.
+LLAMA_CPP_PRE_NAMES = frozenset("""
+default llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 deepseek-llm deepseek-coder
+deepseek-v3 falcon mpt starcoder gpt-2 phi-2 jina-es jina-de gigachat jina-v2-es jina-v2-de a.x-4.0 mellum
+modern-bert jina-v1-en jina-v2-code roberta-bpe whitespace refact command-r qwen2 deepseek-r1-qwen
+stablelm2 olmo dbrx smaug-bpe poro-chat chatglm-bpe glm4 viking jais tekken smollm codeshell bloom
+gpt3-finnish exaone exaone4 chameleon minerva-7b megrez gpt-4o llama4 superbpe trillion bailingmoe
+seed-coder hunyuan kimi-k2 grok-2
+""".split())
+
+# GGUF token types (llama.cpp)
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+# pizoo's own keys (llama.cpp ignores keys it does not know)
+KEY_ROPE = "pizoo.rope"  # JSON of the RopeConfig the file computes
+KEY_ARCH = "pizoo.architecture"  # llama | mistral | qwen2 (the HF architecture)
+KEY_SLIDING = "pizoo.sliding_window"
+KEY_SLIDING_LAYERS = "pizoo.sliding_window_layers"
+KEY_BLOCK = "pizoo.config"  # JSON of the config.json `pizoo` block (lineage, target length)
+KEY_ATTENTION_BIAS = "pizoo.attention_bias"
+
+def float32_value(x: float) -> float:
+    """The shortest decimal that reads back as the same float32 (1e-05, not 9.99999974737875e-06)."""
+    return float(str(np.float32(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE: what to write
+
+
+@dataclass
+class RopeExport:
+    """The RoPE part of a GGUF file: keys, optional rope_freqs, and the RopeConfig it computes."""
+
+    context_length: int
+    freq_base: float
+    scaling_type: str  # none | linear | yarn
+    factor: float | None
+    original_context: int | None
+    attn_factor: float | None  # rope.scaling.attn_factor (None: default 1)
+    rope_freqs: np.ndarray | None  # float32 [head_dim/2], llama.cpp divides frequencies by it
+    computes: RopeConfig  # what the file computes, in pizoo's terms (written to pizoo.rope)
+
+
+def extended_length(cfg: ModelConfig) -> int:
+    """The length the model is extended to: the recorded target, else max_position_embeddings, or
+    original length x factor when a scaled config left max_position_embeddings at the old value."""
+    target = (cfg.raw.get("pizoo") or {}).get("target_context")
+    if target:
+        return int(target)
+    rope = cfg.rope
+    if rope.is_scaled and rope.type != "dynamic" and rope.original_context and \
+            cfg.max_position_embeddings <= rope.original_context and rope.factor > 1:
+        return int(round(rope.original_context * rope.factor))
+    return cfg.max_position_embeddings
+
+
+def plan_rope(cfg: ModelConfig, static_length: int | None = None, where: str = "config.json") -> RopeExport:
+    """Choose the faithful GGUF form of cfg's RoPE scaling (see the module docstring)."""
+    rope, dim = cfg.rope, cfg.head_dim
+    method = rope.type
+    if static_length is not None and method != "dynamic":
+        raise PizooError(f"--static-length: only dynamic NTK models need a static length; {where} uses "
+                         f"'{rope.method}' scaling, which GGUF stores as it is. Drop --static-length")
+    ctx = extended_length(cfg)
+    if method == "dynamic":
+        if static_length is None:
+            raise PizooError(
+                f"{where}: dynamic NTK scaling recomputes RoPE for every sequence length and has no GGUF form "
+                "(llama.cpp's RoPE is static); pass --static-length N to bake the scaling dynamic NTK uses at "
+                "N tokens into rope_freqs, or extend the model with a static method (linear, yarn, ntk)")
+        if static_length <= 0:
+            raise PizooError(f"--static-length: must be a positive number of tokens, got {static_length}")
+        ctx = int(static_length)
+    if method == "none":
+        return RopeExport(ctx, rope.theta, "none", None, None, None, None, rope)
+    if method == "linear":
+        return RopeExport(ctx, rope.theta, "linear", rope.factor, rope.original_context, None, None, rope)
+    if method == "ntk":
+        return RopeExport(ctx, ntk_theta(rope.theta, rope.factor, dim), "none", None, rope.original_context,
+                          None, None, rope)
+    if method == "yarn" and rope.beta_fast == 32.0 and rope.beta_slow == 1.0 and rope.truncate:
+        default = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+        wanted = yarn_attention_factor(rope)
+        attn = None if math.isclose(wanted, default, rel_tol=1e-7) else wanted / default
+        return RopeExport(ctx, rope.theta, "yarn", rope.factor, rope.original_context, attn, None, rope)
+    # Per-frequency: rope_freqs = base / scaled inverse frequencies, at the extended length.
+    factors = frequency_factors(rope, dim, ctx).to(torch.float32).numpy()
+    _, attn = inv_freq_for(rope, dim, ctx)
+    computes = rope
+    if method == "dynamic":
+        # What the file computes is a fixed per-frequency scaling: longrope with equal factor sets.
+        ext = [float(x) for x in factors]
+        computes = RopeConfig(type="longrope", theta=rope.theta, factor=ctx / rope.original_context,
+                              original_context=rope.original_context, short_factor=ext, long_factor=list(ext),
+                              attention_factor=1.0)
+    return RopeExport(ctx, rope.theta, "none", rope.factor, rope.original_context,
+                      None if math.isclose(attn, 1.0, rel_tol=1e-7) else attn, factors, computes)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _token_content(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def pre_signature(spec: dict) -> tuple | None:
+    """The canonical signature of a tokenizer.json pre-tokenizer (None: a step pizoo cannot name)."""
+    pt = spec.get("pre_tokenizer")
+    if not isinstance(pt, dict):
+        return None
+    steps = pt.get("pretokenizers") if pt.get("type") == "Sequence" else [pt]
+    out = []
+    for s in steps or []:
+        kind = s.get("type")
+        if kind == "ByteLevel":
+            if s.get("add_prefix_space"):
+                return None  # llama.cpp's byte-level pre-tokenizers never add a prefix space
+            out.append(("ByteLevel", bool(s.get("use_regex", True))))
+        elif kind == "Digits":
+            out.append(("Digits", bool(s.get("individual_digits"))))
+        elif kind == "Split":
+            pattern = s.get("pattern") or {}
+            if s.get("invert") or s.get("behavior") != "Isolated" or "Regex" not in pattern:
+                return None
+            out.append(("Split", pattern["Regex"]))
+        else:
+            return None
+    return tuple(out)
+
+
+def identify_pre(spec: dict) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, when pizoo knows it."""
+    sig = pre_signature(spec)
+    name = PRE_SIGNATURES.get(sig) if sig is not None else None
+    norm = spec.get("normalizer")
+    if name is None:
+        return None
+    if norm is not None and not (name == "qwen2" and norm.get("type") == "NFC"):
+        return None  # a normaliser llama.cpp does not apply would change the tokens
+    return name
+
+
+def _is_sentencepiece_style(spec: dict) -> bool:
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return False
+    text = json.dumps(spec.get("pre_tokenizer") or {}, ensure_ascii=False) + json.dumps(spec.get("normalizer") or {},
+                                                                                     ensure_ascii=False)
+    return bool(model.get("byte_fallback")) or "Metaspace" in text or "\u2581" in text
+
+
+def _merge_pairs(model: dict) -> list[tuple[str, str]]:
+    pairs = []
+    for m in model.get("merges") or []:
+        if isinstance(m, str):
+            a, _, b = m.partition(" ")
+            pairs.append((a, b))
+        else:
+            pairs.append((m[0], m[1]))
+    return pairs
+
+
+def _space_prefix(spec: dict) -> bool:
+    """Whether the SentencePiece-style tokenizer prepends '▁' to the text (llama.cpp add_space_prefix)."""
+    norm = json.dumps(spec.get("normalizer") or {}, ensure_ascii=False)
+    if '"Prepend"' in norm and "\u2581" in norm:
+        return True
+    pt = spec.get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers") if pt.get("type") == "Sequence" else [pt]
+    for s in steps or []:
+        if s.get("type") == "Metaspace":
+            return s.get("prepend_scheme", "always" if s.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
+def _post_adds(spec: dict, token_id: int | None) -> bool:
+    """Whether tokenizer.json's post-processor adds `token_id` to a single sequence."""
+    if token_id is None:
+        return False
+    post = spec.get("post_processor") or {}
+    procs = post.get("processors") if post.get("type") == "Sequence" else [post]
+    for p in procs or []:
+        if p.get("type") == "TemplateProcessing":
+            for item in p.get("single") or []:
+                tok = (item.get("SpecialToken") or {}).get("id")
+                if tok is not None and token_id in ((p.get("special_tokens") or {}).get(tok) or {}).get("ids", []):
+                    return True
+    return False
+
+
+def tokenizer_metadata(folder: Path, cfg: ModelConfig, pre: str | None = None) -> dict[str, Any]:
+    """tokenizer.ggml.* keys (and tokenizer.chat_template) for the folder's tokenizer."""
+    from ..fsutil import read_json
+
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise PizooError(f"{folder}: no tokenizer.json; llama.cpp needs the vocabulary inside the GGUF. Add the "
+                         "fast-tokenizer file (tokenizer.json) to the model folder")
+    spec = read_json(tj, "tokenizer.json")
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise PizooError(f"{tj}: tokenizer model '{model.get('type')}' is not supported for GGUF; pizoo writes "
+                         "byte-level BPE (gpt2) and SentencePiece-style BPE (llama) vocabularies")
+    tcfg_path = folder / "tokenizer_config.json"
+    tcfg = read_json(tcfg_path, "tokenizer_config.json") if tcfg_path.is_file() else {}
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = {a["content"]: a for a in spec.get("added_tokens") or []}
+    for content, a in added.items():
+        vocab[content] = a["id"]
+    n_tok = max(vocab.values()) + 1 if vocab else 0
+    if n_tok > cfg.vocab_size:
+        raise PizooError(f"{tj}: the tokenizer has {n_tok} tokens but config.json vocab_size is {cfg.vocab_size}; "
+                         "the embedding matrix has no row for the extra tokens")
+    sentencepiece = _is_sentencepiece_style(spec)
+    tokens: list[str | None] = [None] * cfg.vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+    unk = model.get("unk_token")
+    types = []
+    for i, text in enumerate(tokens):
+        # Byte-fallback pieces are BYTE even when tokenizer.json lists them as added tokens:
+        # llama.cpp decodes only BYTE pieces to raw bytes.
+        if text is None:
+            types.append(TOKEN_UNUSED)
+        elif sentencepiece and _BYTE_TOKEN.match(text):
+            types.append(TOKEN_BYTE)
+        elif sentencepiece and text == unk:
+            types.append(TOKEN_UNKNOWN)
+        elif text in added:
+            types.append(TOKEN_CONTROL if added[text].get("special") else TOKEN_USER_DEFINED)
+        else:
+            types.append(TOKEN_NORMAL)
+    # Rows the tokenizer does not use (embedding padding) get placeholder names llama.cpp accepts.
+    token_list = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    meta: dict[str, Any] = {"tokenizer.ggml.tokens": token_list, "tokenizer.ggml.token_type": types}
+    merges = _merge_pairs(model)
+    if sentencepiece:
+        meta["tokenizer.ggml.model"] = "llama"
+        # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores
+        # highest; scoring each piece by minus the rank of the merge that creates it reproduces the
+        # BPE merge order. Pieces no merge creates (characters, bytes, specials) score 0.
+        rank: dict[str, int] = {}
+        for r, (a, b) in enumerate(merges):
+            rank.setdefault(a + b, r)
+        meta["tokenizer.ggml.scores"] = [float(-rank[t] - 1) if t in rank else 0.0 for t in token_list]
+        meta["tokenizer.ggml.add_space_prefix"] = _space_prefix(spec)
+    else:
+        meta["tokenizer.ggml.model"] = "gpt2"
+        name = pre or identify_pre(spec)
+        if name is None:
+            raise PizooError(
+                f"{tj}: pizoo cannot identify this BPE pre-tokenizer for llama.cpp (pre_tokenizer "
+                f"{json.dumps(spec.get('pre_tokenizer'))[:120]}); pass --pre NAME with the llama.cpp name that "
+                "splits text the same way (e.g. gpt-2, llama-bpe, qwen2, smollm)")
+        if name not in LLAMA_CPP_PRE_NAMES:
+            raise PizooError(f"--pre: '{name}' is not a pre-tokenizer llama.cpp knows (the file would not load); "
+                             f"use one of {', '.join(sorted(LLAMA_CPP_PRE_NAMES))}")
+        meta["tokenizer.ggml.pre"] = name
+        meta["tokenizer.ggml.merges"] = [f"{a} {b}" for a, b in merges]
+    # Special tokens: tokenizer_config.json names them; config.json ids are the fallback.
+    def token_id(key: str) -> int | None:
+        content = _token_content(tcfg.get(key))
+        return vocab.get(content) if content is not None else None
+
+    bos = token_id("bos_token")
+    eos = token_id("eos_token")
+    if bos is None and cfg.bos_token_id is not None:
+        bos = int(cfg.bos_token_id)
+    if eos is None and cfg.eos_token_id is not None:
+        eos = int(cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id)
+    ids = {"bos": bos, "eos": eos, "unknown": token_id("unk_token") if token_id("unk_token") is not None
+           else (vocab.get(unk) if unk else None), "padding": token_id("pad_token")}
+    for key, tid in ids.items():
+        if tid is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = int(tid)
+    add_bos = tcfg.get("add_bos_token")
+    add_eos = tcfg.get("add_eos_token")
+    meta["tokenizer.ggml.add_bos_token"] = bool(add_bos) if add_bos is not None else _post_adds(spec, bos)
+    meta["tokenizer.ggml.add_eos_token"] = bool(add_eos) if add_eos is not None else _post_adds(spec, eos)
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: llama.cpp takes the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if template:
+        meta["tokenizer.chat_template"] = template
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Lineage and file name
+
+
+def size_label(n_params: int) -> str:
+    """Hub-style size label: 135M, 1.1B, 7B, 98K."""
+    if n_params >= 1e9:
+        return f"{n_params / 1e9:.1f}".rstrip("0").rstrip(".") + "B"
+    if n_params >= 1e6:
+        return f"{round(n_params / 1e6)}M"
+    return f"{round(n_params / 1e3)}K"
+
+
+METHOD_LABELS = {"linear": "pi", "ntk": "ntk", "dynamic": "dynamic-ntk", "yarn": "yarn", "llama3": "llama3",
+                 "longrope": "longrope", "clex": "clex"}
+
+
+def context_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def lineage(src: Path, cfg: ModelConfig) -> dict[str, Any]:
+    """general.* facts: basename, size label, finetune (e.g. 32k-pi) and the base model."""
+    block = cfg.raw.get("pizoo") or {}
+    base = block.get("base_model") or (block.get("lineage") or {}).get("base_model") or cfg.raw.get("_name_or_path")
+    base = str(base) if base else None
+    size = size_label(cfg.num_params())
+    imported = (block.get("gguf_general") or {}).get("basename")  # set by pizoo import
+    name_source = base.rstrip("/").split("/")[-1] if base else imported or src.resolve().name
+    basename = re.sub(rf"[-_. ]?{re.escape(size)}.*$", "", name_source, flags=re.IGNORECASE) or name_source
+    out: dict[str, Any] = {"basename": basename, "size_label": size}
+    method = cfg.rope.method
+    if cfg.rope.is_scaled:
+        out["finetune"] = f"{context_label(extended_length(cfg))}-{METHOD_LABELS.get(method, method)}"
+    if base:
+        entry: dict[str, str] = {"name": base.split("/")[-1]}
+        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", base) and not Path(base).exists():
+            entry["organization"] = base.split("/")[0]
+            entry["repo_url"] = f"https://huggingface.co/{base}"
+        out["base_models"] = [entry]
+    return out
+
+
+def default_file_name(src: Path, cfg: ModelConfig, dtype: str, static_length: int | None = None) -> str:
+    """Hub convention: <Basename>-<Size>-<Context>-<METHOD>-<TYPE>.gguf, e.g. SmolLM2-135M-32K-PI-F16.gguf."""
+    lin = lineage(src, cfg)
+    parts = [lin["basename"], lin["size_label"]]
+    if cfg.rope.is_scaled:
+        ctx = static_length if cfg.rope.type == "dynamic" and static_length else extended_length(cfg)
+        parts += [context_label(ctx).upper(), METHOD_LABELS.get(cfg.rope.method, cfg.rope.method).upper()]
+    parts.append(dtype.upper())
+    return re.sub(r"[^\w.+-]", "_", "-".join(parts)) + ".gguf"
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor plan and the data pipeline
+
+
+@dataclass
+class _Job:
+    """One GGUF tensor: where its data comes from and how it is converted."""
+
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # logical shape, HF order (rows, cols)
+    out_type: str  # f32 | f16 | bf16 | q8_0
+    nbytes: int
+    file: Path | None = None  # source safetensors file (None: `array` holds the data)
+    offset: int = 0
+    src_dtype: str = "F32"  # safetensors dtype name
+    heads: int | None = None  # permute q/k rows with this many heads
+    array: np.ndarray | None = None
+
+
+_ST_NUMPY = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16),
+             "F64": (np.float64, None)}
+_OUT_ELEM = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+def _out_nbytes(shape: tuple[int, ...], out_type: str) -> int:
+    n = math.prod(shape)
+    if out_type == "q8_0":
+        return n // QUANT_BLOCK * Q8_0_BLOCK_BYTES
+    return n * _OUT_ELEM[out_type]
+
+
+def _ggml_type(out_type: str):
+    from gguf import GGMLQuantizationType as Q
+
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks of `x` [rows, cols] (cols % 32 == 0) as uint8 [rows, cols/32*34], byte-identical to
+    ggml's reference quantiser (scale = absmax/127 stored as f16, values rounded half away from zero)."""
+    rows, cols = x.shape
+    blocks = x.to(torch.float32).reshape(-1, QUANT_BLOCK)
+    # absmax from two reductions instead of a full-size abs() temporary (abs() turns -0.0 into 0.0)
+    amax = torch.maximum(blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True).neg()).abs()
+    d = amax / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    y = blocks * inv
+    # floor(a) + floor(2*(a - floor(a))) with a = |y| rounds half away from zero like C's roundf,
+    # without the rounding error of floor(a + 0.5); done in place to keep two temporaries.
+    fl = y.abs()
+    frac = fl.clone()
+    fl.floor_()
+    frac.sub_(fl).mul_(2).floor_()
+    q = fl.add_(frac).copysign_(y).to(torch.int8)
+    out = torch.empty((q.shape[0], Q8_0_BLOCK_BYTES), dtype=torch.uint8)
+    out[:, :2] = d.to(torch.float16).view(torch.uint8)
+    out[:, 2:] = q.view(torch.uint8)
+    return out.reshape(rows, cols // QUANT_BLOCK * Q8_0_BLOCK_BYTES)
+
+
+def _convert(t: torch.Tensor, out_type: str) -> np.ndarray:
+    """A source chunk (any float dtype) -> contiguous numpy bytes of the output type."""
+    if out_type == "f32":
+        return t.to(torch.float32).contiguous().numpy()
+    if out_type == "f16":
+        return t.to(torch.float16).contiguous().numpy()
+    if out_type == "bf16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return quantize_q8_0(t).contiguous().numpy()
+
+
+class _SourceMaps:
+    """Memory maps of the source safetensors files, opened once each."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.maps: dict[Path, tuple[Any, mmap.mmap]] = {}
+        self.lock = threading.Lock()  # worker threads open files concurrently
+
+    def get(self, path: Path) -> mmap.mmap:
+        with self.lock:
+            if path not in self.maps:
+                f = open(path, "rb")
+                # ACCESS_COPY gives a writable (never written) view, which torch.from_numpy accepts
+                # without a copy; pages stay shared with the page cache.
+                self.maps[path] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+            return self.maps[path][1]
+
+    def release(self, path: Path, start: int, end: int) -> None:
+        """Drop the resident pages of [start, end) so reading a large model never grows RSS."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo:
+            try:
+                self.maps[path][1].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                pass  # only an optimisation
+
+    def close(self) -> None:
+        for f, m in self.maps.values():
+            m.close()
+            f.close()
+        self.maps.clear()
+
+
+def _chunk_rows(job: _Job) -> list[tuple[int, int]]:
+    """Row ranges of one tensor's pipeline chunks (whole heads for permuted q/k)."""
+    if job.array is not None or len(job.shape) == 1:
+        return [(0, job.shape[0])]
+    rows, row_elems = job.shape[0], math.prod(job.shape[1:])
+    align = rows // job.heads if job.heads else 1  # the permutation needs whole heads
+    step = max(align, (CHUNK_ELEMENTS // row_elems) // align * align)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _convert_chunk(job: _Job, r0: int, r1: int, maps: _SourceMaps) -> tuple[np.ndarray, tuple | None]:
+    """Rows [r0, r1) of a tensor, read from the memory map, permuted and converted; plus the source
+    byte range to release once written."""
+    if job.array is not None:
+        return _convert(torch.from_numpy(job.array), job.out_type), None
+    np_dtype, torch_view = _ST_NUMPY[job.src_dtype]
+    row_elems = math.prod(job.shape[1:]) if len(job.shape) > 1 else 1
+    nbytes_row = row_elems * np.dtype(np_dtype).itemsize
+    start = job.offset + r0 * nbytes_row
+    arr = np.frombuffer(maps.get(job.file), dtype=np_dtype, count=(r1 - r0) * row_elems, offset=start)
+    t = torch.from_numpy(arr)
+    if torch_view is not None:
+        t = t.view(torch_view)
+    t = t.reshape((r1 - r0,) + tuple(job.shape[1:]))
+    if job.heads:
+        t = permute_rows(t, (r1 - r0) // (job.shape[0] // job.heads))
+    return _convert(t, job.out_type), (job.file, start, start + (r1 - r0) * nbytes_row)
+
+
+def _plan_tensors(ckpt, cfg: ModelConfig, dtype: str, permute: bool, rope_freqs: np.ndarray | None) -> list[_Job]:
+    jobs: list[_Job] = []
+    infos = sorted(ckpt.tensors.values(), key=lambda t: (str(t.file), t.offset))
+    for info in infos:
+        gname = hf_to_gguf_name(info.name)
+        if gname is None:
+            continue  # rotary_emb.inv_freq and the like: recomputed by llama.cpp
+        if gname == "output.weight" and cfg.tie_word_embeddings:
+            continue  # tied head: llama.cpp reuses token_embd
+        if info.dtype not in _ST_NUMPY:
+            raise PizooError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}; GGUF export reads "
+                             "float tensors")
+        shape = tuple(info.shape)
+        if len(shape) == 1:
+            out = "f32"  # norms and biases stay float32 (llama.cpp adds/multiplies them in f32)
+        elif dtype == "q8_0" and shape[-1] % QUANT_BLOCK:
+            out = "f16"  # Q8_0 needs rows in whole 32-element blocks
+        else:
+            out = dtype
+        heads = None
+        if permute and (".attn_q." in gname or ".attn_k." in gname):
+            heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
+        jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads))
+    if rope_freqs is not None:
+        jobs.append(_Job("rope_freqs.weight", tuple(rope_freqs.shape), "f32", rope_freqs.nbytes,
+                         array=rope_freqs.astype(np.float32)))
+    return jobs
+
+
+def _converted_chunks(jobs: list[_Job], maps: _SourceMaps,
+                      workers: int) -> Iterator[tuple[int, np.ndarray, tuple | None]]:
+    """(job index, converted chunk, source range) in file order, converted by `workers` threads.
+
+    At most QUEUE_CHUNKS chunks are in flight, so memory stays bounded while the caller writes. Each
+    worker runs torch single-threaded: chunks are small, and several threads on separate chunks
+    scale better than one op split across threads (whose barriers stall on a busy machine).
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(job: _Job, r0: int, r1: int):
+        with torch.inference_mode():
+            return _convert_chunk(job, r0, r1, maps)
+
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pizoo-gguf")
+    try:
+        for i, job in enumerate(jobs):
+            for r0, r1 in _chunk_rows(job):
+                pending.append((i, pool.submit(work, job, r0, r1)))
+                if len(pending) >= QUEUE_CHUNKS:
+                    j, fut = pending.popleft()
+                    yield (j, *fut.result())
+        while pending:
+            j, fut = pending.popleft()
+            yield (j, *fut.result())
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def _resolve_out(src: Path, out: str | os.PathLike | None, cfg: ModelConfig, dtype: str,
+                 static_length: int | None) -> Path:
+    name = default_file_name(src, cfg, dtype, static_length)
+    if out is None:
+        return src.resolve().parent / name
+    out = Path(out)
+    if out.is_dir():
+        return out / name
+    return out
+
+
+def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "f16",
+                pre: str | None = None, static_length: int | None = None, overwrite: bool = False,
+                progress: bool = False) -> Path:
+    """Write an HF folder as one llama.cpp-ready GGUF file with its RoPE scaling inside.
+
+    dtype: f32 | f16 | bf16 | q8_0 for matrices (1-D tensors are always f32). pre: llama.cpp
+    pre-tokenizer name for a byte-level BPE tokenizer pizoo cannot identify. static_length: bake a
+    dynamic NTK model's scaling at this length. Returns the file's path (default: the Hub-style
+    name beside the source folder). Written atomically: a temporary file renamed when complete.
+    """
+    from gguf import GGUFWriter
+
+    from ..checkpoint import open_checkpoint
+
+    src = Path(src)
+    if dtype not in GGUF_DTYPES:
+        raise PizooError(f"--dtype: '{dtype}' is not a GGUF export type; use one of {', '.join(GGUF_DTYPES)}")
+    ckpt = open_checkpoint(src)
+    cfg = ckpt.config
+    where = str(src / "config.json")
+    rope = plan_rope(cfg, static_length, where)
+    tok_meta = tokenizer_metadata(src, cfg, pre)
+    path = _resolve_out(src, out, cfg, dtype, static_length)
+    if path.exists() and not overwrite:
+        raise PizooError(f"{path}: already exists; pass --overwrite or choose another --out")
+    # llama.cpp's qwen2 graph has no rope_freqs input: such a model goes out as arch llama.
+    arch = "qwen2" if cfg.architecture == "qwen2" and rope.rope_freqs is None else "llama"
+    if cfg.sliding_window is not None and cfg.sliding_window_layers and cfg.sliding_window < rope.context_length:
+        log.warning("%s: sliding_window=%d is shorter than the context (%d); llama.cpp's %s graph attends to the "
+                    "whole context, so outputs differ past the window", where, cfg.sliding_window,
+                    rope.context_length, arch)
+    jobs = _plan_tensors(ckpt, cfg, dtype, permute=arch == "llama", rope_freqs=rope.rope_freqs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    maps = _SourceMaps()
+    writer = GGUFWriter(tmp, arch)
+    try:
+        _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lineage(src, cfg))
+        for job in jobs:
+            writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes,
+                                   raw_dtype=_ggml_type(job.out_type))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        _write_data(writer, jobs, maps, progress)
+        fout = writer.fout[0]
+        fout.flush()
+        os.fsync(fout.fileno())
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        maps.close()
+    return path
+
+
+def _write_data(writer, jobs: list[_Job], maps: _SourceMaps, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    fout = writer.fout[0]
+    align = writer.data_alignment
+    fout.write(b"\0" * (-fout.tell() % align))
+    written = [0] * len(jobs)
+    bar = tqdm(total=sum(j.nbytes for j in jobs), unit="B", unit_scale=True, desc="writing GGUF",
+               disable=not progress, leave=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see _converted_chunks; restored below
+    try:
+        for i, data, src_range in _converted_chunks(jobs, maps, workers=max(1, min(4, os.cpu_count() or 1))):
+            fout.write(memoryview(data).cast("B"))
+            written[i] += data.nbytes
+            bar.update(data.nbytes)
+            if src_range is not None:
+                maps.release(*src_range)
+            if written[i] == jobs[i].nbytes:
+                fout.write(b"\0" * (-jobs[i].nbytes % align))
+    finally:
+        torch.set_num_threads(threads)
+        bar.close()
+    bad = [j.name for j, w in zip(jobs, written) if w != j.nbytes]
+    if bad:
+        raise PizooError(f"GGUF export wrote the wrong number of bytes for '{bad[0]}'; this is a pizoo bug")
+
+
+def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[str, Any], dtype: str,
+                    lin: dict[str, Any]) -> None:
+    from gguf import GGUFValueType
+
+    w.add_type("model")
+    name = " ".join(p for p in (lin["basename"], lin["size_label"], lin.get("finetune")) if p)
+    w.add_name(name)
+    w.add_basename(lin["basename"])
+    w.add_size_label(lin["size_label"])
+    if lin.get("finetune"):
+        w.add_finetune(lin["finetune"])
+    bases = lin.get("base_models") or []
+    if bases:
+        w.add_base_model_count(len(bases))
+        for i, b in enumerate(bases):
+            w.add_base_model_name(i, b["name"])
+            if "organization" in b:
+                w.add_base_model_organization(i, b["organization"])
+            if "repo_url" in b:
+                w.add_base_model_repo_url(i, b["repo_url"])
+    w.add_file_type(FILE_TYPES[dtype])
+    w.add_quantization_version(2)
+    a = arch
+    w.add_uint32(f"{a}.context_length", rope.context_length)
+    w.add_uint32(f"{a}.embedding_length", cfg.hidden_size)
+    w.add_uint32(f"{a}.block_count", cfg.num_layers)
+    w.add_uint32(f"{a}.feed_forward_length", cfg.intermediate_size)
+    w.add_uint32(f"{a}.attention.head_count", cfg.num_heads)
+    w.add_uint32(f"{a}.attention.head_count_kv", cfg.num_kv_heads)
+    w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
+    w.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)
+    w.add_float32(f"{a}.rope.freq_base", rope.freq_base)
+    w.add_uint32(f"{a}.vocab_size", cfg.vocab_size)
+    w.add_string(f"{a}.rope.scaling.type", rope.scaling_type)
+    if rope.factor is not None:
+        w.add_float32(f"{a}.rope.scaling.factor", rope.factor)
+    if rope.original_context is not None:
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", rope.original_context)
+    if rope.attn_factor is not None:
+        w.add_float32(f"{a}.rope.scaling.attn_factor", rope.attn_factor)
+    if cfg.rope.is_scaled:
+        w.add_bool(f"{a}.rope.scaling.finetuned", bool((cfg.raw.get("pizoo") or {}).get("target_context")))
+    # pizoo's own record, so import restores exactly what was exported
+    w.add_string(KEY_ARCH, cfg.architecture)
+    w.add_string(KEY_ROPE, json.dumps(rope_to_dict(rope.computes)))
+    if cfg.attention_bias:
+        w.add_bool(KEY_ATTENTION_BIAS, True)
+    if cfg.sliding_window is not None:
+        w.add_uint32(KEY_SLIDING, cfg.sliding_window)
+        w.add_array(KEY_SLIDING_LAYERS, [int(x) for x in cfg.sliding_window_layers])
+    # Always written (an empty block too): its presence tells import the file is pizoo's own.
+    w.add_string(KEY_BLOCK, json.dumps(cfg.raw.get("pizoo") or {}))
+    for key, value in tok.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            w.add_array(key, value)
+        elif key == "tokenizer.ggml.token_type":
+            w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+        elif key == "tokenizer.ggml.scores":
+            w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, value)
+
+
+# --------------------------------------------------------------------------------------------
+# `pizoo inspect FILE.gguf`
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def open_gguf(path: Path):
+    """A GGUFReader, with a corrupt or truncated file reported as a PizooError naming it."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PizooError(f"{path}: not a readable GGUF file ({why}); re-download or re-export it") from None
+
+
+def field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    """inspect's stable keys for a GGUF file, plus rope keys, tensor types, tokenizer and lineage."""
+    reader = open_gguf(path)
+    arch = field(reader, "general.architecture")
+    p = f"{arch}."
+    recorded = field(reader, KEY_ROPE)
+    ctx = field(reader, p + "context_length")
+    rope_keys = {k.removeprefix(p): field(reader, k) for k in reader.fields if k.startswith(p + "rope.")}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if recorded:
+        r = json.loads(recorded)
+        rope = RopeConfig(**r).describe()
+    else:
+        stype = rope_keys.get("rope.scaling.type", "none" if "rope.scaling.factor" not in rope_keys else "linear")
+        rope = {"type": "rope_freqs" if freqs is not None else stype,
+                "factor": rope_keys.get("rope.scaling.factor", 1.0), "theta": rope_keys.get("rope.freq_base"),
+                "original_context": rope_keys.get("rope.scaling.original_context_length", ctx)}
+    rope["gguf_keys"] = rope_keys
+    if freqs is not None:
+        rope["rope_freqs"] = [float(x) for x in np.asarray(freqs.data, dtype=np.float32)]
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    n_params = int(sum(int(np.prod(t.shape)) for t in reader.tensors if t.name != "rope_freqs.weight"))
+    file_type = field(reader, "general.file_type")
+    try:
+        from gguf import LlamaFileType
+
+        dtype = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_") if file_type is not None \
+            else max(types, key=types.get)
+    except ValueError:
+        dtype = str(file_type)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokenizer = {"model": field(reader, "tokenizer.ggml.model"), "pre": field(reader, "tokenizer.ggml.pre"),
+                 "tokens": len(tokens.data) if tokens is not None else 0,
+                 "merges": len(reader.fields["tokenizer.ggml.merges"].data)
+                 if "tokenizer.ggml.merges" in reader.fields else 0,
+                 "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
+                 "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+                 "add_bos_token": field(reader, "tokenizer.ggml.add_bos_token"),
+                 "chat_template": field(reader, "tokenizer.chat_template") is not None}
+    general = {k.removeprefix("general."): field(reader, k) for k in reader.fields
+               if k.startswith("general.") and k != "general.architecture"}
+    orig = rope.get("original_context") or rope_keys.get("rope.scaling.original_context_length") or ctx
+    return {
+        "format": "gguf",
+        "path": str(path),
+        "architecture": arch,
+        "hf_architecture": field(reader, KEY_ARCH),
+        "params": n_params,
+        "dtype": dtype,
+        "context_length": ctx,
+        "original_context_length": orig,
+        "rope": rope,
+        "layers": field(reader, p + "block_count"),
+        "hidden_size": field(reader, p + "embedding_length"),
+        "heads": field(reader, p + "attention.head_count"),
+        "kv_heads": field(reader, p + "attention.head_count_kv"),
+        "tensor_types": dict(types),
+        "tokenizer": tokenizer,
+        "general": general,
+        "files": {path.name: path.stat().st_size},
+        "total_bytes": path.stat().st_size,
+    }
+
+
+def _register() -> None:
+    from ..describe import register_format
+
+    register_format("gguf", _is_gguf, describe_gguf)
+
+
+_register()

