@@ -1182,7 +1182,7 @@ def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
     ax.set_xticks(sorted({r["ctx"] for r in report["results"]} | ({r["ctx"] for r in base["results"]} if base else set())))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v):,}"))
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(f"perplexity (stride {report['settings']['stride']})")
+    ax.set_ylabel("perplexity")
     ax.set_title("Sliding-window perplexity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -29,6 +29,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _default_mode(base: int) -> int:
+    """`base` (0o666 files, 0o777 folders) less the process umask: what open()/mkdir() would give.
+    mkstemp/mkdtemp create private 0600/0700 entries, which is wrong for artifacts others read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -49,6 +57,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -79,6 +88,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))
         if path.exists():
             # Move the old folder aside first so the final rename is a single atomic step.
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

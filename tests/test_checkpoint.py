@@ -139,3 +139,19 @@ def test_dynamic_keeps_original_length_for_transformers(tiny_model_factory):
     assert raw["max_position_embeddings"] == 64 and raw["pizoo"]["target_context"] == 256
     cfg = open_checkpoint(path).config
     assert cfg.original_context == 64 and cfg.context_length == 256
+
+
+def test_written_files_get_normal_permissions(tiny_model_factory, tmp_path):
+    """Artifacts are shared (multi-node file systems, other users): not the 0600/0700 of mkstemp."""
+    import os
+    import stat
+
+    src = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
+    ckpt = open_checkpoint(src)
+    old = os.umask(0o022)
+    try:
+        out = write_checkpoint(tmp_path / "perm", ckpt.config, ckpt.iter_tensors(), copy_files_from=src)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
