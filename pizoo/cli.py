@@ -82,97 +82,150 @@ def main_callback(
 
 
 # ------------------------------------------------------------------------------------------------
-# Models and checkpoints
+# The whole pipeline
 
 
-@command("inspect", MODELS)
-def inspect_cmd(
-    path: Path = typer.Argument(..., help="HF folder, .gguf file or TensorRT-LLM checkpoint folder."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output with stable keys."),
+@command("extend", PIPELINE)
+def extend_cmd(
+    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or alias (smollm2-135m, llama-2-7b, ...) "
+                                "or Hub id."),
+    ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (e.g. 32768)."),
+    recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Calibration/evaluation text: .txt, .jsonl, folder, "
+                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Calibration steps (default: the recipe's)."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help="Calibration sequence length (default: --ctx); "
+                                            "shorter sequences spread their positions over the target."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
+                                               "(default: the recipe's)."),
+    formats: str = typer.Option("hf,gguf,trtllm", "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
+                                "(hf is always written: the others are made from it)."),
+    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF matrix type: f32, f16, bf16 or q8_0."),
+    tp: int = typer.Option(1, "--tp", help="TensorRT-LLM tensor-parallel size (1, 2, 4, 8)."),
+    eval_mode: str = typer.Option("full", "--eval", help="full: perplexity and passkey up to the target with the "
+                                  "gate (needs a GPU for long targets); quick: a short ungated check a CPU finishes "
+                                  "in minutes."),
+    eval_ctx: Optional[str] = typer.Option(None, "--eval-ctx", help="Context lengths to evaluate, comma-separated "
+                                           "(default: the --eval mode's)."),
+    push: Optional[str] = typer.Option(None, "--push", help="Publish to this Hub repo (NAMESPACE/NAME) if the gate "
+                                       "passes."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Release folder (default: ./MODEL-32k)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit; touch nothing."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip finished stages whose inputs are unchanged "
+                                "and whose outputs verify (default), or start over."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Calibration steps between training "
+                                         "checkpoints."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order, positions and passkeys."),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="With --dry-run: plan for other hardware "
+                                           "(h100, h100x8, a100x16, cpu); WORLD_SIZE is read otherwise."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable plan (--dry-run) or summary on "
+                                 "stdout; progress goes to stderr."),
 ) -> None:
-    """Show a checkpoint's architecture, size, context length and RoPE scaling."""
-    from .describe import inspect_path
-    from .fsutil import human_bytes
+    """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
+    from .evaluate import parse_contexts
+    from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
+    from .plan import render_plan
 
-    info = inspect_path(path)
-    if as_json:
-        print_json(info)
+    opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
+                         formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
+                         resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
+                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
+                         progress=sys.stderr.isatty())
+    if dry_run:
+        plan = plan_extend(opts)
+        if as_json:
+            print_json(plan.to_dict())
+        else:
+            typer.echo(render_plan(plan))
+        if not plan.fits:
+            from .plan import refuse_if_unfit
+
+            refuse_if_unfit(plan)
         return
-    rope = info.get("rope") or {}
-    rope_extra = {k: v for k, v in rope.items() if k not in ("type", "factor", "theta", "original_context")}
-    lines = [
-        ("format", info["format"]),
-        ("architecture", info.get("architecture")),
-        ("parameters", f"{info['params']:,}" if info.get("params") is not None else "?"),
-        ("dtype", info.get("dtype")),
-        ("context length", info.get("context_length")),
-        ("original context", info.get("original_context_length")),
-        ("rope", f"{rope.get('type')} (factor {rope.get('factor')}, theta {rope.get('theta')})"),
-    ]
-    for k, v in rope_extra.items():
-        if isinstance(v, list):
-            v = f"[{len(v)} values: {', '.join(f'{x:.3g}' for x in v[:4])}{', ...' if len(v) > 4 else ''}]"
-        lines.append((f"  {k}", v))
-    for key in ("tokenizer", "mapping", "tensor_types"):
-        if key in info:
-            lines.append((key, info[key]))
-    width = max(len(k) for k, _ in lines)
-    for k, v in lines:
-        typer.echo(f"{k:<{width}}  {v}")
-    files = info.get("files") or {}
-    if files:
-        typer.echo(f"{'files':<{width}}  {len(files)} ({human_bytes(info.get('total_bytes', 0))})")
-        for name, size in files.items():
-            typer.echo(f"  {name}  {human_bytes(size)}")
-    for w in info.get("warnings", []):
-        typer.echo(f"warning: {w}", err=True)
-
-
-@command("convert", STEPS)
-def convert_cmd(
-    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
-    to: str = typer.Option(..., "--to", help="Target format: gguf or trtllm."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="gguf: f32|f16|bf16|q8_0 (default f16). "
-                                        "trtllm: float16|bfloat16|float32 (default float16)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (trtllm)."),
-    pre: Optional[str] = typer.Option(None, "--pre", help="gguf: tokenizer.ggml.pre name for an unrecognised BPE tokenizer."),
-    static_length: Optional[int] = typer.Option(None, "--static-length",
-                                                help="gguf: bake dynamic NTK into a static scaling at this length."),
-    tp: int = typer.Option(1, "--tp", help="trtllm: tensor-parallel size (1, 2, 4, 8)."),
-    pp: int = typer.Option(1, "--pp", help="trtllm: pipeline-parallel size (1, 2, 4)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-) -> None:
-    """Convert a model to GGUF (llama.cpp) or a TensorRT-LLM checkpoint, with the RoPE scaling inside."""
-    from .resolve import resolve_model
-
-    src = resolve_model(model).path
-    if to == "gguf":
-        from .export.gguf import export_gguf
-
-        result = export_gguf(src, out, dtype=dtype or "f16", pre=pre, static_length=static_length,
-                             overwrite=overwrite, progress=True)
-        typer.echo(f"wrote {result}")
-    elif to == "trtllm":
-        from .export.trtllm import export_trtllm, trtllm_build_command
-
-        result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
-        typer.echo(f"wrote {result}")
-        typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
+    summary = extend(opts)
+    if summary.get("worker"):  # a torchrun rank other than 0: it only joined the calibration
+        return
+    if as_json:
+        print_json(summary)
     else:
-        raise PizooError(f"--to: unknown format '{to}'; use gguf or trtllm")
+        typer.echo(render_summary(summary))
 
 
-@command("import", MODELS)
-def import_cmd(
-    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
-    out: Path = typer.Option(..., "--out", help="Output HF folder."),
+# ------------------------------------------------------------------------------------------------
+# Calibration and recipes
+
+
+@command("calibrate", STEPS)
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Base model: HF folder, .gguf file, zoo name or Hub id."),
+    ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (must exceed the original)."),
+    recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Training text: .txt, .jsonl (text field), folder, "
+                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the recipe's)."),
+    train_len: Optional[int] = typer.Option(None, "--train-len", help="Sequence length to train on (default: --ctx); "
+                                            "shorter spreads position ids over the target range."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HF folder (default: <model>-<ctx>-<recipe>)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint of this --out."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
+                                               "(default: the recipe's)."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per forward/backward on each process."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's, by model size)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order and position sampling."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save the training state every N steps."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing",
+                                                  help="Recompute layer activations in backward (less memory)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
-    """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
-    from .gguf_import import import_gguf
+    """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
+    from .train import calibrate, default_output_dir
 
-    result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
-    typer.echo(f"wrote {result}")
+    out = out or default_output_dir(model, ctx, recipe)
+    result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
+                       seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
+                       activation_checkpointing=activation_checkpointing, global_batch=global_batch,
+                       micro_batch=micro_batch, lr=lr, overwrite=overwrite,
+                       log=lambda msg: typer.echo(msg, err=True))
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    typer.echo(f"wrote {result.out} ({result.method} x{result.factor:g} -> {result.ctx} tokens, "
+               f"{result.steps} steps{loss})")
+
+
+recipes_app = typer.Typer(help="Calibration recipes: RoPE method, training hyperparameters, gate thresholds.",
+                          no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes", rich_help_panel=STEPS)
+
+
+@command("list", STEPS, sub=recipes_app)
+def recipes_list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the built-in recipes."""
+    from .recipes import list_recipes, load_recipe
+
+    rows = [load_recipe(name) for name in list_recipes()]
+    if as_json:
+        print_json([{"name": r.name, "method": r.method, "steps": r.steps, "description": r.description,
+                     "path": r.path} for r in rows])
+        return
+    width = max((len(r.name) for r in rows), default=4)
+    for r in rows:
+        typer.echo(f"{r.name:<{width}}  {r.method:<8} {r.steps:>5} steps  {r.description}")
+
+
+@command("show", STEPS, sub=recipes_app)
+def recipes_show_cmd(
+    name: str = typer.Argument(..., help="Recipe name or path of a .toml file."),
+    as_json: bool = typer.Option(False, "--json", help="The validated recipe as JSON."),
+) -> None:
+    """Show a recipe (validated); prints the TOML source, or JSON with --json."""
+    from .recipes import load_recipe
+
+    r = load_recipe(name)
+    if as_json:
+        print_json(r.to_dict())
+    else:
+        typer.echo(f"# {r.path}")
+        typer.echo(Path(r.path).read_text(encoding="utf-8").rstrip())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,81 +309,98 @@ def eval_cmd(
     raise_if_failed(report, out)
 
 
+@command("convert", STEPS)
+def convert_cmd(
+    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
+    to: str = typer.Option(..., "--to", help="Target format: gguf or trtllm."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="gguf: f32|f16|bf16|q8_0 (default f16). "
+                                        "trtllm: float16|bfloat16|float32 (default float16)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (trtllm)."),
+    pre: Optional[str] = typer.Option(None, "--pre", help="gguf: tokenizer.ggml.pre name for an unrecognised BPE tokenizer."),
+    static_length: Optional[int] = typer.Option(None, "--static-length",
+                                                help="gguf: bake dynamic NTK into a static scaling at this length."),
+    tp: int = typer.Option(1, "--tp", help="trtllm: tensor-parallel size (1, 2, 4, 8)."),
+    pp: int = typer.Option(1, "--pp", help="trtllm: pipeline-parallel size (1, 2, 4)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Convert a model to GGUF (llama.cpp) or a TensorRT-LLM checkpoint, with the RoPE scaling inside."""
+    from .resolve import resolve_model
+
+    src = resolve_model(model).path
+    if to == "gguf":
+        from .export.gguf import export_gguf
+
+        result = export_gguf(src, out, dtype=dtype or "f16", pre=pre, static_length=static_length,
+                             overwrite=overwrite, progress=True)
+        typer.echo(f"wrote {result}")
+    elif to == "trtllm":
+        from .export.trtllm import export_trtllm, trtllm_build_command
+
+        result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
+        typer.echo(f"wrote {result}")
+        typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
+    else:
+        raise PizooError(f"--to: unknown format '{to}'; use gguf or trtllm")
+
+
 # ------------------------------------------------------------------------------------------------
-# Calibration and recipes
+# Models and checkpoints
 
 
-@command("calibrate", STEPS)
-def calibrate_cmd(
-    model: str = typer.Argument(..., help="Base model: HF folder, .gguf file, zoo name or Hub id."),
-    ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (must exceed the original)."),
-    recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="Training text: .txt, .jsonl (text field), folder, "
-                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the recipe's)."),
-    train_len: Optional[int] = typer.Option(None, "--train-len", help="Sequence length to train on (default: --ctx); "
-                                            "shorter spreads position ids over the target range."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output HF folder (default: <model>-<ctx>-<recipe>)."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint of this --out."),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
-                                               "(default: the recipe's)."),
-    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per forward/backward on each process."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the recipe's, by model size)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order and position sampling."),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save the training state every N steps."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing",
-                                                  help="Recompute layer activations in backward (less memory)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+@command("inspect", MODELS)
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="HF folder, .gguf file or TensorRT-LLM checkpoint folder."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output with stable keys."),
+) -> None:
+    """Show a checkpoint's architecture, size, context length and RoPE scaling."""
+    from .describe import inspect_path
+    from .fsutil import human_bytes
+
+    info = inspect_path(path)
+    if as_json:
+        print_json(info)
+        return
+    rope = info.get("rope") or {}
+    rope_extra = {k: v for k, v in rope.items() if k not in ("type", "factor", "theta", "original_context")}
+    lines = [
+        ("format", info["format"]),
+        ("architecture", info.get("architecture")),
+        ("parameters", f"{info['params']:,}" if info.get("params") is not None else "?"),
+        ("dtype", info.get("dtype")),
+        ("context length", info.get("context_length")),
+        ("original context", info.get("original_context_length")),
+        ("rope", f"{rope.get('type')} (factor {rope.get('factor')}, theta {rope.get('theta')})"),
+    ]
+    for k, v in rope_extra.items():
+        if isinstance(v, list):
+            v = f"[{len(v)} values: {', '.join(f'{x:.3g}' for x in v[:4])}{', ...' if len(v) > 4 else ''}]"
+        lines.append((f"  {k}", v))
+    for key in ("tokenizer", "mapping", "tensor_types"):
+        if key in info:
+            lines.append((key, info[key]))
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        typer.echo(f"{k:<{width}}  {v}")
+    files = info.get("files") or {}
+    if files:
+        typer.echo(f"{'files':<{width}}  {len(files)} ({human_bytes(info.get('total_bytes', 0))})")
+        for name, size in files.items():
+            typer.echo(f"  {name}  {human_bytes(size)}")
+    for w in info.get("warnings", []):
+        typer.echo(f"warning: {w}", err=True)
+
+
+@command("import", MODELS)
+def import_cmd(
+    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
+    out: Path = typer.Option(..., "--out", help="Output HF folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
-    """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
-    from .train import calibrate, default_output_dir
+    """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
+    from .gguf_import import import_gguf
 
-    out = out or default_output_dir(model, ctx, recipe)
-    result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
-                       seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
-                       activation_checkpointing=activation_checkpointing, global_batch=global_batch,
-                       micro_batch=micro_batch, lr=lr, overwrite=overwrite,
-                       log=lambda msg: typer.echo(msg, err=True))
-    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    typer.echo(f"wrote {result.out} ({result.method} x{result.factor:g} -> {result.ctx} tokens, "
-               f"{result.steps} steps{loss})")
-
-
-recipes_app = typer.Typer(help="Calibration recipes: RoPE method, training hyperparameters, gate thresholds.",
-                          no_args_is_help=True)
-app.add_typer(recipes_app, name="recipes", rich_help_panel=STEPS)
-
-
-@command("list", STEPS, sub=recipes_app)
-def recipes_list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List the built-in recipes."""
-    from .recipes import list_recipes, load_recipe
-
-    rows = [load_recipe(name) for name in list_recipes()]
-    if as_json:
-        print_json([{"name": r.name, "method": r.method, "steps": r.steps, "description": r.description,
-                     "path": r.path} for r in rows])
-        return
-    width = max((len(r.name) for r in rows), default=4)
-    for r in rows:
-        typer.echo(f"{r.name:<{width}}  {r.method:<8} {r.steps:>5} steps  {r.description}")
-
-
-@command("show", STEPS, sub=recipes_app)
-def recipes_show_cmd(
-    name: str = typer.Argument(..., help="Recipe name or path of a .toml file."),
-    as_json: bool = typer.Option(False, "--json", help="The validated recipe as JSON."),
-) -> None:
-    """Show a recipe (validated); prints the TOML source, or JSON with --json."""
-    from .recipes import load_recipe
-
-    r = load_recipe(name)
-    if as_json:
-        print_json(r.to_dict())
-    else:
-        typer.echo(f"# {r.path}")
-        typer.echo(Path(r.path).read_text(encoding="utf-8").rstrip())
+    result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
+    typer.echo(f"wrote {result}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,76 +575,6 @@ def zoo_aliases_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-
     for name, a in sorted(aliases.items()):
         typer.echo(f"{name:<{width}}  {a['hub_id']:<52} {str(a.get('architecture') or '-'):<8} "
                    f"{str(a.get('context') or '-'):>7}  {a['origin']}")
-
-
-# ------------------------------------------------------------------------------------------------
-# The whole pipeline
-
-
-@command("extend", PIPELINE)
-def extend_cmd(
-    model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or alias (smollm2-135m, llama-2-7b, ...) "
-                                "or Hub id."),
-    ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (e.g. 32768)."),
-    recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="Calibration/evaluation text: .txt, .jsonl, folder, "
-                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Calibration steps (default: the recipe's)."),
-    train_len: Optional[int] = typer.Option(None, "--train-len", help="Calibration sequence length (default: --ctx); "
-                                            "shorter sequences spread their positions over the target."),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
-                                               "(default: the recipe's)."),
-    formats: str = typer.Option("hf,gguf,trtllm", "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
-                                "(hf is always written: the others are made from it)."),
-    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF matrix type: f32, f16, bf16 or q8_0."),
-    tp: int = typer.Option(1, "--tp", help="TensorRT-LLM tensor-parallel size (1, 2, 4, 8)."),
-    eval_mode: str = typer.Option("full", "--eval", help="full: perplexity and passkey up to the target with the "
-                                  "gate (needs a GPU for long targets); quick: a short ungated check a CPU finishes "
-                                  "in minutes."),
-    eval_ctx: Optional[str] = typer.Option(None, "--eval-ctx", help="Context lengths to evaluate, comma-separated "
-                                           "(default: the --eval mode's)."),
-    push: Optional[str] = typer.Option(None, "--push", help="Publish to this Hub repo (NAMESPACE/NAME) if the gate "
-                                       "passes."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Release folder (default: ./MODEL-32k)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit; touch nothing."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip finished stages whose inputs are unchanged "
-                                "and whose outputs verify (default), or start over."),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Calibration steps between training "
-                                         "checkpoints."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order, positions and passkeys."),
-    hardware: Optional[str] = typer.Option(None, "--hardware", help="With --dry-run: plan for other hardware "
-                                           "(h100, h100x8, a100x16, cpu); WORLD_SIZE is read otherwise."),
-    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable plan (--dry-run) or summary on "
-                                 "stdout; progress goes to stderr."),
-) -> None:
-    """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
-    from .evaluate import parse_contexts
-    from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
-    from .plan import render_plan
-
-    opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
-                         formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
-                         resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
-                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
-                         progress=sys.stderr.isatty())
-    if dry_run:
-        plan = plan_extend(opts)
-        if as_json:
-            print_json(plan.to_dict())
-        else:
-            typer.echo(render_plan(plan))
-        if not plan.fits:
-            from .plan import refuse_if_unfit
-
-            refuse_if_unfit(plan)
-        return
-    summary = extend(opts)
-    if summary.get("worker"):  # a torchrun rank other than 0: it only joined the calibration
-        return
-    if as_json:
-        print_json(summary)
-    else:
-        typer.echo(render_summary(summary))
 
 
 def main() -> None:
