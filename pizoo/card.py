@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .data import DEFAULT_CORPUS_NAME
 from .fsutil import human_bytes
 
 # What users call each method, and the tag the card gets for it.
@@ -86,6 +87,18 @@ def base_id_of(config: dict, calibration: dict | None) -> str | None:
     return base.get("hub_id") or (config.get("pizoo") or {}).get("base_model") or base.get("spec")
 
 
+def hub_base_id_of(config: dict, calibration: dict | None) -> str | None:
+    """The base's Hub id, or None when the base was a local folder or file (the Hub rejects a card whose
+    `base_model` is not a model id). calibration.json records `hub_id` whenever the base came from the Hub."""
+    from .resolve import HUB_ID
+
+    if calibration and isinstance(calibration.get("base_model"), dict):
+        candidate = calibration["base_model"].get("hub_id")
+    else:
+        candidate = (config.get("pizoo") or {}).get("base_model")
+    return candidate if isinstance(candidate, str) and HUB_ID.match(candidate) else None
+
+
 def context_label(ctx: int) -> str:
     """32768 -> '32K'; lengths that are not whole KiB multiples stay as numbers."""
     return f"{ctx // 1024}K" if ctx % 1024 == 0 else str(ctx)
@@ -94,28 +107,53 @@ def context_label(ctx: int) -> str:
 def reproduce_command(calibration: dict | None, run: dict | None, config: dict) -> str | None:
     """The exact command from run.json when `pizoo extend` recorded it, else one rebuilt from calibration.json."""
     run = run or {}
+    calib = calibration or {}
     for key in ("command", "argv"):
         cmd = run.get(key)
         if isinstance(cmd, list) and cmd:
             return shlex.join(str(c) for c in cmd)
         if isinstance(cmd, str) and cmd.strip():
             return cmd.strip()
-    calib = calibration or {}
+        if isinstance(cmd, dict) and cmd.get("model") and cmd.get("ctx"):
+            return _extend_command(cmd, calib)
     base = base_id_of(config, calib)
     ctx = context_of(config, calib)
     if not (base and ctx):
         return None
     recipe = calib.get("recipe") if isinstance(calib.get("recipe"), dict) else {}
-    parts = ["pizoo", "extend", str(base), "--ctx", str(ctx)]
     recipe_name = recipe.get("name") or calib.get("method")
-    if recipe_name:
-        parts += ["--recipe", str(recipe_name)]
-    for src in (calib.get("data") or {}).get("sources") or []:
+    data = [s for s in (calib.get("data") or {}).get("sources") or [] if s != DEFAULT_CORPUS_NAME]
+    return _extend_command({"model": base, "ctx": ctx, "recipe": recipe_name, "data": data or None,
+                            "steps": calib.get("steps"), "train_len": calib.get("train_len")}, calib)
+
+
+# What `pizoo extend` uses when an option is not given (pizoo.pipeline.ExtendOptions).
+_EXTEND_DEFAULTS = {"recipe": "pi", "formats": ["hf", "gguf", "trtllm"], "gguf_dtype": "f16", "tp": 1, "seed": 0,
+                    "eval": "full"}
+
+
+def _extend_command(cmd: dict, calib: dict) -> str:
+    """`pizoo extend ...` from run.json's `command` record (pipeline's options), with the global batch
+    that calibration.json recorded when the record lacks it. Defaults are left out; --push and --out too."""
+    parts = ["pizoo", "extend", str(cmd["model"]), "--ctx", str(cmd["ctx"])]
+    if cmd.get("recipe"):
+        parts += ["--recipe", str(cmd["recipe"])]
+    for src in cmd.get("data") or []:
         parts += ["--data", str(src)]
-    if calib.get("steps") is not None:
-        parts += ["--steps", str(calib["steps"])]
-    if calib.get("train_len"):
-        parts += ["--train-len", str(calib["train_len"])]
+    for key, flag in (("steps", "--steps"), ("train_len", "--train-len")):
+        if cmd.get(key) is not None:
+            parts += [flag, str(cmd[key])]
+    batch = cmd.get("global_batch") if cmd.get("global_batch") is not None else calib.get("global_batch")
+    if batch is not None:
+        parts += ["--global-batch", str(batch)]
+    formats = cmd.get("formats")
+    if formats and sorted(formats) != sorted(_EXTEND_DEFAULTS["formats"]):
+        parts += ["--formats", ",".join(formats)]
+    for key, flag in (("gguf_dtype", "--gguf-dtype"), ("tp", "--tp"), ("seed", "--seed"), ("eval", "--eval")):
+        if cmd.get(key) is not None and cmd[key] != _EXTEND_DEFAULTS[key]:
+            parts += [flag, str(cmd[key])]
+    if cmd.get("eval_ctx"):
+        parts += ["--eval-ctx", ",".join(str(c) for c in cmd["eval_ctx"])]
     return shlex.join(parts)
 
 
@@ -139,7 +177,7 @@ def card_metadata(facts: CardFacts) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if facts.license:
         meta["license"] = facts.license
-    base = base_id_of(cfg, calib)
+    base = hub_base_id_of(cfg, calib)
     if base:
         meta["base_model"] = base
         meta["base_model_relation"] = "finetune"
@@ -185,15 +223,17 @@ def _body(facts: CardFacts) -> str:
     method_name = METHOD_NAMES.get(str(method), str(method or "RoPE scaling"))
     ctx, orig, factor = context_of(cfg, calib), original_context_of(cfg, calib), factor_of(cfg, calib)
     base = base_id_of(cfg, calib) or "an unrecorded base model"
+    hub_base = hub_base_id_of(cfg, calib)
     out: list[str] = [f"# {name}", ""]
     span = f"from {orig:,} to {ctx:,} tokens" if orig and ctx else f"to {ctx:,} tokens" if ctx else ""
-    out.append(f"[{base}](https://huggingface.co/{base}) with its context window extended {span}"
+    out.append(f"{f'[{hub_base}](https://huggingface.co/{hub_base})' if hub_base else base} with its context "
+               f"window extended {span}"
                f"{f' (factor {factor:g})' if factor else ''} by **{method_name}**, calibrated and evaluated "
                f"with [pizoo](https://pypi.org/project/pizoo/) {__version__}.")
     out.append("")
     if facts.forced:
         gate = ev.get("gate")
-        why = "; ".join(gate.get("reasons") or []) if gate else "the evaluation never ran"
+        why = "; ".join(failing_reasons(gate)) if gate else "the evaluation never ran"
         verdict = "failed" if gate else "was not run"
         out += [f"> **Warning:** this model was published with `--force` although its evaluation gate {verdict}"
                 f" ({why or 'no reasons recorded'}). Check the results below before relying on it.", ""]
@@ -213,7 +253,7 @@ def _body(facts: CardFacts) -> str:
     if calib:
         out += ["## Calibration", ""]
         recipe = calib.get("recipe") if isinstance(calib.get("recipe"), dict) else {}
-        hyper = recipe.get("hyperparameters") or recipe.get("training") or {}
+        hyper = recipe.get("hyperparameters") or recipe.get("training") or _recipe_hyperparameters(recipe, calib)
         out.append(f"- Recipe: `{recipe.get('name') or method}`")
         for key, label in (("steps", "Steps"), ("tokens", "Training tokens"), ("train_len", "Sequence length"),
                            ("seed", "Seed"), ("final_loss", "Final loss")):
@@ -288,6 +328,38 @@ def _body(facts: CardFacts) -> str:
                else f"Inherited from the base model {base}; see its card.")
     out.append("")
     return "\n".join(out)
+
+
+# calibration.json's recipe is pizoo.recipes.Recipe.to_dict(): the training keys are at its top level.
+_RECIPE_TRAIN_KEYS = ("betas", "weight_decay", "warmup_steps", "warmup_ratio", "warmup_start", "schedule",
+                      "min_lr_ratio", "positions")
+
+
+def _recipe_hyperparameters(recipe: dict, calib: dict) -> dict:
+    """The fine-tune's hyperparameters as calibrate ran them: the peak lr and global batch actually used
+    (calibration.json), the recipe's optimizer and schedule, and its RoPE parameters."""
+    hyper: dict[str, Any] = {}
+    if recipe.get("train") is False or calib.get("steps") == 0:
+        return hyper  # no fine-tune ran (dynamic NTK)
+    if calib.get("lr") is not None:
+        hyper["lr"] = calib["lr"]
+    for key in _RECIPE_TRAIN_KEYS:
+        if key == "warmup_steps" and recipe.get("warmup_ratio") is not None:
+            continue  # warmup_ratio replaces warmup_steps
+        if recipe.get(key) is not None:
+            hyper[key] = recipe[key]
+    if calib.get("global_batch") is not None:
+        hyper["global_batch"] = calib["global_batch"]
+    for key, value in (recipe.get("rope") or {}).items():
+        hyper[f"rope.{key}"] = value
+    return hyper
+
+
+def failing_reasons(gate: dict) -> list[str]:
+    """Why a gate failed: eval.json lists every check ("pass: ...", "FAIL: ..."); keep the failures."""
+    reasons = [str(r) for r in gate.get("reasons") or []]
+    failed = [r.removeprefix("FAIL: ") for r in reasons if r.startswith("FAIL")]
+    return failed or reasons
 
 
 def _baseline_ppl(baseline: Any) -> dict:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import PizooError
-from .fsutil import atomic_dir, atomic_write_json, read_json
+from .fsutil import _default_mode, atomic_dir, atomic_write_json, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -269,6 +269,7 @@ def write_checkpoint(out: str | os.PathLike, config: ModelConfig, tensors: Itera
                 return
             name = f"shard-{len(shards):05d}.tmp"
             save_file(current, str(tmp / name), metadata={"format": "pt"})
+            os.chmod(tmp / name, _default_mode(0o666))  # safetensors creates it private (0600)
             shards.append((name, list(current)))
             current, current_bytes = {}, 0
 

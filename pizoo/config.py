@@ -286,6 +286,11 @@ class ModelConfig:
             # scales only past it; the usable (target) length is kept in the pizoo block instead.
             d["max_position_embeddings"] = self.rope.original_context
             d.setdefault("pizoo", {})["target_context"] = self.context_length
+        if self.rope.type == "longrope":
+            # transformers v4 takes longrope's original length from this top-level key only (without it,
+            # L = max_position_embeddings and the long factors are never used below the target); v5 reads
+            # it from rope_parameters. Phi-3 writes it the same way.
+            d["original_max_position_embeddings"] = self.rope.original_context
         d["rope_theta"] = theta
         d["rope_scaling"] = scaling
         params = {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}

@@ -88,5 +88,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     for _name, detect, describe in FORMATS:
         if detect(path):
             return describe(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise PizooError(f"{path}: not a GGUF file (it does not start with the GGUF magic); re-download or "
+                         "re-export it")
     raise PizooError(f"{path}: not a recognised checkpoint (expected an HF folder with config.json, "
                      "a .gguf file or a TensorRT-LLM checkpoint folder)")

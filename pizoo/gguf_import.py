@@ -35,6 +35,8 @@ from .export.gguf import (KEY_ARCH, KEY_ATTENTION_BIAS, KEY_BLOCK, KEY_ROPE, KEY
 SUPPORTED_ARCHS = ("llama", "qwen2")
 IMPORT_SHARD_BYTES = 2 * 1024**3  # bounds the memory write_checkpoint holds per shard
 _TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
+LLAMA_CPP_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
 
 
 def find_smollm2_gguf() -> Path | None:
@@ -278,10 +280,13 @@ def build_tokenizer(reader, path: Path):
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos, eos, unk, pad = tok_text("bos"), tok_text("eos"), tok_text("unknown"), tok_text("padding")
-    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", kind == "llama"))
+    # llama.cpp's default when the key is absent: on for SentencePiece and the Llama-3 pre-tokenizers
+    pre_name = field(reader, "tokenizer.ggml.pre")
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token",
+                         kind == "llama" or (kind == "gpt2" and pre_name in LLAMA_CPP_BOS_PRE)))
     add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
     if kind == "gpt2":
-        pre = field(reader, "tokenizer.ggml.pre") or "default"
+        pre = pre_name or "default"
         if pre not in PRE_TO_HF:
             raise PizooError(f"{path}: tokenizer.ggml.pre '{pre}' has no HF equivalent pizoo knows; supported: "
                              f"{', '.join(sorted(PRE_TO_HF))}")
@@ -359,6 +364,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ove
     from .checkpoint import write_checkpoint
 
     path = Path(gguf_path)
+    if path.is_dir():
+        raise PizooError(f"{path}: is a folder; pizoo import takes a .gguf file (an HF folder needs no import)")
     if not path.is_file():
         raise PizooError(f"{path}: no such GGUF file")
     out = Path(out_dir)

@@ -18,7 +18,6 @@ written into a card or a manifest, and any error text is scrubbed of it.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -26,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, method_of, read_card_license,
-                   render_card, reproduce_command)
+from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, failing_reasons, method_of,
+                   read_card_license, render_card, reproduce_command)
 from .errors import GateFailed, PizooError
 from .fsutil import read_json
+from .resolve import HUB_ID
 from .zoo import Artifact, Zoo, alias_info, default_name, locate_artifact
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN"
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -61,7 +60,7 @@ def check_repo_id(repo_id: str) -> str:
 
     rules = ("expected NAMESPACE/NAME using letters, digits, '-', '_' and '.', at most 96 characters, "
              "without '--' or '..', not starting or ending with '-' or '.'")
-    if not REPO_ID.match(repo_id):
+    if not HUB_ID.match(repo_id):
         raise PizooError(f"repo id '{repo_id}': {rules}")
     try:
         validate_repo_id(repo_id)
@@ -245,7 +244,7 @@ def check_gate(release: Release, *, force: bool) -> bool:
         return True
     art = release.artifact
     if passed is False:
-        reasons = "; ".join((release.evaluation or {}).get("gate", {}).get("reasons") or []) or "no reasons recorded"
+        reasons = "; ".join(failing_reasons((release.evaluation or {}).get("gate") or {})) or "no reasons recorded"
         raise GateFailed(f"{art.eval_json}: the evaluation gate failed ({reasons}); improve the model, or pass "
                          "--force to publish anyway (the card will say so)")
     where = art.eval_json or f"{art.root / 'eval' / 'eval.json'} or {art.root / 'eval.json'}"
@@ -346,6 +345,9 @@ def pull(repo_id: str, revision: str | None = None, *, token: str | None = None)
     PIZOO_HOME/downloads/ and are resumed by the next pull.
     """
     info = alias_info(repo_id) if "/" not in repo_id else None
+    if info is None and "/" not in repo_id:
+        raise PizooError(f"'{repo_id}': not an alias (see `pizoo zoo aliases`, or add one with `pizoo zoo alias`) "
+                         "nor a Hub repo id; give NAMESPACE/NAME")
     hub_id = check_repo_id(info["hub_id"] if info else repo_id)
     zoo = Zoo()
     if hub_offline():

@@ -152,7 +152,7 @@ def write_tiny_model(out: str | Path, variant: str = "llama", *, tokenizer: str 
                                 overwrite=overwrite, **kwargs)
 
 
-def write_synthetic_llama(out: str | Path, *, hidden_size: int = 2048, num_layers: int = 16,
+def write_synthetic_llama(out: str | Path, *, hidden_size: int = 2048, num_layers: int = 22,
                           intermediate_size: int = 5632, num_heads: int = 32, num_kv_heads: int = 4,
                           vocab_size: int = 32000, max_position_embeddings: int = 4096,
                           dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 1 << 30,

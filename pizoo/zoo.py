@@ -219,6 +219,15 @@ def default_name(root: Path, hub: dict | None = None) -> str:
     return root.name
 
 
+def _free_name(entries: dict, name: str, path: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... when another folder already holds it."""
+    candidate, n = name, 1
+    while candidate in entries and entries[candidate]["path"] != path:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -281,8 +290,10 @@ class Zoo:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     # --- entries ----------------------------------------------------------------------------
-    def register(self, entry: Manifest) -> Manifest:
-        """Add or replace the entry with entry["name"]."""
+    def register(self, entry: Manifest, *, free_name: bool = False) -> Manifest:
+        """Add or replace the entry with entry["name"]; with `free_name`, a name another folder holds
+        becomes name-2, name-3, ... (chosen under the lock, so two processes never take the same one).
+        Publications recorded on the entry since it was built are kept."""
         name = entry.get("name")
         if not isinstance(name, str) or not NAME.match(name):
             raise PizooError(f"zoo entry name {name!r}: use letters, digits and . _ - @ / + (at most 200 characters)")
@@ -290,7 +301,14 @@ class Zoo:
             if key not in entry:
                 raise PizooError(f"zoo entry '{name}': missing '{key}'; build entries with pizoo.zoo.build_entry")
         with self._update() as state:
-            state["entries"][name] = entry
+            entries = state["entries"]
+            if free_name:
+                entry["name"] = name = _free_name(entries, name, entry["path"])
+            current = entries.get(name)
+            if current is not None and current.get("path") == entry["path"]:
+                published = entry.setdefault("published", [])
+                published += [p for p in current.get("published") or [] if p not in published]
+            entries[name] = entry
         return entry
 
     def register_folder(self, folder: str | os.PathLike, *, name: str | None = None, source: str = "local",
@@ -305,18 +323,7 @@ class Zoo:
             if previous is not None and Path(previous["path"]) != root:
                 previous = None
         entry = build_entry(root, name=name, source=source, hub=hub, previous=previous)
-        if name is None:
-            entry["name"] = self._free_name(entry["name"], root)
-        return self.register(entry)
-
-    def _free_name(self, name: str, root: Path) -> str:
-        """`name`, or `name-2`, `name-3`, ... when another folder already holds it."""
-        entries = self._read()["entries"]
-        candidate, n = name, 1
-        while candidate in entries and Path(entries[candidate]["path"]) != root:
-            n += 1
-            candidate = f"{name}-{n}"
-        return candidate
+        return self.register(entry, free_name=name is None)
 
     def record_publication(self, folder: str | os.PathLike, publication: dict) -> Manifest:
         """Register `folder` if needed and append a publication {repo_id, revision, commit, url, ...}."""
@@ -439,8 +446,7 @@ def register_release(folder: str | os.PathLike, *, name: str | None = None, base
 
 def alias_hub_id(spec: str) -> str | None:
     """The Hub id an alias names (user aliases first, then shipped; case-insensitive), else None."""
-    aliases = Zoo().aliases()
-    hit = aliases.get(spec) or next((v for k, v in aliases.items() if k.lower() == spec.lower()), None)
+    hit = alias_info(spec)
     return hit["hub_id"] if hit else None
 
 

@@ -155,3 +155,24 @@ def test_written_files_get_normal_permissions(tiny_model_factory, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
+
+
+def test_longrope_writes_top_level_original_length_for_transformers_v4():
+    """transformers v4 reads longrope's original length only from a top-level
+    original_max_position_embeddings (else it takes max_position_embeddings and never applies the long
+    factors below the target); v5 reads rope_parameters. Both must say L, and pizoo must read it back."""
+    half = 8
+    rope = RopeConfig(type="longrope", factor=4.0, original_context=64, short_factor=[1.0] * half,
+                      long_factor=[1.0 + i for i in range(half)], attention_factor=1.0)
+    cfg = ModelConfig(architecture="llama", vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=256, rope=rope)
+    raw = cfg.to_hf_dict()
+    assert raw["max_position_embeddings"] == 256
+    assert raw["original_max_position_embeddings"] == 64
+    assert raw["rope_scaling"]["original_max_position_embeddings"] == 64
+    assert raw["rope_parameters"]["original_max_position_embeddings"] == 64
+    back = ModelConfig.from_hf_dict(raw).rope
+    assert (back.type, back.original_context, back.long_factor) == ("longrope", 64, rope.long_factor)
+    # Other methods are unchanged: no top-level key.
+    assert "original_max_position_embeddings" not in ModelConfig(
+        **{**cfg.__dict__, "rope": RopeConfig().scaled("yarn", 4.0, 64)}).to_hf_dict()

@@ -262,6 +262,10 @@ def test_llama3_and_clex_written_as_rope_freqs(sharp_model, tmp_path):
         expected = frequency_factors(open_checkpoint(src).config.rope, 16, EXTENDED).numpy()
         np.testing.assert_array_equal(np.asarray(freqs.data), expected)
         assert r.fields["llama.context_length"].contents() == EXTENDED
+        # The scaling is all in rope_freqs: a rope.scaling.factor would be read as a linear factor on
+        # top of it (llama.cpp's freq_scale_train, other GGUF runtimes)
+        assert r.fields["llama.rope.scaling.type"].contents() == "none"
+        assert "llama.rope.scaling.factor" not in r.fields
 
 
 def test_yarn_attention_factor_written_as_llama_cpp_applies_it(sharp_model, tmp_path):
@@ -412,12 +416,84 @@ def test_import_refuses_bad_files(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_import_overwrite_replaces_only_a_model_folder(sharp_model, tmp_path):
+    gguf = export_gguf(sharp_model("llama-tied", "none"), tmp_path / "m.gguf", dtype="f32")
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    r = _cli("import", str(gguf), "--out", str(precious), "--overwrite")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "not an HF model folder" in r.stderr, r.stderr
+    assert (precious / "notes.txt").read_text() == "keep me"
+    out = import_gguf(gguf, tmp_path / "hf")
+    r = _cli("import", str(gguf), "--out", str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr  # a model folder is replaced
+
+
+@pytest.mark.parametrize("pre,expected", [("llama-bpe", True), ("smollm", False)])
+def test_import_default_add_bos_follows_llama_cpp(tmp_path, pre, expected):
+    """A byte-level BPE file without tokenizer.ggml.add_bos_token: llama.cpp adds BOS for the Llama-3
+    pre-tokenizers (and not for the others), so the imported tokenizer must too."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from pizoo.gguf_import import build_tokenizer
+
+    path = tmp_path / "tok.gguf"
+    w = GGUFWriter(path, "llama")
+    tokens = ["<|begin_of_text|>", "a", "b", "ab"]
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", pre)
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_key_value("tokenizer.ggml.token_type", [3, 1, 1, 1], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+    w.add_array("tokenizer.ggml.merges", ["a b"])
+    w.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    tok, tcfg = build_tokenizer(GGUFReader(path), path)
+    assert tcfg["add_bos_token"] is expected
+    assert tok.encode("ab").ids == ([0, 3] if expected else [3])
+
+
+def test_written_files_follow_the_umask(sharp_model, tmp_path):
+    """The GGUF file and an imported folder's weights are readable by others like any file the user
+    creates (mkstemp and safetensors' save_file make private 0600 files)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = export_gguf(sharp_model("llama-tied", "none"), tmp_path / "m.gguf", dtype="f32")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        hf = import_gguf(out, tmp_path / "hf")
+        assert stat.S_IMODE((hf / "model.safetensors").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI and inspect
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pizoo.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_convert_of_a_gguf_writes_to_the_current_folder_not_the_cache(sharp_model, tmp_path):
+    import os
+
+    gguf = export_gguf(sharp_model("llama-tied", "yarn"), tmp_path / "Model-F32.gguf", dtype="f32")
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    env = {**os.environ, "PIZOO_HOME": str(home)}
+    for args in (("--to", "gguf", "--dtype", "f16"), ("--to", "trtllm")):
+        r = subprocess.run([sys.executable, "-m", "pizoo.cli", "convert", str(gguf), *args], capture_output=True,
+                           text=True, cwd=work, env=env)
+        assert r.returncode == 0, r.stderr
+    made = sorted(p.name for p in work.iterdir())
+    # the GGUF keeps its Hub-style name; the TensorRT-LLM folder is named after the file, not the cache entry
+    assert made == ["Model-F32-trtllm-float16-tp1-pp1", "Tiny-Llama-107K-256-YARN-F16.gguf"], made
+    assert [p.name for p in (home / "imports").iterdir() if not p.is_dir()] == []
 
 
 def test_cli_convert_import_inspect(sharp_model, tmp_path):

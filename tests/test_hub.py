@@ -340,6 +340,12 @@ def test_offline_mode_is_one_line(hub, release):
     assert "HF_HUB_OFFLINE" in line
 
 
+def test_pull_of_a_name_that_is_neither_alias_nor_hub_id(hub):
+    line = _one_line_error(invoke("pull", "no-such-alias"))
+    assert "'no-such-alias': not an alias" in line and "pizoo zoo aliases" in line and "NAMESPACE/NAME" in line
+    assert hub.state.requests == []
+
+
 @pytest.mark.parametrize("bad", ["no-namespace", "alice/bad name", "alice/x--y", "alice/-x", "a/b/c", "alice/" + "x" * 100])
 def test_invalid_repo_id_is_rejected_before_any_request(hub, release, bad):
     from pizoo.errors import PizooError
@@ -418,3 +424,45 @@ def test_pipeline_entry_points_push_release_and_register_release(hub, release):
     assert info["commit"] == hub.state.repos["alice/tiny-256-pi"].refs["main"] and info["files"] == 13
     published = Zoo().get("my-release")["published"]  # the push lands on the registered entry
     assert [p["commit"] for p in published] == [info["commit"]]
+
+
+def test_card_from_the_records_calibrate_and_extend_really_write(hub, release):
+    """calibration.json as pizoo.train writes it (the recipe is Recipe.to_dict(), the base a local folder,
+    the default corpus) and run.json as pizoo.pipeline writes it (`command` is a dict of options)."""
+    from pizoo.data import DEFAULT_CORPUS_NAME
+    from pizoo.errors import GateFailed
+    from pizoo.hub import push
+    from pizoo.recipes import load_recipe
+
+    hf = release / "hf"
+    calib = json.loads((hf / "calibration.json").read_text())
+    calib.update(recipe=load_recipe("pi").to_dict(), lr=2e-5, global_batch=4,
+                 base_model={"spec": "my-base", "path": str(release.parent / "my-base"), "hub_id": None,
+                             "sha256": "ab" * 32})
+    calib["data"]["sources"] = [DEFAULT_CORPUS_NAME]
+    (hf / "calibration.json").write_text(json.dumps(calib))
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["pizoo"]["base_model"] = "my-base"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    (release / "run.json").write_text(json.dumps({"command": {
+        "model": "my-base", "ctx": 256, "recipe": "pi", "data": None, "steps": 30, "train_len": 64,
+        "formats": ["hf", "gguf", "trtllm"], "gguf_dtype": "q8_0", "tp": 1, "push": "alice/x",
+        "out": str(release), "seed": 0}, "stages": {}}))
+    evaluation = json.loads((release / "eval" / "eval.json").read_text())
+    evaluation["gate"] = {"passed": False, "reasons": ["pass: perplexity at the target context: ok",
+                                                       "FAIL: passkey accuracy below 0.9 at 256"]}
+    (release / "eval" / "eval.json").write_text(json.dumps(evaluation))
+
+    with pytest.raises(GateFailed) as e:
+        push(release, "alice/x")
+    assert "passkey accuracy below 0.9 at 256" in str(e.value) and "pass:" not in str(e.value)
+    card = push(release, "alice/x", dry_run=True, force=True).card
+    meta = card_metadata(card.encode())
+    # A local base is no Hub model id: the Hub would reject `base_model: my-base`.
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert "](https://huggingface.co/my-base)" not in card
+    for needle in ("| lr | 2e-05 |", "| betas | `[0.9, 0.95]` |", "| schedule | constant |", "| global_batch | 4 |"):
+        assert needle in card, needle
+    assert ("pizoo extend my-base --ctx 256 --recipe pi --steps 30 --train-len 64 --global-batch 4 "
+            "--gguf-dtype q8_0\n") in card
+    assert "although its evaluation gate failed (passkey accuracy below 0.9 at 256)" in card

@@ -200,6 +200,15 @@ def test_not_a_model_folder(tmp_path):
     assert_one_line_error(invoke("inspect", tmp_path / "empty"), "empty")
 
 
+def test_non_gguf_file_named_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text('{"model_type": "llama"}')
+    assert_one_line_error(invoke("inspect", fake), "model.gguf", "not a GGUF file")
+    assert_one_line_error(invoke("import", fake, "--out", tmp_path / "hf"), "model.gguf", "GGUF magic")
+    assert_one_line_error(invoke("import", tmp_path, "--out", tmp_path / "hf"), "is a folder")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_copy_is_independent(tiny_llama, tiny_model_factory):
     """The tiny_llama fixture is a private copy: edits above never leak into the shared model."""
     shared = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")

@@ -438,3 +438,19 @@ def test_failed_export_leaves_nothing_behind(model, tmp_path):
     assert "float16 range" in _one_line_error(result) and "down_proj" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # no output, no temporary folder
     assert export_trtllm(src, tmp_path / "out", dtype="bfloat16", tp=2).is_dir()
+
+
+def test_overwrite_replaces_only_a_checkpoint(model, tmp_path):
+    """--overwrite replaces the whole --out folder, so a folder that is not a TensorRT-LLM checkpoint
+    (a typo'd --out naming the user's own folder) is refused and left untouched."""
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["convert", str(model("llama")), "--to", "trtllm", "--out", str(precious),
+                                      "--overwrite"])
+    assert "not a TensorRT-LLM checkpoint" in _one_line_error(result)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    out = export_trtllm(model("llama"), tmp_path / "ckpt", dtype="float32")
+    result = CliRunner().invoke(app, ["convert", str(model("llama")), "--to", "trtllm", "--out", str(out),
+                                      "--overwrite"])
+    assert result.exit_code == 0, result.output  # a checkpoint is replaced

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,55 @@ def test_two_concurrent_writers_lose_no_entry(home, tmp_path):
     names = {e["name"] for e in Zoo().list()}
     assert names == {f"{tag}-{i}" for tag in ("a", "b") for i in range(n)}
     assert not list(home.glob(".zoo.json.*.tmp"))  # no temporary file left behind
+
+
+def _lock_waiters(lock: Path) -> int:
+    """How many processes wait for an flock on `lock` (/proc/locks marks blocked requests with '->')."""
+    inode = lock.stat().st_ino
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for ln in lines if "->" in ln and ln.split()[-3].endswith(f":{inode}"))
+
+
+REGISTER_ONE = "import sys; from pizoo.zoo import Zoo; Zoo().register_folder(sys.argv[1])"
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
+def test_two_writers_of_folders_with_the_same_name_both_get_an_entry(home, tmp_path):
+    """Two processes registering different folders both named `model`: the free name is chosen under
+    the lock, so one gets `model` and the other `model-2` (neither overwrites the other)."""
+    import fcntl
+
+    folders = []
+    for parent in ("a", "b"):
+        folder = tmp_path / parent / "model"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "parent": parent}))
+        folders.append(folder)
+    home.mkdir(parents=True)
+    lock_path = home / "zoo.lock"
+    env = {**os.environ, "PIZOO_HOME": str(home)}
+    with open(lock_path, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # both writers queue behind this
+        procs = [subprocess.Popen([sys.executable, "-c", REGISTER_ONE, str(f)], env=env) for f in folders]
+        deadline = time.monotonic() + 60
+        while _lock_waiters(lock_path) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    from pizoo.zoo import Zoo
+
+    entries = {e["name"]: e["path"] for e in Zoo().list()}
+    assert sorted(entries) == ["model", "model-2"]
+    assert sorted(entries.values()) == sorted(str(f.resolve()) for f in folders)
+
+
+def test_registering_again_keeps_a_publication_recorded_meanwhile(home, extended):
+    """A re-registration built before another process recorded a push must not drop that publication."""
+    from pizoo.zoo import Zoo, build_entry
+
+    zoo = Zoo()
+    entry = zoo.register_folder(extended)
+    stale = build_entry(extended, name=entry["name"], previous=entry)  # built before the push below
+    zoo.record_publication(extended, {"repo_id": "alice/x", "commit": "c" * 40})
+    zoo.register(stale)
+    assert [p["repo_id"] for p in zoo.get(entry["name"])["published"]] == ["alice/x"]

@@ -251,7 +251,10 @@ def plan_rope(cfg: ModelConfig, static_length: int | None = None, where: str = "
         computes = RopeConfig(type="longrope", theta=rope.theta, factor=ctx / rope.original_context,
                               original_context=rope.original_context, short_factor=ext, long_factor=list(ext),
                               attention_factor=1.0)
-    return RopeExport(ctx, rope.theta, "none", rope.factor, rope.original_context,
+    # No rope.scaling.factor here: the scaling is all in rope_freqs, and llama.cpp (freq_scale_train)
+    # and other GGUF readers take that key as a linear factor on top of it (llama.cpp's own converter
+    # writes none for llama3 either).
+    return RopeExport(ctx, rope.theta, "none", None, rope.original_context,
                       None if math.isclose(attn, 1.0, rel_tol=1e-7) else attn, factors, computes)
 
 
@@ -730,6 +733,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     from gguf import GGUFWriter
 
     from ..checkpoint import open_checkpoint
+    from ..fsutil import _default_mode
 
     src = Path(src)
     if dtype not in GGUF_DTYPES:
@@ -768,6 +772,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
         fout.flush()
         os.fsync(fout.fileno())
         writer.close()
+        os.chmod(tmp, _default_mode(0o666))  # mkstemp made it private (0600)
         os.replace(tmp, path)
     except BaseException:
         writer.close()
