@@ -64,6 +64,14 @@ def command(name: str, panel: str, sub: typer.Typer | None = None, **kw: Any) ->
     return deco
 
 
+def refuse_to_replace(out: Path | None, overwrite: bool, is_output: Callable[[Path], bool], what: str) -> None:
+    """--overwrite replaces the whole --out folder: never one that is not an output of this kind (a
+    mistyped --out naming the user's own folder), unless it is empty."""
+    if overwrite and out is not None and out.exists() and not is_output(out) and \
+            not (out.is_dir() and not any(out.iterdir())):
+        raise PizooError(f"{out}: exists and is not {what}, so --overwrite will not replace it; choose another --out")
+
+
 def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -324,18 +332,27 @@ def convert_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Convert a model to GGUF (llama.cpp) or a TensorRT-LLM checkpoint, with the RoPE scaling inside."""
-    from .resolve import resolve_model
+    from .resolve import pizoo_home, resolve_model
 
-    src = resolve_model(model).path
+    resolved = resolve_model(model)
+    src = resolved.path
+    # A .gguf import, a Hub download or a pulled zoo entry lives in pizoo's cache: the default output
+    # goes to the current folder, named after what the user gave, not into the cache.
+    cached = resolved.source in ("gguf", "hub") or pizoo_home().resolve() in src.resolve().parents
+    label = resolved.gguf_file.stem if resolved.gguf_file else resolved.spec.rstrip("/").split("/")[-1]
     if to == "gguf":
         from .export.gguf import export_gguf
 
-        result = export_gguf(src, out, dtype=dtype or "f16", pre=pre, static_length=static_length,
-                             overwrite=overwrite, progress=True)
+        result = export_gguf(src, out if out is not None or not cached else Path.cwd(), dtype=dtype or "f16",
+                             pre=pre, static_length=static_length, overwrite=overwrite, progress=True)
         typer.echo(f"wrote {result}")
     elif to == "trtllm":
-        from .export.trtllm import export_trtllm, trtllm_build_command
+        from .export.trtllm import default_output, export_trtllm, is_trtllm_checkpoint, trtllm_build_command
 
+        if out is None and cached:
+            out = default_output(Path(label), dtype or "float16", tp, pp)
+        refuse_to_replace(out or default_output(src, dtype or "float16", tp, pp), overwrite, is_trtllm_checkpoint,
+                          "a TensorRT-LLM checkpoint (config.json + rank0.safetensors)")
         result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
         typer.echo(f"wrote {result}")
         typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
@@ -399,6 +416,7 @@ def import_cmd(
     """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
     from .gguf_import import import_gguf
 
+    refuse_to_replace(out, overwrite, lambda p: (p / "config.json").is_file(), "an HF model folder (config.json)")
     result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {result}")
 

@@ -279,12 +279,17 @@ def iter_documents(sources: list[str] | None = None, split: str = "all") -> Iter
         yield _materialise(s)
 
 
+def fingerprint_update(h, doc: Document) -> None:
+    """Fold one document (its id and content) into a data fingerprint's running sha256."""
+    h.update(doc.id.encode("utf-8") + b"\0")
+    h.update(hashlib.sha256(doc.text.encode("utf-8")).digest())
+
+
 def data_fingerprint(sources: list[str] | None = None, split: str = "all") -> str:
     """A stable sha256 over the documents' ids and content (identical data -> identical fingerprint)."""
     h = hashlib.sha256()
     for doc in iter_documents(sources, split):
-        h.update(doc.id.encode("utf-8") + b"\0")
-        h.update(hashlib.sha256(doc.text.encode("utf-8")).digest())
+        fingerprint_update(h, doc)
     return h.hexdigest()
 
 

@@ -813,14 +813,13 @@ class _Corpus:
 def _select_documents(encoder: TextEncoder, data, split: str, min_tokens: int, doc_tokens: int,
                       max_documents: int | None) -> _Corpus:
     """Documents with >= min_tokens tokens, truncated to doc_tokens; stops after max_documents."""
-    from .data import iter_documents
+    from .data import fingerprint_update, iter_documents
 
     h = hashlib.sha256()
     texts, tokens, read, longest = [], [], 0, 0
     for doc in iter_documents(data, split=split):
         read += 1
-        h.update(doc.id.encode("utf-8") + b"\0")
-        h.update(hashlib.sha256(doc.text.encode("utf-8")).digest())
+        fingerprint_update(h, doc)  # the same fingerprint as data_fingerprint over the documents read
         ids = encoder.document(doc.text)
         longest = max(longest, len(ids))
         if len(ids) >= min_tokens:
@@ -991,6 +990,8 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
 
     _check_arguments(stride=stride, passkey_mode=passkey_mode, baseline_ctx=baseline_ctx,
                      max_documents=max_documents, doc_tokens=doc_tokens)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise PizooError(f"--out {out}: exists and is not a folder")  # before any work, not after it
     log = _Log(echo)
     gate_on = gate is not False
     thresholds = _thresholds(None if isinstance(gate, bool) else gate)

