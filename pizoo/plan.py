@@ -523,7 +523,12 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
         raise PizooError(f"--global-batch {global_batch}: must be >= 1")
     global_batch = (global_batch or recipe.global_batch) if recipe.train else 0
     micro_batch = 1
-    accumulation = max(1, math.ceil(global_batch / (micro_batch * hw.count))) if recipe.train else 0
+    if recipe.train and global_batch % (micro_batch * hw.count):
+        # The engine splits each global batch evenly over devices (pizoo.train.calibrate refuses
+        # otherwise); refusing here keeps a plan from passing and calibration failing later.
+        raise PizooError(f"--global-batch {global_batch}: must be a multiple of the number of devices "
+                         f"({hw.count}) x the micro-batch ({micro_batch})")
+    accumulation = max(1, global_batch // (micro_batch * hw.count)) if recipe.train else 0
     tokens = n_steps * global_batch * t_len
     params = cfg.num_params()
     hyper = {"lr": recipe.lr_for(params), "betas": list(recipe.betas), "weight_decay": recipe.weight_decay,

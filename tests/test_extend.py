@@ -294,7 +294,8 @@ def test_bad_input_is_one_line(work, tmp_path):
     runner = CliRunner()
     cases = [(["--formats", "hf,onnx"], "--formats"), (["--gguf-dtype", "q4"], "--gguf-dtype"),
              (["--push", "not a repo"], "--push"), (["--eval", "quick", "--push", "a/b"], "--push"),
-             (["--hardware", "h100"], "--hardware")]
+             (["--hardware", "h100"], "--hardware"),
+             (["--dry-run", "--hardware", "h100x8", "--global-batch", "12"], "--global-batch")]
     for extra, needle in cases:
         result = runner.invoke(app, ["extend", str(work["base"]), "--ctx", str(CTX), "--out", str(tmp_path / "o"),
                                      *extra])
