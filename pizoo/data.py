@@ -373,10 +373,14 @@ class PackedSequences:
                     self.documents_read += 1
                     self.tokens_read += len(ids)
                 buf.extend(ids)
-                while len(buf) >= self.seq_len:
+                # Walk an offset and compact once per document: slicing the front off after every
+                # sequence would copy the rest each time (quadratic in a long document's length).
+                start = 0
+                while len(buf) - start >= self.seq_len:
                     produced += 1
-                    yield buf[:self.seq_len]
-                    buf = buf[self.seq_len:]
+                    yield buf[start:start + self.seq_len]
+                    start += self.seq_len
+                del buf[:start]
             if produced == 0:
                 raise PizooError(
                     f"--data {', '.join(describe_sources(self.sources))}: only {len(buf)} tokens in the {self.split} "
