@@ -75,6 +75,20 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder `src` to `dst` in one rename; an old `dst` is moved aside first
+    (a folder cannot be renamed over a non-empty one) and deleted afterwards."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, trash / "old")
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    _fsync_dir(dst.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
@@ -89,15 +103,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     try:
         yield tmp
         os.chmod(tmp, _default_mode(0o777))
-        if path.exists():
-            # Move the old folder aside first so the final rename is a single atomic step.
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, trash / "old")
-            os.replace(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from . import __version__
 from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, failing_reasons, method_of,
                    read_card_license, render_card, reproduce_command)
 from .errors import GateFailed, PizooError
-from .fsutil import read_json
+from .fsutil import read_json, replace_dir
 from .resolve import HUB_ID
 from .zoo import Artifact, Zoo, alias_info, default_name, locate_artifact
 
@@ -372,7 +371,7 @@ def pull(repo_id: str, revision: str | None = None, *, token: str | None = None)
         raise hub_failure(e, action="pull", repo_id=hub_id, endpoint=endpoint, token=token) from None
     shutil.rmtree(staging / ".cache", ignore_errors=True)  # download bookkeeping, not model files
     final = zoo.home / "models" / slug
-    _replace_dir(staging, final)
+    replace_dir(staging, final)
     hub = {"repo_id": hub_id, "revision": revision or "main", "commit": commit, "endpoint": endpoint}
     entry = zoo.register_folder(final, name=default_name(final, hub), source="hub", hub=hub)
     return _hf_dir(entry)
@@ -387,17 +386,6 @@ def _files_present(entry: dict) -> bool:
     return all((root / f["path"]).is_file() and (root / f["path"]).stat().st_size == f["size"]
                for fmt in entry["formats"].values() for f in fmt["files"])
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished download into place in one rename (the old copy, if any, is moved aside first)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, trash / "old")
-        os.replace(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # --------------------------------------------------------------------------------------------
