@@ -4,28 +4,32 @@ A folder holds config.json, optional generation_config.json, tokenizer files and
 model.safetensors or shards listed in model.safetensors.index.json. Reading memory-maps the
 safetensors and yields one tensor at a time; nothing is loaded whole unless `load_state_dict` is
 called. Writing streams tensors into size-bounded shards inside a temporary folder that is renamed
-into place only when complete. Pickled weights (*.bin, *.pt) are never opened.
+into place only when complete, through `SafetensorsWriter`, the one safetensors writer of the project:
+at most one tensor is in memory at a time, and the files are byte-identical to safetensors' own
+`save_file`. Pickled weights (*.bin, *.pt) are never opened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .errors import PizooError
-from .fsutil import _default_mode, atomic_dir, atomic_write_json, read_json
+from .fsutil import _default_mode, _fsync_dir, atomic_dir, atomic_write_json, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -240,6 +244,216 @@ def open_checkpoint(path: str | os.PathLike, *, validate: bool = True) -> Checkp
 # --------------------------------------------------------------------------------------------
 # Writing
 
+# safetensors' order of the tensors in a file, whatever order save_file is given them: by dtype,
+# widest first (its Rust Dtype enum, descending), then by name (bytewise). Matching it keeps pizoo's
+# files byte-identical to save_file's.
+_ST_ORDER = {name: i for i, name in enumerate(
+    ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
+_COPY_CHUNK = 16 << 20  # the pread/pwrite fallback's buffer where copy_file_range is unavailable
+
+
+def safetensors_header(layout: Iterable[tuple[str, str, Sequence[int]]], metadata: dict[str, str] | None = None
+                       ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header save_file writes for tensors (name, safetensors dtype name, shape): the 8-byte
+    little-endian length, compact JSON padded with spaces to 8 bytes. Returns it and each tensor's
+    (start, end) in the data section, which follows the header."""
+    entries = sorted(layout, key=lambda e: (_ST_ORDER[e[1]], e[0].encode("utf-8")))
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    ranges: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, st, shape in entries:
+        nbytes = math.prod(shape) * ST_DTYPES[st][1]
+        header[name] = {"dtype": st, "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+        ranges[name] = (offset, offset + nbytes)
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts on an 8-byte boundary
+    return struct.pack("<Q", len(raw)) + raw, ranges
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)  # one call writes at most ~2 GiB on Linux
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
+    """Copy bytes between files in the kernel (os.copy_file_range; a reflink on btrfs/XFS), else
+    through a bounded buffer."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, count, src_off, dst_off)
+        except (AttributeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL,
+                                                          errno.EPERM, errno.EBADF):
+                raise
+            n = 0
+        if n <= 0:  # unsupported here: copy through user space
+            buf = os.pread(src, min(count, _COPY_CHUNK), src_off)
+            if not buf:
+                raise OSError(errno.EIO, "temporary data file is shorter than written")
+            _pwrite_all(dst, buf, dst_off)
+            n = len(buf)
+        count, src_off, dst_off = count - n, src_off + n, dst_off + n
+
+
+class SafetensorsWriter:
+    """One safetensors file, written with at most one tensor in memory at a time.
+
+    The header (every tensor's dtype, shape and offsets) must come first in the file, so:
+
+    * with `layout` (name, torch dtype, shape for every tensor, known up front as from
+      ModelConfig.expected_shapes() or a source's TensorInfo), the header is written at once and
+      each tensor goes straight to its offset when it arrives, in any order: one pass over the bytes;
+    * without it, tensors are appended to a temporary data file beside the output and `close()`
+      writes the header and moves each tensor's bytes into place with os.copy_file_range, in the
+      kernel (a pread/pwrite fallback where unsupported). That costs a second pass over the bytes on
+      disk and the file's size in temporary space, never memory.
+
+    Either way the file is byte-identical to `safetensors.torch.save_file(tensors, metadata=...)`
+    (tensors ordered by dtype then name, as save_file orders them). It is written to a temporary
+    sibling, fsynced and renamed into place by `close()` with the umask's default mode; on error or
+    `abort()` nothing is left. Bad input raises PizooError; I/O errors propagate as OSError for the
+    caller to word. Use it as a context manager (close on success, abort on error).
+    """
+
+    def __init__(self, path: str | os.PathLike, layout: Iterable[tuple[str, torch.dtype, Sequence[int]]] | None = None,
+                 *, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = {"format": "pt"} if metadata is None else metadata
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+            raise PizooError(f"{self.path}: safetensors metadata must map strings to strings")
+        self._written: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape), arrival order
+        self._data_offsets: dict[str, int] = {}  # name -> offset in the temporary data file
+        self._data_len = 0
+        self._data_fd = self._data_tmp = None
+        self._layout: dict[str, tuple[str, tuple[int, ...]]] | None = None
+        if layout is not None:
+            self._layout = {}
+            for name, dtype, shape in layout:
+                if name in self._layout:
+                    raise PizooError(f"{self.path}: tensor '{name}' appears twice in the layout")
+                self._layout[name] = (self._st_dtype(name, dtype), tuple(int(d) for d in shape))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._fd: int | None = fd
+        try:
+            if self._layout is not None:
+                head, self._ranges = safetensors_header(((n, st, s) for n, (st, s) in self._layout.items()),
+                                                        self.metadata)
+                self._base = len(head)
+                _pwrite_all(fd, head, 0)
+                os.ftruncate(fd, self._base + max((e for _, e in self._ranges.values()), default=0))
+            else:
+                dfd, self._data_tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data.tmp",
+                                                       dir=self.path.parent)
+                self._data_fd = dfd
+        except BaseException:
+            self.abort()
+            raise
+
+    def _st_dtype(self, name: str, dtype: torch.dtype) -> str:
+        st = TORCH_TO_ST.get(dtype)
+        if st is None:
+            raise PizooError(f"{self.path}: tensor '{name}' has dtype {dtype}; pizoo writes "
+                             f"{', '.join(str(d).removeprefix('torch.') for d in TORCH_TO_ST)}")
+        return st
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        """Write one tensor (copied to the host first if on a device); returns its byte count."""
+        if self._fd is None:
+            raise PizooError(f"{self.path}: the writer is already closed")
+        if not isinstance(tensor, torch.Tensor):
+            raise PizooError(f"{self.path}: '{name}' is a {type(tensor).__name__}, not a tensor")
+        if name in self._written:
+            raise PizooError(f"{self.path}: tensor '{name}' written twice")
+        st, shape = self._st_dtype(name, tensor.dtype), tuple(tensor.shape)
+        if self._layout is not None:
+            want = self._layout.get(name)
+            if want is None:
+                raise PizooError(f"{self.path}: tensor '{name}' is not in the layout this file was started with")
+            if want != (st, shape):
+                raise PizooError(f"{self.path}: tensor '{name}' is {st} {list(shape)} but the layout says "
+                                 f"{want[0]} {list(want[1])}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: no copy on the host
+        if self._layout is not None:
+            _pwrite_all(self._fd, data, self._base + self._ranges[name][0])
+        else:
+            _pwrite_all(self._data_fd, data, self._data_len)
+            self._data_offsets[name] = self._data_len
+            self._data_len += data.nbytes
+        self._written[name] = (st, shape)
+        return data.nbytes
+
+    def close(self) -> Path:
+        """Finish the file (header, data, fsync) and rename it into place; returns its path."""
+        if self._fd is None:
+            raise PizooError(f"{self.path}: the writer is already closed")
+        try:
+            if self._layout is not None:
+                missing = [n for n in self._layout if n not in self._written]
+                if missing:
+                    raise PizooError(f"{self.path}: tensor '{missing[0]}' is in the layout but was never written "
+                                     f"({len(missing)} missing)")
+            else:
+                head, ranges = safetensors_header(((n, st, s) for n, (st, s) in self._written.items()), self.metadata)
+                _pwrite_all(self._fd, head, 0)
+                for name, (start, end) in ranges.items():
+                    _copy_range(self._data_fd, self._fd, end - start, self._data_offsets[name], len(head) + start)
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            os.chmod(self._tmp, _default_mode(0o666))  # mkstemp made it private (0600)
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self._drop_data()
+        return self.path
+
+    def _drop_data(self) -> None:
+        if self._data_fd is not None:
+            os.close(self._data_fd)
+            self._data_fd = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._data_tmp)
+
+    def abort(self) -> None:
+        """Discard everything written; the final path is never touched."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+        self._drop_data()
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                      layout: Iterable[tuple[str, torch.dtype, Sequence[int]]] | None = None,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Stream (name, tensor) pairs into one safetensors file (see SafetensorsWriter); atomic."""
+    with SafetensorsWriter(path, layout, metadata=metadata) as w:
+        for name, t in tensors:
+            w.add(name, t)
+            del t  # let the caller's next tensor replace this one, not join it
+    return w.path
+
 
 def _shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
@@ -252,44 +466,49 @@ def write_checkpoint(out: str | os.PathLike, config: ModelConfig, tensors: Itera
     """Write an HF folder atomically, streaming `tensors` into shards of at most `max_shard_bytes`.
 
     Tensors are written as given (dtype kept) unless `dtype` converts floating tensors. Tokenizer
-    files and generation_config.json are copied from `copy_files_from`. Only one shard's tensors
-    are held in memory at a time.
+    files and generation_config.json are copied from `copy_files_from`. Each tensor goes to disk as
+    it arrives (SafetensorsWriter without a layout), so memory is bounded by the largest tensor, not
+    the shard; a shard's bytes pass through a temporary file beside it once.
     """
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         shards: list[tuple[str, list[str]]] = []
-        current: dict[str, torch.Tensor] = {}
+        writer: SafetensorsWriter | None = None
         current_bytes = 0
         total_bytes = 0
-        bar = tqdm(unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
-
-        def flush() -> None:
-            nonlocal current, current_bytes
-            if not current:
-                return
-            name = f"shard-{len(shards):05d}.tmp"
-            save_file(current, str(tmp / name), metadata={"format": "pt"})
-            os.chmod(tmp / name, _default_mode(0o666))  # safetensors creates it private (0600)
-            shards.append((name, list(current)))
-            current, current_bytes = {}, 0
-
         seen: set[str] = set()
-        for name, t in tensors:
-            if name in seen:
-                raise PizooError(f"{out}: tensor '{name}' written twice")
-            seen.add(name)
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            t = t.detach().to("cpu").contiguous()
-            nbytes = t.numel() * t.element_size()
-            if current and current_bytes + nbytes > max_shard_bytes:
-                flush()
-            current[name] = t
-            current_bytes += nbytes
-            total_bytes += nbytes
-            bar.update(nbytes)
-        flush()
-        bar.close()
+        bar = tqdm(unit="B", unit_scale=True, desc="writing", disable=not progress, leave=False)
+        try:
+            for name, t in tensors:
+                if name in seen:
+                    raise PizooError(f"{out}: tensor '{name}' written twice")
+                seen.add(name)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                nbytes = t.numel() * t.element_size()
+                if writer is not None and current_bytes + nbytes > max_shard_bytes:
+                    writer.close()
+                    writer = None
+                if writer is None:
+                    shards.append((f"shard-{len(shards):05d}.tmp", []))
+                    writer = SafetensorsWriter(tmp / shards[-1][0], metadata={"format": "pt"})
+                    current_bytes = 0
+                writer.add(name, t)
+                del t  # the next tensor replaces this one in memory
+                shards[-1][1].append(name)
+                current_bytes += nbytes
+                total_bytes += nbytes
+                bar.update(nbytes)
+            if writer is not None:
+                writer.close()
+                writer = None
+        except OSError as e:
+            raise PizooError(f"{out}: cannot write the weights ({e.strerror or e}); check free space and "
+                             "permissions") from None
+        finally:
+            if writer is not None:
+                writer.abort()
+            bar.close()
         if not shards:
             raise PizooError(f"{out}: no tensors to write")
         if len(shards) == 1:

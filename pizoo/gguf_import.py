@@ -2,7 +2,8 @@
 
 Tensors are read one at a time from the memory-mapped GGUF, dequantised (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants, through gguf.quants), un-permuted from llama.cpp's
-'adjacent pairs' rotary layout back to HF's 'halves', and streamed into sharded safetensors.
+'adjacent pairs' rotary layout back to HF's 'halves', and streamed into sharded safetensors, each
+tensor on disk before the next is read.
 The tokenizer is rebuilt as tokenizer.json (byte-level BPE from tokens + merges with the matching
 pre-tokenizer; SentencePiece-style BPE from tokens + scores), with tokenizer_config.json (special
 tokens, add_bos/add_eos, chat template), config.json (RoPE scaling read back) and
@@ -33,7 +34,6 @@ from .export.gguf import (KEY_ARCH, KEY_ATTENTION_BIAS, KEY_BLOCK, KEY_ROPE, KEY
                           float32_value, gguf_to_hf_name, open_gguf, unpermute_rows)
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
-IMPORT_SHARD_BYTES = 2 * 1024**3  # bounds the memory write_checkpoint holds per shard
 _TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
 LLAMA_CPP_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
@@ -211,7 +211,9 @@ def _tensor_data(t, path: Path) -> torch.Tensor:
 
 
 def _iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) one at a time, un-permuting q/k for arch llama."""
+    """(HF name, tensor) one at a time, un-permuting q/k for arch llama. A generator on purpose:
+    write_checkpoint puts each tensor on disk before the next is dequantised, so memory holds about
+    one tensor (plus the GGUF's memory map), never the model."""
     expected = cfg.expected_shapes()
     seen = set()
     for t in reader.tensors:
@@ -229,6 +231,7 @@ def _iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[t
             data = unpermute_rows(data, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads).contiguous()
         seen.add(name)
         yield name, data
+        del data  # before the next tensor is dequantised
     missing = [n for n in expected if n not in seen]
     if missing:
         raise PizooError(f"{path}: tensor for '{missing[0]}' is missing; the file is incomplete")
@@ -384,6 +387,5 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
         with torch.inference_mode():
             write_checkpoint(out, cfg, _iter_tensors(reader, cfg, arch, path), copy_files_from=tmp,
-                             generation_config=gen, overwrite=overwrite, progress=progress,
-                             max_shard_bytes=IMPORT_SHARD_BYTES)
+                             generation_config=gen, overwrite=overwrite, progress=progress)
     return out

@@ -46,7 +46,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -516,26 +515,13 @@ def _write_safetensors_streamed(path: Path, entries: list[tuple[str, torch.Tenso
     """A safetensors file written one tensor at a time (one device-to-host copy each), then fsynced.
 
     safetensors' save_file needs every tensor on the host at once: a rank's whole shard of the
-    model and optimizer. The header is known from shapes alone, so the data can follow piecewise.
+    model and optimizer. The header is known from shapes alone (the layout given up front), so each
+    tensor goes straight to its offset.
     """
-    from .checkpoint import TORCH_TO_ST
+    from .checkpoint import write_safetensors
 
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, t in entries:
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # safetensors starts the data on an 8-byte boundary
     try:
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for _, t in entries:
-                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
+        write_safetensors(path, entries, layout=[(key, t.dtype, tuple(t.shape)) for key, t in entries])
     except OSError as e:
         raise PizooError(f"{path}: cannot write this rank's checkpoint shard ({e.strerror}); the state folder must "
                          "be writable, have space, and be on a file system every node shares") from None

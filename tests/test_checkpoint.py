@@ -176,3 +176,155 @@ def test_longrope_writes_top_level_original_length_for_transformers_v4():
     # Other methods are unchanged: no top-level key.
     assert "original_max_position_embeddings" not in ModelConfig(
         **{**cfg.__dict__, "rope": RopeConfig().scaled("yarn", 4.0, 64)}).to_hf_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming safetensors writer
+
+
+def _all_dtypes() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    big = torch.randn(4, 8, generator=g)
+    return {
+        "model.layers.0.w": base.to(torch.bfloat16),
+        "f32": base, "f16": base.half(), "f64": base.double(),
+        "i64": torch.arange(-6, 6), "i32": torch.arange(7, dtype=torch.int32), "i16": torch.arange(-3, 3, dtype=torch.int16),
+        "i8": torch.arange(-4, 4, dtype=torch.int8), "u8": torch.arange(250, 256, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "nan": torch.tensor([float("nan"), float("inf"), -0.0]),
+        "scalar": torch.tensor(2.5), "scalar_int": torch.tensor(7), "empty": torch.zeros(0, 4),
+        "empty_bf16": torch.zeros(3, 0, dtype=torch.bfloat16),
+        "transposed": big.t(),  # not contiguous
+        "offset_view": big[1:3, 2:],  # a view with a storage offset
+        "ümlaut/α\n\"q\\": torch.ones(2),  # JSON escaping and UTF-8 as safetensors writes them
+        "A": torch.ones(1), "a": torch.zeros(1),
+    }
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("with_layout", [False, True])
+def test_streaming_writer_is_byte_identical_to_save_file(tmp_path, with_layout):
+    """Both modes (layout up front: tensors arrive in any order; no layout: temp file + copy_file_range)
+    write exactly the bytes of safetensors' save_file, which loads back identical tensors and metadata."""
+    import os
+    import stat
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from pizoo.checkpoint import read_safetensors_header, write_safetensors
+
+    tensors = _all_dtypes()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "ref.safetensors"),
+              metadata={"format": "pt"})
+    items = list(tensors.items())
+    layout = [(k, v.dtype, v.shape) for k, v in items] if with_layout else None
+    old = os.umask(0o022)
+    try:
+        out = write_safetensors(tmp_path / "out.safetensors", reversed(items) if with_layout else items, layout=layout)
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]  # no temp files
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    back = load_file(str(out))
+    assert back.keys() == tensors.keys()
+    assert all(_bytes_equal(back[k], v) for k, v in tensors.items())
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert set(read_safetensors_header(out)) == set(tensors)
+
+
+def test_sharded_checkpoint_shards_are_byte_identical_to_save_file(tiny_model_factory, tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = open_checkpoint(tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece"))
+    out = write_checkpoint(tmp_path / "sharded", ckpt.config, ckpt.iter_tensors(), max_shard_bytes=30_000)
+    back = open_checkpoint(out)
+    assert len(back.files) > 2
+    for i, shard in enumerate(back.files):
+        save_file({n: t for n, t in back.iter_tensors() if back.tensors[n].file == shard},
+                  str(tmp_path / f"ref{i}"), metadata={"format": "pt"})
+        assert shard.read_bytes() == (tmp_path / f"ref{i}").read_bytes(), shard.name
+
+
+def _numpy_tensors(count: int, nbytes: int):
+    """Fresh tensors whose memory numpy allocates, so tracemalloc sees it (torch's allocator it does not)."""
+    import numpy as np
+
+    for i in range(count):
+        yield f"t{i:02d}", torch.from_numpy(np.full(nbytes // 4, float(i), dtype=np.float32))
+
+
+@pytest.mark.parametrize("how", ["write_checkpoint", "no_layout", "layout"])
+def test_streaming_writer_holds_one_tensor_at_a_time(tmp_path, how):
+    """16 tensors of 4 MiB into one file: the peak of traced memory stays near one or two tensors, where
+    buffering the shard (what write_checkpoint did through save_file) needs all 64 MiB."""
+    import tracemalloc
+
+    from pizoo.checkpoint import write_safetensors
+
+    count, each = 16, 4 << 20
+    cfg = ModelConfig(architecture="llama", vocab_size=32, hidden_size=64, intermediate_size=128, num_layers=1,
+                      num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=256)
+    tracemalloc.start()
+    try:
+        if how == "write_checkpoint":
+            path = write_checkpoint(tmp_path / "ckpt", cfg, _numpy_tensors(count, each)) / SINGLE_FILE
+        else:
+            layout = [(n, torch.float32, (each // 4,)) for n in (f"t{i:02d}" for i in range(count))]
+            path = write_safetensors(tmp_path / "x.safetensors", _numpy_tensors(count, each),
+                                     layout=layout if how == "layout" else None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * each, f"peak {peak / 2**20:.1f} MiB for {count} tensors of {each / 2**20:.0f} MiB"
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == [f"t{i:02d}" for i in range(count)]
+        assert all(float(f.get_slice(f"t{i:02d}")[:1][0]) == float(i) for i in range(count))
+
+
+@pytest.mark.parametrize("with_layout", [False, True])
+def test_streaming_writer_failure_leaves_nothing(tmp_path, with_layout):
+    from pizoo.checkpoint import SafetensorsWriter, write_safetensors
+
+    layout = [(f"t{i}", torch.float32, (1000,)) for i in range(4)] if with_layout else None
+
+    def failing():
+        for i in range(4):
+            if i == 2:
+                raise RuntimeError("source died")
+            yield f"t{i}", torch.ones(1000)
+
+    target = tmp_path / "x.safetensors"
+    with pytest.raises(RuntimeError, match="source died"):
+        write_safetensors(target, failing(), layout=layout)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PizooError, match="complex64") as e:
+        write_safetensors(target, [("t0", torch.ones(1000)), ("t1", torch.ones(1000, dtype=torch.complex64))],
+                          layout=None)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(PizooError, match="written twice"):
+        write_safetensors(target, [("t0", torch.ones(1000)), ("t0", torch.ones(1000))], layout=layout)
+    assert list(tmp_path.iterdir()) == []
+    if with_layout:
+        with pytest.raises(PizooError, match=r"'t1' is F32 \[999\] but the layout says F32 \[1000\]"):
+            write_safetensors(target, [("t1", torch.ones(999))], layout=layout)
+        with pytest.raises(PizooError, match="'t3' is in the layout but was never written"):
+            write_safetensors(target, [(f"t{i}", torch.ones(1000)) for i in range(3)], layout=layout)
+        with pytest.raises(PizooError, match="'zz' is not in the layout"):
+            write_safetensors(target, [("zz", torch.ones(1000))], layout=layout)
+        assert list(tmp_path.iterdir()) == []
+    # The writer never touches an existing file at the path until it is complete.
+    target.write_bytes(b"old")
+    w = SafetensorsWriter(target, layout)
+    w.add("t0", torch.ones(1000))
+    w.abort()
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint, write_safetensors
 from ..config import ModelConfig, ntk_theta
 from ..describe import register_format
 from ..errors import PizooError
@@ -47,7 +46,6 @@ from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_json
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 # pizoo architecture -> TensorRT-LLM architecture. Mistral is a Llama in TensorRT-LLM's MODEL_MAP;
 # writing LlamaForCausalLM keeps the Llama-only build fusions (reduce_fusion, StreamingLLM) usable.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "QWenForCausalLM"}
@@ -324,24 +322,17 @@ def _materialise(reader: _SliceReader, entry: RankTensor, dtype: torch.dtype) ->
 
 
 def _write_rank_file(path: Path, plan: list[RankTensor], reader: _SliceReader, dtype: torch.dtype, bar) -> None:
-    """Write one safetensors file tensor by tensor: the header is known from the plan, so only one
-    tensor is ever held in memory (safetensors' save_file would need the whole rank at once)."""
-    st_dtype, item = SAFETENSORS_DTYPES[dtype], torch.empty((), dtype=dtype).element_size()
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for entry in plan:
-        nbytes = math.prod(entry.shape) * item
-        header[entry.name] = {"dtype": st_dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    """Write one safetensors file tensor by tensor: the header is known from the plan (the layout
+    up front), so only one tensor is ever held in memory (save_file would need the whole rank)."""
+
+    def tensors():
         for entry in plan:
             t = _materialise(reader, entry, dtype)
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
-            bar.update(t.numel() * item)
+            yield entry.name, t
+            bar.update(t.numel() * t.element_size())
+            del t
+
+    write_safetensors(path, tensors(), layout=[(entry.name, dtype, entry.shape) for entry in plan])
 
 
 def default_output(src: Path, dtype: str, tp: int, pp: int) -> Path:
