@@ -220,9 +220,9 @@ EXPECTED_METADATA_DIFFERENCES = {
                              "vocabulary matches the tensors",
     "tokenizer.ggml.scores": "a BPE tokenizer.json has no scores: llama.cpp writes -1000 for every token, pizoo 0.0 "
                              "(constant either way), over lists of different lengths (see tokens)",
-    "tokenizer.ggml.token_type": "the lists differ in length (see tokens), and llama.cpp types the <0xNN> "
-                                 "byte-fallback tokens BYTE (6) where pizoo types them CONTROL (3), because this "
-                                 "synthetic tokenizer declares them as special added tokens",
+    "tokenizer.ggml.token_type": "the lists differ in length (see tokens), and <unk> is UNKNOWN (2) in pizoo's "
+                                 "file, CONTROL (3) in llama.cpp's; both type the <0xNN> byte-fallback tokens "
+                                 "BYTE (6)",
 }
 
 

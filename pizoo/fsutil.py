@@ -7,10 +7,13 @@ SIGKILL or Ctrl-C leaves either the old artifact or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -49,14 +52,67 @@ def _fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of `path` for writing; rename it over `path` only on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+
+
+def _temp_pattern(path: Path) -> re.Pattern:
+    """The names tempfile.mkstemp gives pizoo's temporaries of `path`: .NAME.XXXXXXXX.tmp"""
+    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary files of `path` that a killed writer left (SIGKILL, power loss).
+
+    Only pizoo's own pattern (.NAME.XXXXXXXX.tmp beside `path`), only regular files, and only those
+    no live process holds: atomic_path keeps an exclusive flock on its temporary while it writes, and
+    the kernel drops the lock when its process dies. Returns what was removed."""
+    path = Path(path)
+    pattern, removed = _temp_pattern(path), []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        cand = path.parent / name
+        try:
+            fd = os.open(cand, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            os.unlink(cand)
+            removed.append(cand)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path for a writer that opens the file itself (e.g. gguf.GGUFWriter).
+
+    On success the file is fsynced, given the umask's mode and renamed over `path` (then the folder is
+    fsynced); on any exception, KeyboardInterrupt included, it is removed. Stale temporaries of the
+    same `path` left by killed writers are removed first (see remove_stale_temps)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        fcntl.flock(fd, fcntl.LOCK_EX)  # marks the temporary as in use until this process ends
+        yield Path(tmp)
+        os.fsync(fd)  # the same inode as whatever the writer opened
         os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -64,6 +120,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

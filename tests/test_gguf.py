@@ -514,3 +514,160 @@ def test_cli_convert_import_inspect(sharp_model, tmp_path):
     assert r.returncode == 2 and "--dtype" in r.stderr and "Traceback" not in r.stderr
     r = _cli("import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming exporter: conversions, range checks, temporaries, signals
+
+
+def test_q8_0_rounds_half_away_from_zero_like_ggml():
+    """Every float32 within 64 ulps of each half-integer up to 127.5 (where a quantiser that adds 0.5
+    or rounds half to even goes wrong), as block values with scale 1, against gguf's reference."""
+    from gguf import GGMLQuantizationType, quants
+
+    halves = np.arange(0, 128, dtype=np.float32) + np.float32(0.5)
+    bits = halves.view(np.uint32)[:, None] + np.arange(-64, 65, dtype=np.int64)[None, :]
+    vals = bits.astype(np.uint32).view(np.float32).reshape(-1)
+    vals = vals[np.abs(vals) <= 127]
+    vals = np.concatenate([vals, -vals, np.float32([0.0, -0.0, 1e-30, -1e-30])])
+    vals = np.resize(vals, (len(vals) // 248 + 1) * 248).reshape(-1, 31)
+    blocks = np.concatenate([np.full((len(vals), 1), 127, np.float32), vals], axis=1).reshape(-1, 32 * 8)
+    ours = quantize_q8_0(blocks)
+    assert isinstance(ours, np.ndarray)
+    np.testing.assert_array_equal(ours, quants.quantize(blocks, GGMLQuantizationType.Q8_0))
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((96, 512)) * rng.choice([1e-6, 0.02, 3.0, 4e4], (96, 1))).astype(np.float32)
+    x[5, 64:96] = 0.0
+    x[6, 96:128] = -0.0
+    np.testing.assert_array_equal(quantize_q8_0(x), quants.quantize(x, GGMLQuantizationType.Q8_0))
+
+
+def test_bf16_to_f16_equals_float32_rounding_for_every_bf16():
+    from pizoo.export.gguf import _F16Overflow, _bf16_to_f16, _bf16_to_f32
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    as_f32 = _bf16_to_f32(every)
+    with np.errstate(over="ignore"):
+        expected = as_f32.astype(np.float16)
+    overflow = np.isinf(expected) & np.isfinite(as_f32)
+    assert overflow.sum() == 2 * (0x7F80 - 0x4780)  # every finite bf16 from 65536 up, both signs
+    ok = every[~overflow]
+    np.testing.assert_array_equal(_bf16_to_f16(ok.copy()).view(np.uint16), expected[~overflow].view(np.uint16))
+    with pytest.raises(_F16Overflow):
+        _bf16_to_f16(every.copy())
+
+
+def test_f32_to_bf16_equals_torch():
+    from pizoo.export.gguf import _f32_to_bf16
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3)) * 1e3
+    x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3.3895314e38])
+    ours = _f32_to_bf16(x.numpy().copy())
+    ref = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours[3:], ref[3:])
+    np.testing.assert_array_equal(ours[:2], ref[:2])
+    assert np.isnan(torch.from_numpy(ours[2:3].view(np.int16)).view(torch.bfloat16).float().numpy()).all()
+
+
+def test_export_does_not_import_torch(sharp_model, tmp_path):
+    """Without a RoPE table to compute, the export never imports torch (~220 MiB resident)."""
+    src = sharp_model("llama-gqa", "linear", torch.bfloat16)
+    code = ("import sys; from pizoo.export.gguf import export_gguf; "
+            f"export_gguf({str(src)!r}, {str(tmp_path / 'm.gguf')!r}, dtype='q8_0'); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_f16_export_refuses_values_beyond_float16_range(tmp_path, tokenizer_dirs, src_dtype):
+    tok_dir, vocab, bos, eos = tokenizer_dirs["bpe"]
+    cfg = tiny_config("llama", vocab_size=vocab, bos=bos, eos=eos)
+    state = {k: v.detach().clone() for k, v in random_model(cfg).hf_state_dict().items()}
+    state["model.layers.1.mlp.up_proj.weight"][3, 7] = -70000.0  # beyond float16's 65504
+    src = tmp_path / "big"
+    write_checkpoint(src, cfg, ((k, v.to(src_dtype)) for k, v in state.items()), copy_files_from=tok_dir)
+    with pytest.raises(PizooError) as e:
+        export_gguf(src, tmp_path / "m.gguf", dtype="f16")
+    msg = str(e.value)
+    assert "\n" not in msg and "model.layers.1.mlp.up_proj.weight" in msg and "65504" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"]  # no output, no temporary left
+    assert export_gguf(src, tmp_path / "q.gguf", dtype="q8_0").is_file()  # other types take such values
+
+
+def test_stale_temporaries_of_the_target_are_removed(sharp_model, tmp_path):
+    """A killed export leaves .NAME.XXXXXXXX.tmp: the next export of the same file removes it, unless a
+    live writer holds it (flock), and leaves every other file alone."""
+    import fcntl
+
+    from pizoo.fsutil import remove_stale_temps
+
+    stale = tmp_path / ".m.gguf.ab12cd_9.tmp"
+    live = tmp_path / ".m.gguf.zz99yy00.tmp"
+    others = [tmp_path / ".other.gguf.ab12cd_9.tmp", tmp_path / "m.gguf.ab12cd_9.tmp", tmp_path / ".m.gguf.x.tmp"]
+    for p in (stale, live, *others):
+        p.write_bytes(b"GGUF partial")
+    (tmp_path / ".m.gguf.dir00000.tmp").mkdir()
+    holder = open(live, "rb")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        out = export_gguf(sharp_model("llama-tied", "none"), tmp_path / "m.gguf", dtype="f32")
+        assert out.is_file() and not stale.exists() and live.exists()
+        assert all(p.exists() for p in others) and (tmp_path / ".m.gguf.dir00000.tmp").is_dir()
+    finally:
+        holder.close()
+    assert remove_stale_temps(tmp_path / "m.gguf") == [live]  # its writer is gone now
+
+
+def test_sigterm_stops_the_export_like_ctrl_c(tmp_path):
+    """SIGTERM during `pizoo convert` exits 130 with a one-line message and leaves no temporary."""
+    import os
+    import signal
+    import time
+
+    from pizoo.synthetic import write_synthetic_llama
+
+    src = write_synthetic_llama(tmp_path / "src", hidden_size=512, num_layers=2, intermediate_size=1024,
+                                num_heads=8, num_kv_heads=2, vocab_size=32000, dtype=torch.float32)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "pizoo.cli", "convert", str(src), "--to", "gguf", "--dtype",
+                             "q8_0", "--out", str(out / "m.gguf")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".m.gguf.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert proc.poll() is None, "the export ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "error: interrupted"
+    assert list(out.iterdir()) == []
+
+
+def test_byte_fallback_tokens_are_byte_typed_and_decode_like_hf(sharp_model, tmp_path):
+    """The SentencePiece-style test tokenizer lists its <0xNN> pieces as special added tokens. llama.cpp
+    must see them as BYTE (6): its detokenizer turns only those into raw bytes."""
+    from gguf import GGUFReader
+
+    from pizoo.tokenizer import load_tokenizer
+
+    src = sharp_model("llama-gqa", "none")
+    spec = json.loads((src / "tokenizer.json").read_text())
+    assert any(a["content"] == "<0xE6>" and a["special"] for a in spec["added_tokens"])
+    out = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    r = GGUFReader(out)
+    tokens, types = r.fields["tokenizer.ggml.tokens"].contents(), r.fields["tokenizer.ggml.token_type"].contents()
+    assert {types[i] for i, t in enumerate(tokens) if t.startswith("<0x") and t.endswith(">")} == {6}
+    tok = load_tokenizer(src)
+    text = "naïve café — 東京 🚀 ½ Ω ≈ ü"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert sum(tokens[i].startswith("<0x") for i in ids) >= 10  # the text really goes through byte pieces
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    try:
+        decoded = llm.detokenize(ids).decode("utf-8")
+        again = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    finally:
+        llm.close()
+    assert decoded.strip() == tok.decode(ids, skip_special_tokens=False).strip() == text
+    assert again == ids

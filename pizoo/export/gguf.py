@@ -22,32 +22,34 @@ length (tests compare logits through llama-cpp-python). How each scaling method 
 A `pizoo.*` block of keys (ignored by llama.cpp) records the exact RoPE config, the original
 architecture and the sliding window, so `pizoo import` restores the model bit for bit.
 
-The data section is written by a pipeline: worker threads read memory-mapped safetensors in row
-chunks (q/k permuted, converted, q8_0 quantised with vectorised torch ops), at most a fixed number
-of chunks ahead of the main thread, which writes them in order. Source pages are released after each chunk, so resident
+The data section is written by a pipeline that never imports torch (it would add ~220 MiB of
+resident memory; only yarn's attention factor and per-frequency RoPE tables need it, via pizoo.rope): worker threads read
+the safetensors bytes in row chunks with os.preadv and permute q/k, convert (bf16 -> f16 by integer
+ops, q8_0 by vectorised numpy, bit-identical to ggml) at most a few chunks ahead of the main thread,
+which writes them in order while a background fdatasync keeps the kernel's writeback going. Resident
 memory stays at a few chunks whatever the model size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import mmap
 import os
 import re
-import tempfile
+import signal
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from ..config import ModelConfig, RopeConfig, ntk_theta, rope_to_dict
 from ..errors import PizooError
-from ..rope import frequency_factors, inv_freq_for, yarn_attention_factor
+from ..hf_folder import TensorInfo, index_hf_folder
 
 log = logging.getLogger("pizoo.gguf")
 
@@ -59,10 +61,6 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 QUANT_BLOCK = 32  # Q8_0 block size (elements)
 Q8_0_BLOCK_BYTES = 34  # f16 scale + 32 int8
-# Elements per pipeline chunk: 1M elements (4 MiB as float32) keeps q8_0's temporaries in cache and
-# bounds memory; QUEUE_CHUNKS converted chunks wait for the writer at most.
-CHUNK_ELEMENTS = 1 << 20
-QUEUE_CHUNKS = 8
 
 # HF tensor names -> GGUF names (per layer names take the layer number).
 GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -104,17 +102,18 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def permute_rows(w, n_head: int):
     """HF 'rotate halves' q/k rows -> llama.cpp 'adjacent pairs' order (per head: halves interleaved).
 
-    Works on weights [rows, cols] and biases [rows]; `w` may hold any whole number of heads.
+    Works on weights [rows, cols] and biases [rows], numpy arrays or torch tensors; `w` may hold any
+    whole number of heads.
     """
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+def unpermute_rows(w, n_head: int):
     """Inverse of `permute_rows`."""
     rows = w.shape[0]
     rest = w.shape[1:]
@@ -237,11 +236,17 @@ def plan_rope(cfg: ModelConfig, static_length: int | None = None, where: str = "
         return RopeExport(ctx, ntk_theta(rope.theta, rope.factor, dim), "none", None, rope.original_context,
                           None, None, rope)
     if method == "yarn" and rope.beta_fast == 32.0 and rope.beta_slow == 1.0 and rope.truncate:
+        from ..rope import yarn_attention_factor
+
         default = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
         wanted = yarn_attention_factor(rope)
         attn = None if math.isclose(wanted, default, rel_tol=1e-7) else wanted / default
         return RopeExport(ctx, rope.theta, "yarn", rope.factor, rope.original_context, attn, None, rope)
     # Per-frequency: rope_freqs = base / scaled inverse frequencies, at the extended length.
+    import torch
+
+    from ..rope import frequency_factors, inv_freq_for
+
     factors = frequency_factors(rope, dim, ctx).to(torch.float32).numpy()
     _, attn = inv_freq_for(rope, dim, ctx)
     computes = rope
@@ -507,7 +512,188 @@ def default_file_name(src: Path, cfg: ModelConfig, dtype: str, static_length: in
 
 
 # --------------------------------------------------------------------------------------------
+# Reading the source folder without torch
+#
+# The export reads raw safetensors bytes with os.preadv into numpy buffers, so it never imports torch
+# (about 220 MiB of resident memory) unless a per-frequency RoPE table must be computed, and never
+# maps the source files (whose touched pages would count as the process's resident memory).
+
+_ST_FLOAT = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F64": np.dtype("<f8")}
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions (numpy; every op on a whole chunk releases the GIL, so worker threads run in parallel)
+
+
+_Q8_HALF_BITS = np.uint32(np.float32(np.nextafter(np.float32(0.5), np.float32(0))).view(np.uint32))  # 0.49999997
+
+
+def _fresh(key: int, n: int, dtype) -> np.ndarray:
+    """The default temporary allocator: a new array (the pipeline passes per-thread scratch instead)."""
+    return np.empty(n, dtype=dtype)
+
+
+def _block_absmax_bits(abits: np.ndarray, tmp=_fresh) -> np.ndarray:
+    """Per 32-element block maximum of non-negative integers `abits` (float32 |x| bit patterns, whose
+    integer order is the float order), by halving along the flat array: every step is one long
+    strided loop, where a reduction over rows of 32 pays numpy's per-row overhead. Pairs never
+    straddle blocks (blocks start at multiples of 32)."""
+    n = abits.size
+    ping, pong = tmp(10, n // 2, np.uint32), tmp(11, n // 4, np.uint32)
+    m, size = abits, n
+    for step in range(5):
+        size //= 2
+        dst = (ping if step % 2 == 0 else pong)[:size]
+        np.maximum(m[0::2], m[1::2], out=dst)
+        m = dst
+    return m
+
+
+def _quantize_q8_0_f32(x: np.ndarray, out: np.ndarray | None = None, tmp=_fresh) -> np.ndarray:
+    """Q8_0 blocks of float32 `x` (any shape, size % 32 == 0; modified in place) as uint8 [blocks, 34].
+
+    Bit-identical to ggml's reference quantiser: d = absmax/127 (float32) stored as float16, values
+    x * (1/d) rounded half away from zero. The rounding adds the float32 just below 0.5 (with y's
+    sign) and truncates: exact for every |y| <= 128 (checked over every float32 in [0, 128]; the tests
+    check the values near each half-integer), where floor(|y| + 0.5) would round 0.49999997 up."""
+    flat = x.reshape(-1)
+    n = flat.size
+    bits = flat.view(np.uint32)
+    work = tmp(12, n, np.uint32)
+    np.bitwise_and(bits, np.uint32(0x7FFFFFFF), out=work)
+    amax = _block_absmax_bits(work, tmp).view(np.float32)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    blocks = flat.reshape(-1, QUANT_BLOCK)
+    blocks *= inv[:, None]
+    np.bitwise_and(bits, np.uint32(0x80000000), out=work)  # y's sign, on the float32 below 0.5
+    work |= _Q8_HALF_BITS
+    flat += work.view(np.float32)
+    if out is None:
+        out = np.empty((blocks.shape[0], Q8_0_BLOCK_BYTES), dtype=np.uint8)
+    out = out.reshape(blocks.shape[0], Q8_0_BLOCK_BYTES)
+    out[:, :2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    np.copyto(out[:, 2:].view(np.int8), blocks, casting="unsafe")  # float -> int8 truncates toward zero
+    return out
+
+
+def quantize_q8_0(x):
+    """Q8_0 blocks of `x` [rows, cols] (cols % 32 == 0) as uint8 [rows, cols/32*34], byte-identical to
+    ggml's reference quantiser. Takes and returns numpy arrays, or torch tensors."""
+    if not isinstance(x, np.ndarray):  # a torch tensor
+        import torch
+
+        return torch.from_numpy(quantize_q8_0(x.detach().to(torch.float32).cpu().numpy()))
+    rows, cols = x.shape
+    return _quantize_q8_0_f32(np.array(x, dtype=np.float32)).reshape(rows, cols // QUANT_BLOCK * Q8_0_BLOCK_BYTES)
+
+
+def _bf16_to_f32(u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty(u.shape, dtype=np.uint32)
+    np.left_shift(u, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out.view(np.float32)
+
+
+class _F16Overflow(Exception):
+    """A finite value beyond float16's range (the caller names the tensor)."""
+
+
+def _bf16_to_f16(u: np.ndarray, out: np.ndarray | None = None, tmp=_fresh) -> np.ndarray:
+    """bfloat16 bits -> float16 bits, exactly as float32 -> float16 rounding (numpy's astype) would.
+
+    Every bfloat16 whose exponent is in float16's normal range converts exactly by moving the exponent
+    and widening the mantissa (7 -> 10 bits), in three integer ops. The rest (zero, float16 subnormals,
+    beyond 65504, inf, nan) go through float32 -> float16 rounding."""
+    u = u.reshape(-1)
+    n = u.size
+    res = np.empty(n, np.uint16) if out is None else out.reshape(-1).view(np.uint16)
+    mag, sign = tmp(20, n, np.uint16), tmp(21, n, np.uint16)
+    np.bitwise_and(u, np.uint16(0x7FFF), out=mag)
+    np.subtract(mag, np.uint16(0x3800), out=res)  # exponent bias 127 -> 15 (low 7 bits: the mantissa)
+    res <<= 3
+    np.bitwise_and(u, np.uint16(0x8000), out=sign)
+    res |= sign
+    mag -= np.uint16(0x3880)  # wraps: only magnitudes in [2^-14, 65536) stay below the range
+    special = tmp(22, n, np.bool_)
+    np.greater_equal(mag, np.uint16(0x4780 - 0x3880), out=special)
+    if special.any():
+        idx = np.flatnonzero(special)
+        src = _bf16_to_f32(u[idx])
+        with np.errstate(over="ignore"):
+            conv = src.astype(np.float16)
+        if np.isinf(conv).any() and (np.isinf(conv) & np.isfinite(src)).any():
+            raise _F16Overflow
+        res[idx] = conv.view(np.uint16)
+    return res.view(np.float16)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounded to nearest even (nan stays a quiet nan)."""
+    bits = x.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = (bits[nan] >> 16) | np.uint32(0x40)
+    return rounded.astype(np.uint16)
+
+
+def _convert(raw: np.ndarray, src_dtype: str, out_type: str, out: np.ndarray | None = None,
+             tmp=_fresh) -> np.ndarray:
+    """Source elements (raw safetensors values, bf16 as uint16 bits; the caller's buffer, which may be
+    changed) -> the output type's bytes, in `out` (a uint8 buffer large enough) when given."""
+    n = raw.size
+
+    def dest(dtype) -> np.ndarray:
+        return np.empty(n, dtype) if out is None else out[:n * np.dtype(dtype).itemsize].view(dtype)
+
+    same = {("BF16", "bf16"), ("F16", "f16"), ("F32", "f32")}
+    if (src_dtype, out_type) in same:
+        if out is None:
+            return raw
+        d = dest(raw.dtype)
+        np.copyto(d, raw.reshape(-1))
+        return d
+    if src_dtype == "BF16" and out_type == "f16":
+        return _bf16_to_f16(raw, dest(np.uint16), tmp)
+    if src_dtype == "BF16":
+        x = _bf16_to_f32(raw, dest(np.float32) if out_type == "f32" else tmp(30, n, np.float32))
+    elif out_type == "f32":
+        x = dest(np.float32)
+        np.copyto(x, raw.reshape(-1), casting="unsafe")
+    else:
+        x = tmp(30, n, np.float32)
+        np.copyto(x, raw.reshape(-1), casting="unsafe")
+    if out_type == "f32":
+        return x
+    if out_type == "f16":
+        h = dest(np.float16)
+        with np.errstate(over="ignore"):
+            np.copyto(h, x, casting="unsafe")
+        inf = np.isinf(h)
+        if inf.any() and (inf & np.isfinite(x)).any():
+            raise _F16Overflow
+        return h
+    if out_type == "bf16":
+        h = dest(np.uint16)
+        np.copyto(h, _f32_to_bf16(x))
+        return h
+    q = None if out is None else out[:n // QUANT_BLOCK * Q8_0_BLOCK_BYTES]
+    return _quantize_q8_0_f32(x, q, tmp).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
 # Tensor plan and the data pipeline
+
+# Elements per pipeline chunk (1 MiB of bf16 input: a chunk's temporaries stay in cache; 4x larger
+# chunks measured slower); CHUNKS_IN_FLIGHT converted chunks wait for the writer at most, so buffers
+# stay at a few tens of MiB whatever the model size.
+CHUNK_ELEMENTS = 1 << 19
+CHUNKS_IN_FLIGHT = 6
+# The writer asks the kernel to write back the output every SYNC_EVERY bytes (an fdatasync in its own
+# thread), so writeback overlaps conversion and the final fsync before the rename is short.
+SYNC_EVERY = 128 << 20
 
 
 @dataclass
@@ -523,10 +709,9 @@ class _Job:
     src_dtype: str = "F32"  # safetensors dtype name
     heads: int | None = None  # permute q/k rows with this many heads
     array: np.ndarray | None = None
+    src_name: str = ""  # HF name (for messages)
 
 
-_ST_NUMPY = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16),
-             "F64": (np.float64, None)}
 _OUT_ELEM = {"f32": 4, "f16": 2, "bf16": 2}
 
 
@@ -543,75 +728,70 @@ def _ggml_type(out_type: str):
     return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
 
 
-def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Q8_0 blocks of `x` [rows, cols] (cols % 32 == 0) as uint8 [rows, cols/32*34], byte-identical to
-    ggml's reference quantiser (scale = absmax/127 stored as f16, values rounded half away from zero)."""
-    rows, cols = x.shape
-    blocks = x.to(torch.float32).reshape(-1, QUANT_BLOCK)
-    # absmax from two reductions instead of a full-size abs() temporary (abs() turns -0.0 into 0.0)
-    amax = torch.maximum(blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True).neg()).abs()
-    d = amax / 127
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    y = blocks * inv
-    # floor(a) + floor(2*(a - floor(a))) with a = |y| rounds half away from zero like C's roundf,
-    # without the rounding error of floor(a + 0.5); done in place to keep two temporaries.
-    fl = y.abs()
-    frac = fl.clone()
-    fl.floor_()
-    frac.sub_(fl).mul_(2).floor_()
-    q = fl.add_(frac).copysign_(y).to(torch.int8)
-    out = torch.empty((q.shape[0], Q8_0_BLOCK_BYTES), dtype=torch.uint8)
-    out[:, :2] = d.to(torch.float16).view(torch.uint8)
-    out[:, 2:] = q.view(torch.uint8)
-    return out.reshape(rows, cols // QUANT_BLOCK * Q8_0_BLOCK_BYTES)
-
-
-def _convert(t: torch.Tensor, out_type: str) -> np.ndarray:
-    """A source chunk (any float dtype) -> contiguous numpy bytes of the output type."""
-    if out_type == "f32":
-        return t.to(torch.float32).contiguous().numpy()
-    if out_type == "f16":
-        return t.to(torch.float16).contiguous().numpy()
-    if out_type == "bf16":
-        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-    return quantize_q8_0(t).contiguous().numpy()
-
-
-class _SourceMaps:
-    """Memory maps of the source safetensors files, opened once each."""
+class _SourceFiles:
+    """The source safetensors files, opened once each; chunks are read with os.preadv (thread-safe,
+    GIL released) into the caller's buffer."""
 
     def __init__(self) -> None:
-        import threading
+        self.fds: dict[Path, int] = {}
+        self.lock = threading.Lock()
 
-        self.maps: dict[Path, tuple[Any, mmap.mmap]] = {}
-        self.lock = threading.Lock()  # worker threads open files concurrently
-
-    def get(self, path: Path) -> mmap.mmap:
+    def read(self, path: Path, offset: int, into: np.ndarray) -> np.ndarray:
         with self.lock:
-            if path not in self.maps:
-                f = open(path, "rb")
-                # ACCESS_COPY gives a writable (never written) view, which torch.from_numpy accepts
-                # without a copy; pages stay shared with the page cache.
-                self.maps[path] = (f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
-            return self.maps[path][1]
-
-    def release(self, path: Path, start: int, end: int) -> None:
-        """Drop the resident pages of [start, end) so reading a large model never grows RSS."""
-        if not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        lo, hi = -(-start // page) * page, end // page * page
-        if hi > lo:
-            try:
-                self.maps[path][1].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            except (OSError, ValueError):
-                pass  # only an optimisation
+            if path not in self.fds:
+                self.fds[path] = os.open(path, os.O_RDONLY)
+            fd = self.fds[path]
+        view = memoryview(into).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise PizooError(f"{path}: ended early (truncated while being read?); re-download or re-export it")
+            done += n
+        return into
 
     def close(self) -> None:
-        for f, m in self.maps.values():
-            m.close()
-            f.close()
-        self.maps.clear()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _Scratch(threading.local):
+    """Per-thread temporaries, kept between chunks: reusing them avoids the page faults (system time)
+    of fresh multi-MiB allocations, which glibc returns to the kernel on every free."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[int, np.ndarray] = {}
+
+    def __call__(self, key: int, n: int, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        need = n * dtype.itemsize
+        buf = self.bufs.get(key)
+        if buf is None or buf.nbytes < need:
+            buf = self.bufs[key] = np.empty(need, dtype=np.uint8)
+        return buf[:need].view(dtype)
+
+
+class _OutputBuffers:
+    """A fixed set of output buffers that circulate between the workers and the writer (fresh ones
+    would page-fault, see _Scratch). Closing wakes every waiting worker with None."""
+
+    def __init__(self, count: int, nbytes: int) -> None:
+        import queue
+
+        self.free: "queue.Queue[np.ndarray | None]" = queue.Queue()
+        for _ in range(count):
+            self.free.put(np.empty(nbytes, dtype=np.uint8))
+
+    def get(self) -> np.ndarray | None:
+        return self.free.get()
+
+    def put(self, buf: np.ndarray | None) -> None:
+        self.free.put(buf)
+
+
+class _Cancelled(Exception):
+    pass
 
 
 def _chunk_rows(job: _Job) -> list[tuple[int, int]]:
@@ -624,35 +804,45 @@ def _chunk_rows(job: _Job) -> list[tuple[int, int]]:
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-def _convert_chunk(job: _Job, r0: int, r1: int, maps: _SourceMaps) -> tuple[np.ndarray, tuple | None]:
-    """Rows [r0, r1) of a tensor, read from the memory map, permuted and converted; plus the source
-    byte range to release once written."""
-    if job.array is not None:
-        return _convert(torch.from_numpy(job.array), job.out_type), None
-    np_dtype, torch_view = _ST_NUMPY[job.src_dtype]
-    row_elems = math.prod(job.shape[1:]) if len(job.shape) > 1 else 1
-    nbytes_row = row_elems * np.dtype(np_dtype).itemsize
-    start = job.offset + r0 * nbytes_row
-    arr = np.frombuffer(maps.get(job.file), dtype=np_dtype, count=(r1 - r0) * row_elems, offset=start)
-    t = torch.from_numpy(arr)
-    if torch_view is not None:
-        t = t.view(torch_view)
-    t = t.reshape((r1 - r0,) + tuple(job.shape[1:]))
-    if job.heads:
-        t = permute_rows(t, (r1 - r0) // (job.shape[0] // job.heads))
-    return _convert(t, job.out_type), (job.file, start, start + (r1 - r0) * nbytes_row)
+def _chunk_out_bytes(job: _Job, r0: int, r1: int) -> int:
+    return _out_nbytes((r1 - r0,) + tuple(job.shape[1:]), job.out_type)
 
 
-def _plan_tensors(ckpt, cfg: ModelConfig, dtype: str, permute: bool, rope_freqs: np.ndarray | None) -> list[_Job]:
+def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _Scratch,
+                   out: np.ndarray) -> np.ndarray:
+    """Rows [r0, r1) of a tensor: read, q/k permuted, converted to the output type's bytes in `out`."""
+    try:
+        if job.array is not None:
+            return _convert(job.array.astype(np.float32), "F32", job.out_type, out, scratch)
+        dtype = _ST_FLOAT[job.src_dtype]
+        row_elems = math.prod(job.shape[1:]) if len(job.shape) > 1 else 1
+        n = (r1 - r0) * row_elems
+        raw = files.read(job.file, job.offset + r0 * row_elems * dtype.itemsize, scratch(1, n, dtype))
+        if job.heads:
+            # HF 'rotate halves' rows -> llama.cpp's adjacent pairs (permute_rows), copied in one pass
+            heads = (r1 - r0) // (job.shape[0] // job.heads)
+            half = (r1 - r0) // heads // 2
+            dst = scratch(2, n, dtype)
+            np.copyto(dst.reshape(heads, half, 2, row_elems),
+                      raw.reshape(heads, 2, half, row_elems).swapaxes(1, 2))
+            raw = dst
+        return _convert(raw, job.src_dtype, job.out_type, out, scratch)
+    except _F16Overflow:
+        raise PizooError(f"{job.file}: tensor '{job.src_name}' has values beyond float16's range (+-65504) that "
+                         "would become inf; export with --dtype bf16, f32 or q8_0") from None
+
+
+def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: str, permute: bool,
+                  rope_freqs: np.ndarray | None) -> list[_Job]:
     jobs: list[_Job] = []
-    infos = sorted(ckpt.tensors.values(), key=lambda t: (str(t.file), t.offset))
+    infos = sorted(src_tensors.values(), key=lambda t: (str(t.file), t.offset))
     for info in infos:
         gname = hf_to_gguf_name(info.name)
         if gname is None:
             continue  # rotary_emb.inv_freq and the like: recomputed by llama.cpp
         if gname == "output.weight" and cfg.tie_word_embeddings:
             continue  # tied head: llama.cpp reuses token_embd
-        if info.dtype not in _ST_NUMPY:
+        if info.dtype not in _ST_FLOAT:
             raise PizooError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}; GGUF export reads "
                              "float tensors")
         shape = tuple(info.shape)
@@ -665,44 +855,88 @@ def _plan_tensors(ckpt, cfg: ModelConfig, dtype: str, permute: bool, rope_freqs:
         heads = None
         if permute and (".attn_q." in gname or ".attn_k." in gname):
             heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
-        jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads))
+        jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads,
+                         src_name=info.name))
     if rope_freqs is not None:
         jobs.append(_Job("rope_freqs.weight", tuple(rope_freqs.shape), "f32", rope_freqs.nbytes,
-                         array=rope_freqs.astype(np.float32)))
+                         array=rope_freqs.astype(np.float32), src_name="rope_freqs"))
     return jobs
 
 
-def _converted_chunks(jobs: list[_Job], maps: _SourceMaps,
-                      workers: int) -> Iterator[tuple[int, np.ndarray, tuple | None]]:
-    """(job index, converted chunk, source range) in file order, converted by `workers` threads.
-
-    At most QUEUE_CHUNKS chunks are in flight, so memory stays bounded while the caller writes. Each
-    worker runs torch single-threaded: chunks are small, and several threads on separate chunks
-    scale better than one op split across threads (whose barriers stall on a busy machine).
-    """
+def _converted_chunks(jobs: list[_Job], files: _SourceFiles,
+                     workers: int) -> Iterator[tuple[int, np.ndarray, np.ndarray, _OutputBuffers]]:
+    """(job index, converted chunk, its buffer, the buffer set) in file order, read and converted by
+    `workers` threads, at most CHUNKS_IN_FLIGHT chunks ahead of the caller, who writes each chunk and
+    then returns its buffer to the set (buffers.put) before asking for the next."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    def work(job: _Job, r0: int, r1: int):
-        with torch.inference_mode():
-            return _convert_chunk(job, r0, r1, maps)
+    chunks = [(i, r0, r1) for i, job in enumerate(jobs) for r0, r1 in _chunk_rows(job)]
+    size = max((_chunk_out_bytes(jobs[i], r0, r1) for i, r0, r1 in chunks), default=0)
+    buffers = _OutputBuffers(CHUNKS_IN_FLIGHT + 1, size)  # every pending chunk and the one being written
+    scratch = _Scratch()
+
+    def work(i: int, r0: int, r1: int):
+        out = buffers.get()
+        if out is None:
+            raise _Cancelled
+        try:
+            return _convert_chunk(jobs[i], r0, r1, files, scratch, out), out
+        except BaseException:
+            buffers.put(out)
+            raise
 
     pending: deque = deque()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pizoo-gguf")
     try:
-        for i, job in enumerate(jobs):
-            for r0, r1 in _chunk_rows(job):
-                pending.append((i, pool.submit(work, job, r0, r1)))
-                if len(pending) >= QUEUE_CHUNKS:
-                    j, fut = pending.popleft()
-                    yield (j, *fut.result())
+        for i, r0, r1 in chunks:
+            pending.append((i, pool.submit(work, i, r0, r1)))
+            if len(pending) >= CHUNKS_IN_FLIGHT:
+                j, fut = pending.popleft()
+                yield (j, *fut.result(), buffers)
         while pending:
             j, fut = pending.popleft()
-            yield (j, *fut.result())
+            yield (j, *fut.result(), buffers)
     finally:
         for _, fut in pending:
             fut.cancel()
+        for _ in range(workers):
+            buffers.put(None)  # wakes a worker waiting for a buffer the writer will not return
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Writeback:
+    """Background fdatasync of the file being written, every SYNC_EVERY bytes: the kernel writes the
+    data out while later chunks are converted, instead of all at the final fsync."""
+
+    def __init__(self, fd: int, every: int = SYNC_EVERY) -> None:
+        self.fd, self.every, self.pending = fd, every, 0
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="pizoo-gguf-sync", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if self.stopping:
+                return
+            try:
+                os.fdatasync(self.fd)
+            except OSError:
+                return  # the final fsync reports the error
+
+    def wrote(self, n: int) -> None:
+        self.pending += n
+        if self.pending >= self.every:
+            self.pending = 0
+            self.wake.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join()
 
 
 # --------------------------------------------------------------------------------------------
@@ -720,6 +954,25 @@ def _resolve_out(src: Path, out: str | os.PathLike | None, cfg: ModelConfig, dty
     return out
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the export like Ctrl-C (KeyboardInterrupt): the temporary file is removed and the
+    CLI exits 130. Only where SIGTERM has its default action and only in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *, dtype: str = "f16",
                 pre: str | None = None, static_length: int | None = None, overwrite: bool = False,
                 progress: bool = False) -> Path:
@@ -728,18 +981,19 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     dtype: f32 | f16 | bf16 | q8_0 for matrices (1-D tensors are always f32). pre: llama.cpp
     pre-tokenizer name for a byte-level BPE tokenizer pizoo cannot identify. static_length: bake a
     dynamic NTK model's scaling at this length. Returns the file's path (default: the Hub-style
-    name beside the source folder). Written atomically: a temporary file renamed when complete.
+    name beside the source folder). Written atomically (fsutil.atomic_path): a temporary file,
+    fsynced, renamed when complete; SIGTERM and Ctrl-C remove it, and a killed export's leftover is
+    removed by the next export to the same file.
     """
     from gguf import GGUFWriter
 
-    from ..checkpoint import open_checkpoint
-    from ..fsutil import _default_mode
+    from ..fsutil import atomic_path
 
     src = Path(src)
     if dtype not in GGUF_DTYPES:
         raise PizooError(f"--dtype: '{dtype}' is not a GGUF export type; use one of {', '.join(GGUF_DTYPES)}")
-    ckpt = open_checkpoint(src)
-    cfg = ckpt.config
+    # The folder index is torch-free (pizoo.hf_folder), so a plain export never imports torch.
+    cfg, _raw, src_tensors = index_hf_folder(src)
     where = str(src / "config.json")
     rope = plan_rope(cfg, static_length, where)
     tok_meta = tokenizer_metadata(src, cfg, pre)
@@ -752,59 +1006,52 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
         log.warning("%s: sliding_window=%d is shorter than the context (%d); llama.cpp's %s graph attends to the "
                     "whole context, so outputs differ past the window", where, cfg.sliding_window,
                     rope.context_length, arch)
-    jobs = _plan_tensors(ckpt, cfg, dtype, permute=arch == "llama", rope_freqs=rope.rope_freqs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    maps = _SourceMaps()
-    writer = GGUFWriter(tmp, arch)
-    try:
-        _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lineage(src, cfg))
-        for job in jobs:
-            writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes,
-                                   raw_dtype=_ggml_type(job.out_type))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        _write_data(writer, jobs, maps, progress)
-        fout = writer.fout[0]
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.chmod(tmp, _default_mode(0o666))  # mkstemp made it private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        maps.close()
+    jobs = _plan_tensors(src_tensors, cfg, dtype, permute=arch == "llama", rope_freqs=rope.rope_freqs)
+    files = _SourceFiles()
+    with _sigterm_as_interrupt(), atomic_path(path) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        try:
+            _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lineage(src, cfg))
+            for job in jobs:
+                writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes,
+                                       raw_dtype=_ggml_type(job.out_type))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            _write_data(writer, jobs, files, progress)
+        finally:
+            writer.close()  # atomic_path fsyncs and renames only after the body succeeded
+            files.close()
     return path
 
 
-def _write_data(writer, jobs: list[_Job], maps: _SourceMaps, progress: bool) -> None:
+def _write_data(writer, jobs: list[_Job], files: _SourceFiles, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     fout = writer.fout[0]
     align = writer.data_alignment
     fout.write(b"\0" * (-fout.tell() % align))
+    fout.flush()
+    fd = fout.fileno()
     written = [0] * len(jobs)
     bar = tqdm(total=sum(j.nbytes for j in jobs), unit="B", unit_scale=True, desc="writing GGUF",
                disable=not progress, leave=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see _converted_chunks; restored below
+    sync = _Writeback(fd)
     try:
-        for i, data, src_range in _converted_chunks(jobs, maps, workers=max(1, min(4, os.cpu_count() or 1))):
-            fout.write(memoryview(data).cast("B"))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for i, data, buf, buffers in _converted_chunks(jobs, files, workers=max(1, min(4, cores))):
+            view = memoryview(data).cast("B")
+            while view:  # os.write releases the GIL; the file object's buffer is bypassed (flushed above)
+                view = view[os.write(fd, view):]
             written[i] += data.nbytes
+            buffers.put(buf)  # `data` lives in `buf`: not touched after this
+            if written[i] == jobs[i].nbytes and jobs[i].nbytes % align:
+                pad = -jobs[i].nbytes % align
+                os.write(fd, b"\0" * pad)
             bar.update(data.nbytes)
-            if src_range is not None:
-                maps.release(*src_range)
-            if written[i] == jobs[i].nbytes:
-                fout.write(b"\0" * (-jobs[i].nbytes % align))
+            sync.wrote(data.nbytes)
     finally:
-        torch.set_num_threads(threads)
+        sync.stop()
         bar.close()
     bad = [j.name for j, w in zip(jobs, written) if w != j.nbytes]
     if bad:
