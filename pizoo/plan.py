@@ -40,7 +40,7 @@ GiB = 1024**3
 
 # ------------------------------------------------------------------------------------------------
 # Known bases: shapes of common RoPE models, so a plan needs no download. Keys are the zoo's aliases
-# (pizoo/data/aliases.toml); `hub_id` and `also` let a Hub id find the same entry. Numbers are the
+# (pizoo/resources/aliases.toml); `hub_id` and `also` let a Hub id find the same entry. Numbers are the
 # models' published config.json values.
 KNOWN_BASES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(hub_id="HuggingFaceTB/SmolLM2-135M", also=("HuggingFaceTB/SmolLM2-135M-Instruct",),
