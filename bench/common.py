@@ -381,9 +381,17 @@ def result_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Benchmarks that only run on a GPU: (results file stem, command).
+GPU_BENCHMARKS = [("b3_train_throughput", "python bench/b3_train_throughput.py  # B3: calibration tokens/s, MFU, peak memory"),
+                  ("eval_gpu", "python bench/eval_gpu.py  # evaluation tokens/s and peak memory at 8k/16k/32k")]
+
+
 def write_results_md() -> Path:
     """bench/RESULTS.md from every bench/results/*.json: a summary of targets, then each benchmark."""
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    loaded = [(p, json.loads(p.read_text())) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    # bench/eval_gpu.py writes its own table format; those files are listed, not rendered.
+    results = [r for _p, r in loaded if "title" in r and "targets" in r]
+    other = [p for p, r in loaded if not ("title" in r and "targets" in r)]
     lines = ["# pizoo benchmark results", "",
              "Generated from `bench/results/*.json` (regenerate with `python bench/common.py`; every benchmark "
              "script also rewrites this file). Each comparison runs side by side in one session on the same "
@@ -400,6 +408,14 @@ def write_results_md() -> Path:
         lines.append("")
     for r in results:
         lines += result_section(r)
+    measured = {p.stem.split("-")[0] for p in RESULTS_DIR.glob("*.json")}
+    pending = [(name, cmd) for name, cmd in GPU_BENCHMARKS if name not in measured]
+    if pending:
+        lines += ["## Not yet measured (need an NVIDIA GPU)", "",
+                  "No GPU was available where these results were taken; run these on one and regenerate:", ""]
+        lines += [f"- `{cmd}`" for _name, cmd in pending] + [""]
+    if other:
+        lines += ["## Other results", ""] + [f"- `bench/results/{p.name}`" for p in other] + [""]
     if not results:
         lines += ["No results yet: run the benchmarks listed in README.md, section Benchmarks.", ""]
     RESULTS_MD.write_text("\n".join(lines).rstrip() + "\n")

@@ -1,0 +1,81 @@
+"""bench/quality/run.py's bookkeeping: the cell cache and how measured cells become claims and tables.
+
+The measurements themselves need SmolLM2-135M and hours of CPU; these tests feed the report code
+cells as the measurements write them and check what it concludes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "bench" / "quality" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def ppl_cell(key: str, ppl: float) -> dict:
+    return {"key": key, "identity": {}, "ppl": ppl, "tokens": 16383, "windows": 1, "seconds": 1.0}
+
+
+def test_cell_cache_returns_only_matching_identity(quality, tmp_path):
+    identity = {"model": "abc", "ctx": 8192}
+    quality.write_cell(tmp_path, "training-free/pi/ppl@8192", identity, {"ppl": 12.5})
+    assert quality.read_cell(tmp_path, "training-free/pi/ppl@8192", identity)["ppl"] == 12.5
+    # A changed model or setting is a different measurement: the stale cell is not reused.
+    assert quality.read_cell(tmp_path, "training-free/pi/ppl@8192", {**identity, "model": "def"}) is None
+    assert set(quality.all_cells(tmp_path)) == {"training-free/pi/ppl@8192"}
+
+
+def test_claims_met_and_missed(quality):
+    cells = {k: ppl_cell(k, v) for k, v in {
+        "training-free/none/ppl@8192": 10.0,
+        "training-free/none/ppl@16384": 250.0,  # extrapolation hurts, but stays below 10^3
+        "training-free/pi/ppl@16384": 14.0,
+        "training-free/yarn/ppl@16384": 300.0,  # worse than not scaling at all
+        "calibrated/none/step-0/ppl@8192": 10.0,
+        "calibrated/pi/step-200/ppl@32768": 9.5,
+    }.items()}
+    targets, missing = quality.claim_targets(cells)
+    verdicts = {t["name"]: t["met"] for t in targets}
+    assert verdicts["claim 1: no scaling at 16k (2x its context): perplexity >= 1000"] is False
+    assert any(name.startswith("claim 2: training-free pi") and met for name, met in verdicts.items())
+    assert any(name.startswith("claim 2: training-free yarn") and not met for name, met in verdicts.items())
+    assert any(name.startswith("claim 3: pi") and met for name, met in verdicts.items())
+    # What was not measured is said, not silently dropped.
+    assert any(m.startswith("claim 2 for ntk") for m in missing)
+    assert any(m.startswith("claim 3 for clex") for m in missing)
+    assert any(m.startswith("claim 4 for pi") for m in missing)
+
+
+def test_tables_mark_missing_cells(quality):
+    cells = {"training-free/none/ppl@16384": ppl_cell("training-free/none/ppl@16384", 4321.0)}
+    tf = quality.training_free_table(cells)
+    assert tf["rows"][0] == ["none (extrapolation)", "not run", "4,321", ""]
+    cal = quality.calibrated_table({})
+    assert len(cal["rows"]) == 1 + len(quality.CALIBRATED_RECIPES) * len(quality.CALIBRATED_STEPS)
+    assert all(cell == "not run" for row in cal["rows"] for cell in row[2:])
+
+
+def test_claim_3_is_judged_on_the_most_trained_checkpoint_measured(quality):
+    cells = {k: ppl_cell(k, v) for k, v in {
+        "calibrated/none/step-0/ppl@8192": 7.5,
+        "calibrated/pi/step-0/ppl@32768": 90.0,
+        "calibrated/pi/step-50/ppl@32768": 41.0,
+    }.items()}
+    targets, missing = quality.claim_targets(cells)
+    claim3 = [t for t in targets if t["name"].startswith("claim 3: pi")]
+    assert [t["name"].split(",")[0] for t in claim3] == ["claim 3: pi after 50 steps"]
+    assert claim3[0]["met"] is False and claim3[0]["value"] == pytest.approx(41.0 / 7.5, abs=1e-3)
+    # The planned 200-step checkpoint is still reported as missing.
+    assert any(m.startswith("claim 3 for pi") for m in missing)
