@@ -859,7 +859,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if dist_.is_main and data is None and n_steps > 0:
             log(f"note: {default_corpus_note()}")
         fingerprint = data_fingerprint(data, "train") if n_steps > 0 else None
-        run_args = _run_args(base=str(resolved.path), recipe=rec.to_dict(), ctx=ctx, steps=n_steps, train_len=T,
+        run_args = _run_args(base=str(resolved.path), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
                              seed=seed, global_batch=gb, lr=peak_lr, data_fingerprint=fingerprint,
                              max_grad_norm=max_grad_norm)
 
@@ -1009,6 +1009,14 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _recipe_settings(rec) -> dict:
+    """The recipe as the resume check compares it: its settings, not where its file lives (a moved
+    checkout or an installed copy of the same recipe must still resume)."""
+    d = rec.to_dict()
+    d.pop("path", None)
+    return d
 
 
 def _step_span(rec, rope, ctx: int, T: int, L: int, seed: int, step: int) -> int:
