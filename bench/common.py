@@ -365,7 +365,7 @@ def result_section(r: dict[str, Any]) -> list[str]:
     ver = ", ".join(f"{k} {val}" for k, val in v.items() if val)
     lines = [f"## {r['title']}", "",
              f"- Date: {r['date']}",
-             f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, {m['ram_gib']} GiB RAM, {m['os']}; "
+             f"- Machine: {m['gpu'] + ', ' if m.get('gpu') else ''}{m['cpu']}, {m['usable_cores']} usable cores, {m['ram_gib']} GiB RAM, {m['os']}; "
              f"1-min load average {m['load_average_1m_at_start']} at start, {m.get('load_average_1m_at_end')} at end; "
              f"peak RSS from {m['peak_rss_source']}",
              f"- Versions: {ver}",
@@ -384,6 +384,23 @@ def result_section(r: dict[str, Any]) -> list[str]:
 # Benchmarks that only run on a GPU: (results file stem, command).
 GPU_BENCHMARKS = [("b3_train_throughput", "python bench/b3_train_throughput.py  # B3: calibration tokens/s, MFU, peak memory"),
                   ("eval_gpu", "python bench/eval_gpu.py  # evaluation tokens/s and peak memory at 8k/16k/32k")]
+
+
+def eval_gpu_section(path: Path, r: dict[str, Any]) -> list[str]:
+    """bench/eval_gpu.py's own format (one run, rows by context) as a RESULTS.md section."""
+    rows = []
+    for row in r["results"]:
+        if "error" in row:
+            rows.append([row["ctx"], "error: " + row["error"], "", "", "", ""])
+            continue
+        peak = row.get("peak_memory_gib", row.get("peak_rss_gib"))
+        rows.append([row["ctx"], row["batch_size"], round(row["forward_tokens_per_s"]), round(row["scored_tokens_per_s"]),
+                     row["forward_tflops"], peak])
+    t = table(["ctx", "batch (windows, auto)", "forward tokens/s", "scored tokens/s", "forward TFLOP/s", "peak GiB"], rows,
+              f"Sliding-window perplexity, stride {r['stride']}, {r['windows']} windows per context")
+    return [f"## Evaluation throughput on {r['device']} ({r['dtype']})", "",
+            f"- Date: {r['time_utc']}; torch {r['torch']}; model: {r['model']}",
+            "- Reproduce: `python bench/eval_gpu.py`", f"- Raw: `bench/results/{path.name}`", ""] + markdown_table(t)
 
 
 def write_results_md() -> Path:
@@ -414,6 +431,9 @@ def write_results_md() -> Path:
         lines += ["## Not yet measured (need an NVIDIA GPU)", "",
                   "No GPU was available where these results were taken; run these on one and regenerate:", ""]
         lines += [f"- `{cmd}`" for _name, cmd in pending] + [""]
+    for p in [p for p in other if p.stem.startswith("eval_gpu-")]:
+        lines += eval_gpu_section(p, json.loads(p.read_text()))
+    other = [p for p in other if not p.stem.startswith("eval_gpu-")]
     if other:
         lines += ["## Other results", ""] + [f"- `bench/results/{p.name}`" for p in other] + [""]
     if not results:

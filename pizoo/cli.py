@@ -267,8 +267,8 @@ def eval_cmd(
                                                            help="Gate: ppl at the original context / the base's "
                                                            "(default 1.05)."),
     min_passkey_accuracy: Optional[float] = typer.Option(None, "--min-passkey-accuracy",
-                                                         help="Gate: passkey accuracy at every distance up to the "
-                                                         "target (default 0.9)."),
+                                                         help="Gate: passkey accuracy, averaged over the distances "
+                                                         "up to the target (default 0.9)."),
     no_gate: bool = typer.Option(False, "--no-gate", help="Measure only; apply no gate (exit 0)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most this many documents."),
     doc_tokens: Optional[int] = typer.Option(None, "--doc-tokens", help="Tokens scored per document "

@@ -31,8 +31,12 @@ distance k' <= k has accuracy >= 20%.
 
 The gate (thresholds: `pizoo.recipes.GateThresholds`) compares with the base model measured at
 its original context on the same tokens: ppl(target) <= max_ppl_ratio_target x base ppl(original);
-ppl(original) <= max_ppl_ratio_original x base ppl(original); passkey accuracy >=
-min_passkey_accuracy at every distance <= the target. A check without its measurement (no
+ppl(original) <= max_ppl_ratio_original x base ppl(original); passkey accuracy, averaged over the
+tested distances <= the target, >= min_passkey_accuracy. The mean, not every distance: with 10
+trials at each of 32 distances, a model that retrieves 95% of keys falls below 0.9 at some distance
+in about 94% of runs (P(<= 8 of 10) = 0.086 per distance), so a per-distance rule rejects nearly
+every good model; bench/quality saw such single-distance misses on SmolLM2 (README, Quality). The
+distances below the threshold are still named in the reason. A check without its measurement (no
 baseline, passkey off) is reported as skipped and does not fail the gate, but a gate whose checks
 were all skipped fails: it verified nothing.
 
@@ -578,22 +582,21 @@ def apply_gate(thresholds: GateThresholds, *, ppl: Mapping[int, float], target: 
         checks.append({"name": "passkey", "status": "skipped", "reason": "skipped: passkey retrieval not run"})
     else:
         tested = {d: a for d, a in passkey.accuracy_by_distance.items() if d <= target}
-        low = {d: a for d, a in tested.items() if a < thresholds.min_passkey_accuracy}
-        worst = min(tested.values()) if tested else None
         if not tested:
             checks.append({"name": "passkey", "status": "skipped",
                            "reason": f"skipped: passkey: no distance <= the target {target} was tested"})
-        elif low:
-            shown = ", ".join(f"{d}: {a:.2f}" for d, a in sorted(low.items())[:6]) + (", ..." if len(low) > 6 else "")
-            checks.append({"name": "passkey", "status": "fail", "worst": worst,
-                           "limit": thresholds.min_passkey_accuracy,
-                           "reason": f"FAIL: passkey accuracy below {thresholds.min_passkey_accuracy:g} at "
-                                     f"{len(low)} of {len(tested)} distances <= {target} ({shown})"})
         else:
-            checks.append({"name": "passkey", "status": "pass", "worst": worst,
-                           "limit": thresholds.min_passkey_accuracy,
-                           "reason": f"pass: passkey accuracy >= {thresholds.min_passkey_accuracy:g} at all "
-                                     f"{len(tested)} distances <= {target} (lowest {worst:.2f})"})
+            limit = thresholds.min_passkey_accuracy
+            mean = sum(tested.values()) / len(tested)
+            worst = min(tested.values())
+            low = sorted((d, a) for d, a in tested.items() if a < limit)
+            shown = ", ".join(f"{d}: {a:.2f}" for d, a in low[:6]) + (", ..." if len(low) > 6 else "")
+            below = f"; below {limit:g} at {len(low)} of them ({shown})" if low else ""
+            ok = mean >= limit
+            checks.append({"name": "passkey", "status": "pass" if ok else "fail", "mean": mean, "worst": worst,
+                           "limit": limit,
+                           "reason": f"{'pass' if ok else 'FAIL'}: passkey accuracy {mean:.2f} on average over "
+                                     f"{len(tested)} distances <= {target} ({'>=' if ok else '<'} {limit:g}){below}"})
     if all(c["status"] == "skipped" for c in checks):
         # A publish gate that verified nothing must not pass.
         checks.append({"name": "coverage", "status": "fail",

@@ -41,7 +41,7 @@ class GateThresholds:
 
     max_ppl_ratio_target: perplexity at the target length / the base's at its original length.
     max_ppl_ratio_original: the calibrated model's perplexity at the original length / the base's.
-    min_passkey_accuracy: passkey retrieval accuracy required at every tested distance.
+    min_passkey_accuracy: passkey retrieval accuracy required on average over the tested distances.
     """
 
     max_ppl_ratio_target: float = 1.10

@@ -475,3 +475,25 @@ def test_without_matplotlib_there_is_no_plot_and_a_note(gqa_model, tmp_path, mon
     assert report["plot"] is None and not (out / "ppl.png").exists()
     assert any("matplotlib is not installed: no plot" in n for n in report["notes"])
     assert json.loads((out / "eval.json").read_text())["gate"] is None
+
+
+def test_passkey_gate_uses_the_mean_over_distances_up_to_the_target():
+    from pizoo.evaluate import PasskeyResult
+
+    t = GateThresholds(max_ppl_ratio_target=1.10, max_ppl_ratio_original=1.05, min_passkey_accuracy=0.9)
+
+    def gate(acc: dict[int, float]) -> dict:
+        pk = PasskeyResult(window=256, mode="greedy", trials=10, seed=0, accuracy_by_distance=acc, k_max=0,
+                           prompt_tokens_by_distance={d: d for d in acc}, seconds=0.0)
+        return apply_gate(t, ppl={}, target=256, original=128, passkey=pk)
+
+    # One unlucky distance (8 of 10) in an otherwise perfect run passes, and is named.
+    one_miss = gate({64: 1.0, 128: 0.8, 192: 1.0, 256: 1.0})
+    assert one_miss["passed"] and one_miss["checks"][2]["mean"] == pytest.approx(0.95)
+    assert "below 0.9 at 1 of them (128: 0.80)" in one_miss["reasons"][2]
+    # Retrieval lost over the second half of the window fails, even though the first half is perfect.
+    half = gate({64: 1.0, 128: 1.0, 192: 0.0, 256: 0.0})
+    assert not half["passed"] and half["reasons"][2].startswith("FAIL: passkey accuracy 0.50 on average over 4")
+    # Distances beyond the target do not count.
+    beyond = gate({128: 1.0, 256: 1.0, 512: 0.0})
+    assert beyond["passed"] and beyond["checks"][2]["mean"] == 1.0
