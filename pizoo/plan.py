@@ -2,7 +2,8 @@
 
 The plan is printed before any work starts and is the whole output of `--dry-run`, which touches
 nothing (no download, no import, no output folder). It is built from the model's shapes only: a
-local config.json when the model is on disk, otherwise the table of known bases below.
+local config.json when the model is on disk, otherwise the known bases: the shipped zoo aliases
+that carry a shape table (pizoo/resources/aliases.toml, read by `known_bases`).
 
 Memory model (bytes per device, for the chosen settings):
 - Model state, sharded by FSDP over WORLD_SIZE devices: weights + gradients + AdamW's two moments.
@@ -38,65 +39,6 @@ from .fsutil import human_bytes
 
 GiB = 1024**3
 
-# ------------------------------------------------------------------------------------------------
-# Known bases: shapes of common RoPE models, so a plan needs no download. Keys are the zoo's aliases
-# (pizoo/resources/aliases.toml); `hub_id` and `also` let a Hub id find the same entry. Numbers are the
-# models' published config.json values.
-KNOWN_BASES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(hub_id="HuggingFaceTB/SmolLM2-135M", also=("HuggingFaceTB/SmolLM2-135M-Instruct",),
-                         architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_layers=30, num_heads=9, num_kv_heads=3, context=8192, theta=100000.0,
-                         tie_word_embeddings=True),
-    "smollm2-360m": dict(hub_id="HuggingFaceTB/SmolLM2-360M", also=("HuggingFaceTB/SmolLM2-360M-Instruct",),
-                         architecture="llama", vocab_size=49152, hidden_size=960, intermediate_size=2560,
-                         num_layers=32, num_heads=15, num_kv_heads=5, context=8192, theta=100000.0,
-                         tie_word_embeddings=True),
-    "smollm2-1.7b": dict(hub_id="HuggingFaceTB/SmolLM2-1.7B", also=("HuggingFaceTB/SmolLM2-1.7B-Instruct",),
-                         architecture="llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192,
-                         num_layers=24, num_heads=32, num_kv_heads=32, context=8192, theta=130000.0,
-                         tie_word_embeddings=True),
-    "tinyllama-1.1b": dict(hub_id="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
-                           also=("TinyLlama/TinyLlama_v1.1",), architecture="llama", vocab_size=32000,
-                           hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
-                           context=2048),
-    "llama-7b": dict(hub_id="huggyllama/llama-7b", architecture="llama", vocab_size=32000, hidden_size=4096,
-                     intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, context=2048),
-    "llama-13b": dict(hub_id="huggyllama/llama-13b", architecture="llama", vocab_size=32000, hidden_size=5120,
-                      intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40, context=2048),
-    "llama-30b": dict(hub_id="huggyllama/llama-30b", architecture="llama", vocab_size=32000, hidden_size=6656,
-                      intermediate_size=17920, num_layers=60, num_heads=52, num_kv_heads=52, context=2048),
-    "llama-65b": dict(hub_id="huggyllama/llama-65b", architecture="llama", vocab_size=32000, hidden_size=8192,
-                      intermediate_size=22016, num_layers=80, num_heads=64, num_kv_heads=64, context=2048),
-    "llama-2-7b": dict(hub_id="meta-llama/Llama-2-7b-hf", architecture="llama", vocab_size=32000, hidden_size=4096,
-                       intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, context=4096),
-    "llama-2-13b": dict(hub_id="meta-llama/Llama-2-13b-hf", architecture="llama", vocab_size=32000,
-                        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40,
-                        context=4096),
-    "llama-2-70b": dict(hub_id="meta-llama/Llama-2-70b-hf", architecture="llama", vocab_size=32000,
-                        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
-                        context=4096),
-    "llama-3-8b": dict(hub_id="meta-llama/Meta-Llama-3-8B", architecture="llama", vocab_size=128256,
-                       hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                       context=8192, theta=500000.0),
-    "llama-3-70b": dict(hub_id="meta-llama/Meta-Llama-3-70B", architecture="llama", vocab_size=128256,
-                        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
-                        context=8192, theta=500000.0),
-    "mistral-7b": dict(hub_id="mistralai/Mistral-7B-v0.1", architecture="mistral", vocab_size=32000,
-                       hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                       context=8192, sliding_window=4096),
-    "qwen2-0.5b": dict(hub_id="Qwen/Qwen2-0.5B", architecture="qwen2", vocab_size=151936, hidden_size=896,
-                       intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, context=32768,
-                       theta=1000000.0, tie_word_embeddings=True),
-    "mistral-7b-v0.3": dict(hub_id="mistralai/Mistral-7B-v0.3", architecture="mistral", vocab_size=32768,
-                            hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
-                            context=32768, theta=1000000.0),
-    "qwen2-1.5b": dict(hub_id="Qwen/Qwen2-1.5B", architecture="qwen2", vocab_size=151936, hidden_size=1536,
-                       intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2, context=32768,
-                       theta=1000000.0, tie_word_embeddings=True),
-    "qwen2-7b": dict(hub_id="Qwen/Qwen2-7B", architecture="qwen2", vocab_size=152064, hidden_size=3584,
-                     intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, context=32768,
-                     theta=1000000.0),
-}
 
 # Dense bf16 (fp16 where the card has no bf16) tensor-core peak per device, TFLOP/s, and memory GiB.
 # Matched against torch.cuda.get_device_name() by the first pattern that occurs in it.
@@ -144,12 +86,27 @@ FORMATS = ("hf", "gguf", "trtllm")
 # Model shapes
 
 
+def known_bases() -> dict[str, dict[str, Any]]:
+    """Shapes of common RoPE bases, so a plan needs no download: the shipped zoo aliases that carry a
+    [NAME.shape] table (pizoo/resources/aliases.toml), flattened to {hub_id, also, architecture,
+    context, vocab_size, ...}. One table serves both the zoo's aliases and the planner."""
+    from .zoo import shipped_aliases
+
+    out = {}
+    for alias, entry in shipped_aliases().items():
+        if "shape" in entry:
+            out[alias] = {"hub_id": entry["hub_id"], "also": tuple(entry.get("also", ())),
+                          "architecture": entry["architecture"], "context": entry["context"], **entry["shape"]}
+    return out
+
+
 def known_base(spec: str) -> tuple[str, dict[str, Any]] | None:
     """The known-bases entry for an alias or a Hub id (case-insensitive), or None."""
     key = spec.strip().lower()
-    if key in KNOWN_BASES:
-        return key, KNOWN_BASES[key]
-    for alias, entry in KNOWN_BASES.items():
+    bases = known_bases()
+    if key in bases:
+        return key, bases[key]
+    for alias, entry in bases.items():
         if key in (h.lower() for h in (entry["hub_id"], *entry.get("also", ()))):
             return alias, entry
     return None
@@ -197,7 +154,7 @@ def planning_config(spec: str) -> tuple[ModelConfig, str]:
         return config_from_known(entry), f"known shapes of {alias} ({entry['hub_id']})"
     raise PizooError(f"cannot plan for '{spec}': its shapes are unknown without downloading it; give a local HF "
                      f"folder or .gguf file, a Hub id that is downloaded first (pizoo pull), or one of "
-                     f"{', '.join(sorted(KNOWN_BASES))}")
+                     f"{', '.join(sorted(known_bases()))}")
 
 
 def _zoo_alias_hub_id(spec: str) -> str | None:

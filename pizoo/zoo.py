@@ -237,7 +237,8 @@ def _now() -> str:
 
 
 def shipped_aliases() -> dict[str, dict]:
-    """The aliases in pizoo/resources/aliases.toml: {name: {hub_id, architecture, context, license}}."""
+    """The aliases in pizoo/resources/aliases.toml: {name: {hub_id, architecture, context, license}},
+    plus `also` and a `shape` table for the bases the planner knows without a download."""
     text = resources.files("pizoo").joinpath("resources/aliases.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 

@@ -234,3 +234,25 @@ def test_registering_again_keeps_a_publication_recorded_meanwhile(home, extended
     zoo.record_publication(extended, {"repo_id": "alice/x", "commit": "c" * 40})
     zoo.register(stale)
     assert [p["repo_id"] for p in zoo.get(entry["name"])["published"]] == ["alice/x"]
+
+
+def test_shipped_alias_shapes_are_the_planners_known_bases():
+    """One table: every shipped alias with a [NAME.shape] is a base the planner knows, found by alias
+    and by Hub id, and its shapes give the parameter count its name states (within 15%)."""
+    import re
+
+    from pizoo.plan import config_from_known, known_base, known_bases
+    from pizoo.zoo import shipped_aliases
+
+    aliases, bases = shipped_aliases(), known_bases()
+    assert set(bases) == {name for name, a in aliases.items() if "shape" in a}
+    assert {"llama-2-7b", "mistral-7b", "smollm2-135m", "qwen2-7b"} <= set(bases)
+    for name, entry in bases.items():
+        assert entry["hub_id"] == aliases[name]["hub_id"] and entry["context"] == aliases[name]["context"]
+        assert known_base(entry["hub_id"].upper())[0] == name
+        for other in entry["also"]:
+            assert known_base(other)[0] == name
+        cfg = config_from_known(entry)
+        size = re.search(r"-(\d+(?:\.\d+)?)([mb])(?:-|$)", name)
+        stated = float(size.group(1)) * (1e6 if size.group(2) == "m" else 1e9)
+        assert abs(cfg.num_params() / stated - 1) < 0.15, (name, cfg.num_params(), stated)
