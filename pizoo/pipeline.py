@@ -833,9 +833,11 @@ def _config_of(folder: Path):
 
 
 def _command_record(opts: ExtendOptions) -> dict[str, Any]:
+    """The options as given (None: the recipe's or pizoo's default), for the card's reproduce command."""
     return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
-            "train_len": opts.train_len, "formats": list(opts.formats), "gguf_dtype": opts.gguf_dtype, "tp": opts.tp,
-            "push": opts.push, "out": str(opts.out_dir), "seed": opts.seed}
+            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats),
+            "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
+            "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx}
 
 
 # ------------------------------------------------------------------------------------------------

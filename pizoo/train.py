@@ -1071,7 +1071,8 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
         module.load_state_dict({k.removeprefix("lm.rotary.learned."): v for k, v in clex_state.items()})
         out_rope = bake_clex(module.eval(), rope, ctx)
     out_cfg = cfg.with_rope(out_rope, ctx)
-    base_record = {"spec": resolved.spec, "path": str(resolved.path), "hub_id": resolved.hub_id,
+    # Absolute: `pizoo eval` finds the baseline through this path from any working directory.
+    base_record = {"spec": resolved.spec, "path": str(Path(resolved.path).resolve()), "hub_id": resolved.hub_id,
                    **base_weights_digest(ckpt)}
     out_cfg.raw["pizoo"].update({"base_model": resolved.hub_id or resolved.spec, "recipe": rec.name,
                                  "original_context": cfg.original_context})

@@ -332,3 +332,14 @@ def test_too_little_data_leaves_no_state_and_the_error_on_its_own_line(base, tmp
                                  "--train-len", "32", "--global-batch", "1", "--out", str(out)])
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert any(line.startswith("error: --data") for line in r.output.splitlines()), r.output
+
+
+def test_base_path_is_recorded_absolute_so_eval_finds_it_from_anywhere(base, tmp_path, monkeypatch):
+    from pizoo.evaluate import find_base_model
+    from pizoo.train import calibrate
+
+    monkeypatch.chdir(base.parent)
+    calibrate(base.name, tmp_path / "out", ctx=CTX, recipe="pi", steps=0, progress=False, log=lambda m: None)
+    monkeypatch.chdir(tmp_path)
+    found = find_base_model(tmp_path / "out")
+    assert found == str(base.resolve()) and Path(found).is_dir()

@@ -138,6 +138,11 @@ def test_every_stage_runs_and_records(reference, work, hub):
         assert len(rec["fingerprint"]) == 64 and rec["seconds"] >= 0 and rec["started"] and rec["finished"]
     outputs = run["stages"]["calibrate"]["outputs"]
     assert "hf/model.safetensors" in outputs and "hf/config.json" in outputs
+    # The options as given, so that the card's reproduce command is the command that ran.
+    from pizoo.card import reproduce_command
+
+    assert run["command"]["eval_ctx"] == [CTX] and run["command"]["eval"] == "full"
+    assert f"--eval-ctx {CTX}" in reproduce_command(None, run, {})
     assert any(k.startswith("gguf/") and k.endswith(".gguf") for k in run["stages"]["convert-gguf"]["outputs"])
     assert "trtllm/rank0.safetensors" in run["stages"]["convert-trtllm"]["outputs"]
     assert {"eval/eval.json", "eval/ppl.png"} <= set(run["stages"]["evaluate"]["outputs"])
