@@ -79,3 +79,35 @@ def test_claim_3_is_judged_on_the_most_trained_checkpoint_measured(quality):
     assert claim3[0]["met"] is False and claim3[0]["value"] == pytest.approx(41.0 / 7.5, abs=1e-3)
     # The planned 200-step checkpoint is still reported as missing.
     assert any(m.startswith("claim 3 for pi") for m in missing)
+
+
+def test_findings_follow_the_numbers(quality):
+    def cells(values: dict) -> dict:
+        return {k: ppl_cell(k, v) for k, v in values.items()}
+
+    mild = quality.findings(cells({"training-free/none/ppl@8192": 8.0, "training-free/none/ppl@16384": 24.0,
+                                   "training-free/pi/ppl@16384": 26.0, "training-free/pi/ppl@8192": 26.0,
+                                   "training-free/yarn/ppl@16384": 8.1}))
+    assert mild[0].startswith("Claim 1 (extrapolation > 10^3) does not reproduce")
+    assert mild[1].startswith("Claim 2 (interpolation beats extrapolation without training) holds for yarn")
+    assert "fails for pi" in mild[1]
+    collapse = quality.findings(cells({"training-free/none/ppl@8192": 8.0, "training-free/none/ppl@16384": 2500.0,
+                                       "training-free/pi/ppl@16384": 26.0}))
+    assert collapse[0].startswith("Claim 1 (extrapolation > 10^3) reproduces")
+    assert "fails" not in collapse[1]
+    passkey = {f"calibrated/{r}/step-200/passkey@32768": {"k_max": k, "accuracy_by_distance": {"16384": 1.0, "32768": a}}
+               for r, k, a in (("pi", 32768, 1.0), ("yarn", 16384, 0.0), ("clex", 16384, 0.0))}
+    (claim4,) = quality.findings(passkey)
+    assert claim4.startswith("Claim 4") and "reproduces for pi after 200 steps" in claim4
+
+
+def test_only_selects_tasks_by_name_prefix(quality, tmp_path):
+    settings = quality.Settings(work=tmp_path, protocol=quality.PROTOCOLS["gpu"], dtype=None, threads=None,
+                                stop_at=None)
+    tasks = quality.plan_tasks(settings, tmp_path / "base", None)
+    assert quality.select_tasks(tasks, None) == tasks
+    probe = quality.select_tasks(tasks, "lr-probe, train/lr-probe")
+    assert [t.name for t in probe][:2] == ["train/lr-probe/pi", "train/lr-probe/yarn"]
+    assert all("lr-probe" in t.name for t in probe) and len(probe) == 2 + 4 + 2
+    # Evaluations wait for their model: nothing was trained in this empty work folder.
+    assert not any(t.needs() for t in probe if t.stage == "eval")
