@@ -62,6 +62,8 @@ GPU_TABLE: list[tuple[str, str, float, float]] = [
 ]
 # Model FLOPs utilisation assumed on GPUs: torchtitan's Llama-3.1-8B FSDP bf16 run on H100 (about
 # 5.8k tokens/s/GPU at 8k) works out to about 32% with the attention term; pizoo assumes 30%.
+# pizoo's own calibration step measured 34% / 44% / 42% at 8k / 16k / 32k for a 1.1B Llama on one
+# H100 (bench/RESULTS.md, B3): 30% stays, as the conservative figure for sharded larger models.
 GPU_MFU = 0.30
 # On CPU: the fraction of the measured float32 matmul rate a training step reaches. pizoo's
 # SmolLM2-135M calibration (512-token sequences) on the 2-core development machine ran at about
