@@ -458,7 +458,11 @@ def push_cmd(
     if result.forced:
         typer.echo("warning: pushed with --force past a failed or missing evaluation gate; the card says so",
                    err=True)
-    typer.echo(f"pushed {len(result.files)} files ({human_bytes(result.total_bytes)}) to {result.url}")
+    if result.unchanged:
+        typer.echo(f"nothing to push: {result.url} already holds these {len(result.files)} files "
+                   f"({human_bytes(result.total_bytes)})")
+    else:
+        typer.echo(f"pushed {len(result.files)} files ({human_bytes(result.total_bytes)}) to {result.url}")
     typer.echo(f"commit {result.commit}")
     if result.pr_url:
         typer.echo(f"pull request {result.pr_url}")

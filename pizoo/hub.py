@@ -92,6 +92,7 @@ class PushResult:
     dry_run: bool = False
     forced: bool = False
     zoo_entry: str | None = None
+    unchanged: bool = False  # the repo already held exactly these files: no commit was made
 
     @property
     def total_bytes(self) -> int:
@@ -288,6 +289,9 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # The head before the commit: huggingface_hub skips a commit whose files are all unchanged
+        # and returns this same head, which must not be reported as a new push.
+        head = None if create_pr else _head_commit(api, repo_id, revision or "main")
         ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
                                   path_or_fileobj=f.content if f.content is not None else str(f.source))
                for f in files]
@@ -305,7 +309,15 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         "url": url, "pr_url": info.pr_url, "endpoint": endpoint, "forced": forced,
         "files": [{"path": f.path_in_repo, "size": f.size} for f in files]})
     return PushResult(url=url, commit=info.oid, files=files, card=card, pr_url=info.pr_url, forced=forced,
-                      zoo_entry=entry["name"])
+                      zoo_entry=entry["name"], unchanged=head is not None and info.oid == head)
+
+
+def _head_commit(api, repo_id: str, revision: str) -> str | None:
+    """The branch's current commit, or None (a new repo or branch, or a Hub that does not say)."""
+    try:
+        return api.repo_info(repo_id, revision=revision).sha
+    except Exception:  # only a hint for the report; the commit itself surfaces real errors
+        return None
 
 
 def push_release(folder: str | os.PathLike, repo_id: str, *, progress: bool = False, **options) -> dict:
@@ -323,7 +335,7 @@ def push_release(folder: str | os.PathLike, repo_id: str, *, progress: bool = Fa
             enable_progress_bars()
     return {"repo_id": repo_id, "url": result.url, "commit": result.commit, "pr_url": result.pr_url,
             "files": len(result.files), "bytes": result.total_bytes, "forced": result.forced,
-            "zoo_entry": result.zoo_entry}
+            "zoo_entry": result.zoo_entry, "unchanged": result.unchanged}
 
 
 def _commit_summary(release: Release) -> str:

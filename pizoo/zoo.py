@@ -327,11 +327,15 @@ class Zoo:
         return self.register(entry, free_name=name is None)
 
     def record_publication(self, folder: str | os.PathLike, publication: dict) -> Manifest:
-        """Register `folder` if needed and append a publication {repo_id, revision, commit, url, ...}."""
+        """Register `folder` if needed and append a publication {repo_id, revision, commit, url, ...};
+        the same commit of the same repo and revision is recorded once (a repeated push makes none)."""
         entry = self.register_folder(folder)
+        key = lambda p: (p.get("repo_id"), p.get("revision"), p.get("commit"))  # noqa: E731
         with self._update() as state:
             current = state["entries"][entry["name"]]
-            current.setdefault("published", []).append({**publication, "time": _now()})
+            published = current.setdefault("published", [])
+            if not any(key(p) == key(publication) for p in published):
+                published.append({**publication, "time": _now()})
             entry = current
         return entry
 

@@ -226,6 +226,13 @@ def test_push_uploads_every_file_byte_for_byte(hub, release, tmp_path):
     assert entry["published"][0]["repo_id"] == "alice/tiny-256-pi"
     assert entry["published"][0]["commit"] == repo.refs["main"]
 
+    # Pushing the same release again changes nothing on the Hub, and says so.
+    again = run_cli("push", str(release), "alice/tiny-256-pi")
+    assert again.returncode == 0, again.stderr
+    assert "nothing to push" in again.stdout and "pushed 13 files" not in again.stdout
+    assert len(repo.commits) == 2 and f"commit {repo.refs['main']}" in again.stdout
+    assert len(json.loads(zoo_text(home))["entries"]["tiny-256-pi"]["published"]) == 1
+
 
 def test_push_then_pull_round_trip(hub, release):
     from pizoo.hub import pull, push
