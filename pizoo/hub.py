@@ -17,11 +17,13 @@ written into a card or a manifest, and any error text is scrubbed of it.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, failing_reasons, method_of,
@@ -180,6 +182,7 @@ def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
         files.append(UploadFile(f"trtllm/{path.relative_to(art.trtllm_dir).as_posix()}", path.stat().st_size, path))
     for path in art.eval_files():
         files.append(UploadFile(f"eval/{path.name}", path.stat().st_size, path))
+    files = [_without_local_paths(f) for f in files]
     seen: dict[str, Path | None] = {}
     for f in files:
         if f.path_in_repo in seen:
@@ -187,6 +190,41 @@ def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
                              "keep one GGUF file per type in the release folder")
         seen[f.path_in_repo] = f.source
     return files
+
+
+def publishable_json(path: Path) -> bytes | None:
+    """The JSON file's bytes with every absolute path of this machine (a string naming a file or
+    folder that exists here) cut to its last component, or None when it holds none. calibration.json
+    and eval.json record local paths so that pizoo finds the base and the data again; the Hub copy
+    must not show the publisher's directories and user name."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # not JSON after all: uploaded as it is
+    changed = False
+
+    def scrub(value: Any) -> Any:
+        nonlocal changed
+        if isinstance(value, str):
+            if len(value) > 1 and os.path.isabs(value) and len(value) < 4096 and Path(value).exists():
+                changed = True
+                return Path(value).name
+            return value
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, dict):
+            return {k: scrub(v) for k, v in value.items()}
+        return value
+
+    data = scrub(data)
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode() if changed else None
+
+
+def _without_local_paths(f: UploadFile) -> UploadFile:
+    if f.source is None or f.content is not None or f.source.suffix != ".json":
+        return f
+    content = publishable_json(f.source)
+    return f if content is None else UploadFile(f.path_in_repo, len(content), f.source, content)
 
 
 def inherited_license(release: Release) -> str | None:

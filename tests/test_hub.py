@@ -154,13 +154,23 @@ def run_cli(*args: str, **env: str | None) -> subprocess.CompletedProcess:
 
 
 def local_files(release: Path) -> dict[str, bytes]:
-    """What must arrive on the Hub, by path in the repo (README.md excluded)."""
+    """The release's files by path in the repo (README.md excluded), as they are on disk."""
     out = {p.name: p.read_bytes() for p in (release / "hf").iterdir()}
     out["SmolLM2-135M-256-PI-Q8_0.gguf"] = (release / "gguf" / "model-q8_0.gguf").read_bytes()
     for p in (release / "trtllm").iterdir():
         out[f"trtllm/{p.name}"] = p.read_bytes()
     out["eval/eval.json"] = (release / "eval" / "eval.json").read_bytes()
     out["eval/ppl.png"] = (release / "eval" / "ppl.png").read_bytes()
+    return out
+
+
+def hub_files(release: Path) -> dict[str, bytes]:
+    """What must arrive on the Hub: the files as on disk, calibration.json with its local base path
+    cut to the folder's name (test_push_uploads_every_file_byte_for_byte checks that cut itself)."""
+    from pizoo.hub import publishable_json
+
+    out = local_files(release)
+    out["calibration.json"] = publishable_json(release / "hf" / "calibration.json")
     return out
 
 
@@ -193,8 +203,19 @@ def test_push_uploads_every_file_byte_for_byte(hub, release, tmp_path):
     remote = hub.state.files("alice/tiny-256-pi")
     expected = local_files(release)
     assert set(remote) == set(expected) | {"README.md", ".gitattributes"}
+    local_paths = {"calibration.json": ("base_model", "path")}
     for path, data in expected.items():
-        assert remote[path] == data, path
+        if path not in local_paths:
+            assert remote[path] == data, path
+            continue
+        # The records name local folders (the base, the evaluated model): on the Hub only their
+        # last component is left, and nothing else differs.
+        ours, theirs = json.loads(data), json.loads(remote[path])
+        outer, key = local_paths[path]
+        assert Path(ours[outer][key]).is_absolute() and theirs[outer][key] == Path(ours[outer][key]).name
+        assert str(release.parent) not in remote[path].decode() and str(Path.home()) not in remote[path].decode()
+        theirs[outer][key] = ours[outer][key]
+        assert theirs == ours
     # One commit on top of the initial one; the weights, GGUF and plot went through the LFS path.
     repo = hub.state.repos["alice/tiny-256-pi"]
     assert len(repo.commits) == 2
@@ -242,7 +263,7 @@ def test_push_then_pull_round_trip(hub, release):
     result = push(release, "pizoo-org/tiny-256-pi")
     assert result.commit == hub.state.repos["pizoo-org/tiny-256-pi"].refs["main"]
     pulled = pull("pizoo-org/tiny-256-pi")
-    expected = local_files(release)
+    expected = hub_files(release)
     for path, data in expected.items():
         assert (pulled / path).read_bytes() == data, path
     assert (pulled / "README.md").read_text() == result.card
@@ -254,7 +275,9 @@ def test_push_then_pull_round_trip(hub, release):
     assert local["published"][0]["commit"] == result.commit
     assert remote["hub"]["commit"] == result.commit and remote["source"] == "hub"
     assert remote["lineage"]["base_model"] == BASE_ID and remote["kind"] == "extended"
-    hashes = {f["sha256"] for fmt in local["formats"].values() for f in fmt["files"]}
+    # Every file arrives unchanged, except calibration.json, whose local base path was cut.
+    hashes = {f["sha256"] for fmt in local["formats"].values() for f in fmt["files"]
+              if not f["path"].endswith("calibration.json")}
     pulled_hashes = {f["sha256"] for fmt in remote["formats"].values() for f in fmt["files"]}
     assert hashes <= pulled_hashes
     assert set(remote["formats"]) == {"hf", "gguf", "trtllm", "eval"}
@@ -273,7 +296,7 @@ def test_dry_run_lists_files_and_card_and_contacts_no_one(hub, release):
                    HF_HOME=str(Path(os.environ["PIZOO_HOME"]) / "hf-home"))
     assert proc.returncode == 0, proc.stderr
     assert hub.state.requests == []
-    for path, data in local_files(release).items():
+    for path, data in hub_files(release).items():
         line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(path + " "))
         from pizoo.fsutil import human_bytes
 
@@ -473,3 +496,19 @@ def test_card_from_the_records_calibrate_and_extend_really_write(hub, release):
     assert ("pizoo extend my-base --ctx 256 --recipe pi --steps 30 --train-len 64 --global-batch 4 "
             "--gguf-dtype q8_0\n") in card
     assert "although its evaluation gate failed (passkey accuracy below 0.9 at 256)" in card
+
+
+def test_publishable_json_cuts_only_this_machines_paths(tmp_path):
+    from pizoo.hub import publishable_json
+
+    folder = tmp_path / "models" / "base"
+    folder.mkdir(parents=True)
+    record = {"base": {"path": str(folder), "hub_id": "org/base"}, "sources": [str(folder), "/not/on/this/machine"],
+              "url": "https://huggingface.co/org/base", "n": 3}
+    f = tmp_path / "calibration.json"
+    f.write_text(json.dumps(record))
+    out = json.loads(publishable_json(f))
+    assert out == {"base": {"path": "base", "hub_id": "org/base"}, "sources": ["base", "/not/on/this/machine"],
+                   "url": "https://huggingface.co/org/base", "n": 3}
+    f.write_text(json.dumps({"path": "relative/dir", "other": "/not/on/this/machine"}))
+    assert publishable_json(f) is None  # nothing to cut: the file goes up byte for byte
