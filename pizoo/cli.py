@@ -268,7 +268,7 @@ def eval_cmd(
                                                            "(default 1.05)."),
     min_passkey_accuracy: Optional[float] = typer.Option(None, "--min-passkey-accuracy",
                                                          help="Gate: passkey accuracy, averaged over the distances "
-                                                         "up to the target (default 0.9)."),
+                                                         "up to the target, half of it at each (default 0.9)."),
     no_gate: bool = typer.Option(False, "--no-gate", help="Measure only; apply no gate (exit 0)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most this many documents."),
     doc_tokens: Optional[int] = typer.Option(None, "--doc-tokens", help="Tokens scored per document "

@@ -32,11 +32,12 @@ distance k' <= k has accuracy >= 20%.
 The gate (thresholds: `pizoo.recipes.GateThresholds`) compares with the base model measured at
 its original context on the same tokens: ppl(target) <= max_ppl_ratio_target x base ppl(original);
 ppl(original) <= max_ppl_ratio_original x base ppl(original); passkey accuracy, averaged over the
-tested distances <= the target, >= min_passkey_accuracy. The mean, not every distance: with 10
-trials at each of 32 distances, a model that retrieves 95% of keys falls below 0.9 at some distance
-in about 94% of runs (P(<= 8 of 10) = 0.086 per distance), so a per-distance rule rejects nearly
-every good model; bench/quality saw such single-distance misses on SmolLM2 (README, Quality). The
-distances below the threshold are still named in the reason. A check without its measurement (no
+tested distances <= the target, >= min_passkey_accuracy, and at no distance below half of it. The
+mean, not the threshold at every distance: with 10 trials at each of 32 distances, a model that
+retrieves 95% of keys falls below 0.9 at some distance in about 94% of runs (P(<= 8 of 10) = 0.086
+per distance), so a per-distance rule rejects nearly every good model. The floor at half keeps a
+model that loses retrieval at some lengths (the target's, say) from passing on its average: the
+same model falls below 0.45 at a distance with probability about 3e-6. A check without its measurement (no
 baseline, passkey off) is reported as skipped and does not fail the gate, but a gate whose checks
 were all skipped fails: it verified nothing.
 
@@ -587,16 +588,19 @@ def apply_gate(thresholds: GateThresholds, *, ppl: Mapping[int, float], target: 
                            "reason": f"skipped: passkey: no distance <= the target {target} was tested"})
         else:
             limit = thresholds.min_passkey_accuracy
+            floor = limit / 2
             mean = sum(tested.values()) / len(tested)
             worst = min(tested.values())
             low = sorted((d, a) for d, a in tested.items() if a < limit)
             shown = ", ".join(f"{d}: {a:.2f}" for d, a in low[:6]) + (", ..." if len(low) > 6 else "")
             below = f"; below {limit:g} at {len(low)} of them ({shown})" if low else ""
-            ok = mean >= limit
+            ok = mean >= limit and worst >= floor
+            verdict = (f"{'>=' if mean >= limit else '<'} {limit:g}" if worst >= floor
+                       else f"but {worst:.2f} at one distance, under the floor {floor:g}")
             checks.append({"name": "passkey", "status": "pass" if ok else "fail", "mean": mean, "worst": worst,
-                           "limit": limit,
+                           "limit": limit, "floor": floor,
                            "reason": f"{'pass' if ok else 'FAIL'}: passkey accuracy {mean:.2f} on average over "
-                                     f"{len(tested)} distances <= {target} ({'>=' if ok else '<'} {limit:g}){below}"})
+                                     f"{len(tested)} distances <= {target} ({verdict}){below}"})
     if all(c["status"] == "skipped" for c in checks):
         # A publish gate that verified nothing must not pass.
         checks.append({"name": "coverage", "status": "fail",

@@ -41,7 +41,8 @@ class GateThresholds:
 
     max_ppl_ratio_target: perplexity at the target length / the base's at its original length.
     max_ppl_ratio_original: the calibrated model's perplexity at the original length / the base's.
-    min_passkey_accuracy: passkey retrieval accuracy required on average over the tested distances.
+    min_passkey_accuracy: passkey retrieval accuracy required on average over the tested distances
+        (and half of it at every distance).
     """
 
     max_ppl_ratio_target: float = 1.10

@@ -494,6 +494,10 @@ def test_passkey_gate_uses_the_mean_over_distances_up_to_the_target():
     # Retrieval lost over the second half of the window fails, even though the first half is perfect.
     half = gate({64: 1.0, 128: 1.0, 192: 0.0, 256: 0.0})
     assert not half["passed"] and half["reasons"][2].startswith("FAIL: passkey accuracy 0.50 on average over 4")
+    # A good average does not hide a length where retrieval is lost: 29 of 32 perfect, 3 at 0.
+    lost = gate({d: (0.0 if d > 232 else 1.0) for d in range(8, 257, 8)})
+    assert lost["checks"][2]["mean"] == pytest.approx(29 / 32) and not lost["passed"]
+    assert "under the floor 0.45" in lost["reasons"][2]
     # Distances beyond the target do not count.
     beyond = gate({128: 1.0, 256: 1.0, 512: 0.0})
     assert beyond["passed"] and beyond["checks"][2]["mean"] == 1.0
