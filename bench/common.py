@@ -324,7 +324,7 @@ def write_result(name: str, *, title: str, command: str, settings: dict[str, Any
                  machine: dict[str, Any] | None = None, versions_: dict[str, Any] | None = None) -> Path:
     """Write bench/results/NAME.json and regenerate bench/RESULTS.md."""
     machine = machine or machine_info()
-    machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    machine.setdefault("load_average_1m_at_end", round(os.getloadavg()[0], 2))  # kept when a report is rebuilt
     payload = {
         "benchmark": name, "title": title, "command": command,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -406,7 +406,7 @@ def eval_gpu_section(path: Path, r: dict[str, Any]) -> list[str]:
 def write_results_md() -> Path:
     """bench/RESULTS.md from every bench/results/*.json: a summary of targets, then each benchmark."""
     loaded = [(p, json.loads(p.read_text())) for p in sorted(RESULTS_DIR.glob("*.json"))]
-    # bench/eval_gpu.py writes its own table format; those files are listed, not rendered.
+    # bench/eval_gpu.py writes its own format (no targets): rendered by eval_gpu_section below.
     results = [r for _p, r in loaded if "title" in r and "targets" in r]
     other = [p for p, r in loaded if not ("title" in r and "targets" in r)]
     lines = ["# pizoo benchmark results", "",

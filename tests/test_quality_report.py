@@ -111,3 +111,17 @@ def test_only_selects_tasks_by_name_prefix(quality, tmp_path):
     assert all("lr-probe" in t.name for t in probe) and len(probe) == 2 + 4 + 2
     # Evaluations wait for their model: nothing was trained in this empty work folder.
     assert not any(t.needs() for t in probe if t.stage == "eval")
+
+
+def test_claim_3_finding_names_who_reproduces_it(quality):
+    cells = {k: ppl_cell(k, v) for k, v in {
+        "calibrated/none/step-0/ppl@8192": 7.0,
+        "calibrated/pi/step-200/ppl@32768": 9.0, "calibrated/pi/step-200/ppl@8192": 9.2,
+        "calibrated/yarn/step-200/ppl@32768": 6.0, "calibrated/yarn/step-200/ppl@8192": 6.2,
+    }.items()}
+    (claim3,) = quality.findings(cells)
+    assert "yarn reproduces it; pi at the papers' lr does not" in claim3
+    assert "pi 9.00 at 32k (1.29x; 9.20 at 8k)" in claim3
+    cells["calibrated/pi/step-200/ppl@32768"] = ppl_cell("calibrated/pi/step-200/ppl@32768", 20.0)
+    cells["calibrated/yarn/step-200/ppl@32768"] = ppl_cell("calibrated/yarn/step-200/ppl@32768", 8.0)
+    assert "no recipe reproduces it" in quality.findings(cells)[0]

@@ -102,3 +102,11 @@ def test_cli_recipes_list_and_show(tmp_path):
     assert r.exit_code == 0 and "beta_fast = 32.0" in r.output and "2309.00071" in r.output
     r = runner.invoke(app, ["recipes", "show", str(_write(tmp_path, "[train]\nlr = 0\n"))])
     assert r.exit_code == 2 and "[train] lr: must be > 0" in r.output and "Traceback" not in r.output
+
+
+def test_pi_lr_by_model_size_from_the_quality_study():
+    from pizoo.recipes import load_recipe
+
+    pi = load_recipe("pi")
+    assert pi.lr_for(134_515_008) == 1e-4  # SmolLM2-135M: bench/quality's learning-rate probe
+    assert pi.lr_for(1_000_000_001) == 2e-5 and load_recipe("yarn").lr_for(134_515_008) == 2e-5

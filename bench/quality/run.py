@@ -6,7 +6,8 @@
     python bench/quality/run.py --stage train               # calibration runs only
     python bench/quality/run.py --stage eval                # measurements only (two shells may run
                                                             #   train and eval side by side)
-    python bench/quality/run.py --stage report              # bench/results/quality.json + RESULTS.md
+    python bench/quality/run.py --stage report              # every protocol's results JSON + RESULTS.md,
+                                                            #   from the cells alone
 
 Options: --protocol gpu|cpu (default: gpu when CUDA is available), --stop-at HH:MM (UTC; start no
 new task after it), --threads N (torch CPU threads), --dtype float32|bfloat16 (default: what pizoo
@@ -714,21 +715,50 @@ def lr_probe_table(cells: dict[str, dict]) -> dict[str, Any]:
                         "passkey mean accuracy"], "rows": rows}
 
 
-def calibration_table(work: Path, protocol: Protocol) -> dict[str, Any]:
-    """What each finished calibration run did: loss at the start and the end, time per step
-    (from the metrics.jsonl that pizoo writes into every calibrated folder)."""
+def calibration_runs(work: Path) -> dict[str, Path]:
+    """Each calibration run's metrics.jsonl (pizoo writes one into every calibrated folder), by the
+    key of the cell that keeps its summary."""
+    runs = {f"calibration/{r}/step-{s}": calibrated_dir(work, r, s) / "metrics.jsonl"
+            for r in CALIBRATED_RECIPES for s in CALIBRATED_STEPS if s > 0}
+    runs.update({f"calibration/lr-probe/{r}": p / "metrics.jsonl" for r in LR_PROBE_RECIPES
+                 for p in sorted((work / "models").glob(f"cal-*-{r}-lr*-{LR_PROBE_STEPS:04d}"))})
+    return runs
+
+
+def record_calibration_cells(work: Path, protocol: Protocol) -> None:
+    """Summarise every calibration run whose metrics are on disk into a cell, so that the report
+    keeps the table where the models are gone (a fresh checkout, another machine)."""
+    for key, metrics in calibration_runs(work).items():
+        if not metrics.is_file():
+            continue
+        raw = metrics.read_bytes()
+        identity = {"metrics_sha256": hashlib.sha256(raw).hexdigest()}
+        if read_cell(work, key, identity) is not None:
+            continue
+        lines = [json.loads(ln) for ln in raw.decode().splitlines() if ln.strip()]
+        if not lines:
+            continue
+        first, last = lines[:10], lines[-10:]
+        seq_tokens = protocol.train_len * protocol.global_batch
+        per_step = sorted(seq_tokens / m["tokens_per_s"] for m in lines if m["tokens_per_s"] > 0)
+        write_cell(work, key, identity, {
+            "steps": len(lines), "tokens": len(lines) * seq_tokens, "lr": lines[-1].get("lr"),
+            "loss_first_10": round(sum(m["loss"] for m in first) / len(first), 3),
+            "loss_last_10": round(sum(m["loss"] for m in last) / len(last), 3),
+            "median_s_per_step": round(per_step[len(per_step) // 2], 3) if per_step else None})
+
+
+def calibration_table(cells: dict[str, dict], protocol: Protocol) -> dict[str, Any]:
+    """What each finished calibration run did: loss at the start and the end, time per step."""
     rows = []
-    for r in CALIBRATED_RECIPES:
-        for s in CALIBRATED_STEPS:
-            metrics = calibrated_dir(work, r, s) / "metrics.jsonl"
-            if s == 0 or not metrics.is_file():
-                continue
-            lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-            first, last = lines[:10], lines[-10:]
-            seq_tokens = protocol.train_len * protocol.global_batch
-            per_step = [seq_tokens / m["tokens_per_s"] for m in lines if m["tokens_per_s"] > 0]
-            rows.append([r, s, len(lines) * seq_tokens, round(sum(m["loss"] for m in first) / len(first), 3),
-                         round(sum(m["loss"] for m in last) / len(last), 3), round(sorted(per_step)[len(per_step) // 2], 3)])
+    for key in [f"calibration/{r}/step-{s}" for r in CALIBRATED_RECIPES for s in CALIBRATED_STEPS if s > 0] + \
+            [f"calibration/lr-probe/{r}" for r in LR_PROBE_RECIPES]:
+        c = cells.get(key)
+        if c is None:
+            continue
+        parts = key.split("/")
+        label = (parts[1], c["steps"]) if parts[1] != "lr-probe" else (f"{parts[2]}, lr {LR_PROBE_LR:g}", c["steps"])
+        rows.append([*label, c["tokens"], c["loss_first_10"], c["loss_last_10"], c["median_s_per_step"]])
     return {"title": f"Calibration runs ({protocol.label}, {protocol.train_len}-token sequences spread over "
                      f"{CALIBRATED_TARGET} positions, batch {protocol.global_batch}): training loss, mean of the first "
                      "and last 10 steps",
@@ -747,7 +777,7 @@ def _names(items: list[str]) -> str:
 
 def findings(cells: dict[str, dict]) -> list[str]:
     """What the numbers say about each claim, in words; a sentence only where its cells exist, and
-    every verdict computed from them (the same thresholds as claim_targets)."""
+    every verdict computed from them (claim_targets' thresholds; claims 3 and 4 at the last step)."""
     out = []
     c = lambda key: ppl_of(cells, key)  # noqa: E731
     b8, ext16 = c("training-free/none/ppl@8192"), c("training-free/none/ppl@16384")
@@ -756,8 +786,8 @@ def findings(cells: dict[str, dict]) -> list[str]:
         verdict = "reproduces" if ext16 >= 1000 else "does not reproduce"
         s = (f"Claim 1 (extrapolation > 10^3) {verdict}: unscaled, the model scores {ext16:,.1f} at 16k "
              f"({ext16 / b8:.1f}x its {b8:.2f} at 8k)")
-        if ext32:
-            s += f" and {ext32:,.0f} at 32k (4x its context)"
+        if ext32 and base8:
+            s += f", and {ext32:,.0f} at 32k on the 32k-token text (where it scores {base8:.2f} at 8k)"
         if ext16 < 1000:
             s += (": worse, but not destroyed. SmolLM2 was trained with rope_theta 1e5 and degrades more "
                   "gracefully than LLaMA (theta 1e4, 2k context) did")
@@ -786,7 +816,7 @@ def findings(cells: dict[str, dict]) -> list[str]:
                 parts.append(f"{r} {v:.2f} at 32k ({v / base8:.2f}x; {v8:.2f} at 8k)")
                 (met if v <= base8 else missed).append(r)
         if parts:
-            verdict = f"{_names(met) if met else 'no recipe'} reproduce{'s' if len(met) == 1 else ''} it"
+            verdict = f"{_names(met) if met else 'no recipe'} reproduce{'' if len(met) > 1 else 's'} it"
             if missed:
                 verdict += f"; {_names(missed)} at the papers' lr do{'es' if len(missed) == 1 else ''} not"
             out.append(f"Claim 3 (after a short calibration, 32k beats the base at 8k, {base8:.2f}), after {last} steps: "
@@ -891,11 +921,13 @@ def write_plot(cells: dict[str, dict], protocol: Protocol) -> Path | None:
     return protocol.plot_png
 
 
-def write_report(settings: Settings, corpus: Corpus | None) -> Path:
-    """bench/results/quality.json and this benchmark's section of bench/RESULTS.md."""
+def write_report(settings: Settings, corpus: Corpus | None, *, measured_here: bool = True) -> Path:
+    """The protocol's results JSON and its section of bench/RESULTS.md. measured_here=False (the
+    report stage): the cells came from an earlier run, whose machine and versions are kept."""
     from common import machine_info, table, versions, write_result
 
     p = settings.protocol
+    record_calibration_cells(settings.work, p)
     cells = all_cells(settings.work)
     targets, missing = claim_targets(cells)
     plot = write_plot(cells, p)
@@ -911,7 +943,7 @@ def write_report(settings: Settings, corpus: Corpus | None) -> Path:
                  f"bench/work/{p.work_name}/cells/ and under `cells` in this JSON, so a rerun measures only what is "
                  "missing.")
     tables = [training_free_table(cells), calibrated_table(cells), passkey_table(cells, p),
-              calibration_table(settings.work, p)]
+              calibration_table(cells, p)]
     if any(k.startswith("lr-probe/") for k in cells):
         tables.append(lr_probe_table(cells))
     tables += \
@@ -923,17 +955,16 @@ def write_report(settings: Settings, corpus: Corpus | None) -> Path:
         "global_batch": p.global_batch, "warmup_steps": WARMUP_STEPS, "stride": "the context length (disjoint windows)",
         "passkey": f"{p.passkey_distances} distances x {p.passkey_trials} trials", **settings.eval_key(),
     }
-    machine, versions_ = machine_info(), versions()
-    if p.device == "cuda":
-        import torch
+    if not measured_here and p.result_json.is_file():
+        # A report rebuilt from the cells names the machine and versions that measured them.
+        earlier = json.loads(p.result_json.read_text())
+        machine, versions_ = earlier["machine"], earlier["versions"]
+    else:
+        machine, versions_ = machine_info(), versions()
+        if p.device == "cuda":
+            import torch
 
-        if torch.cuda.is_available():
             machine["gpu"] = torch.cuda.get_device_name()
-        elif p.result_json.is_file():
-            # Rewriting the report away from a GPU: the machine and versions stay those of the
-            # run that measured the cells.
-            earlier = json.loads(p.result_json.read_text())
-            machine, versions_ = earlier["machine"], earlier["versions"]
     return write_result(p.result_name, title=f"Quality reproduction: the papers' claims on SmolLM2-135M ({p.label})",
                         command=p.command, settings=settings_out, runs=[], medians_={}, ratios={}, targets=targets,
                         tables=tables, notes=notes, extra={"cells": cells, "corpus": corpus.description if corpus else None},
@@ -943,7 +974,7 @@ def write_report(settings: Settings, corpus: Corpus | None) -> Path:
 # ================================================================================================
 
 
-def parse_args(argv: list[str] | None) -> tuple[str, Settings]:
+def parse_args(argv: list[str] | None) -> tuple[str, list[Settings]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=("all", "train", "eval", "report"), default="all")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
@@ -962,7 +993,8 @@ def parse_args(argv: list[str] | None) -> tuple[str, Settings]:
         stop = now.replace(hour=h, minute=m, second=0, microsecond=0)
         if stop < now - dt.timedelta(hours=12):
             stop += dt.timedelta(days=1)
-    if a.protocol is None:
+    explicit = a.protocol is not None
+    if not explicit:
         import torch
 
         a.protocol = "gpu" if torch.cuda.is_available() else "cpu"
@@ -973,21 +1005,29 @@ def parse_args(argv: list[str] | None) -> tuple[str, Settings]:
         if not torch.cuda.is_available():
             p.error("--protocol gpu needs CUDA; use --protocol cpu on a machine without an NVIDIA GPU")
     work = (a.work or protocol.work_dir).resolve()
-    return a.stage, Settings(work=work, protocol=protocol, dtype=a.dtype, threads=a.threads, stop_at=stop,
-                             only=a.only)
+    settings = Settings(work=work, protocol=protocol, dtype=a.dtype, threads=a.threads, stop_at=stop, only=a.only)
+    if a.stage == "report" and not explicit and a.work is None:
+        # Rewrite the report of every protocol that has results, not just this machine's kind.
+        return a.stage, [dataclasses.replace(settings, protocol=q, work=q.work_dir.resolve())
+                         for q in PROTOCOLS.values() if q.result_json.is_file()] or [settings]
+    return a.stage, [settings]
 
 
 def main(argv: list[str] | None = None) -> int:
-    stage, settings = parse_args(argv)
+    stage, all_settings = parse_args(argv)
+    if stage == "report":  # from the cells alone: no model, and the corpus as it was measured
+        for settings in all_settings:
+            settings.work.mkdir(parents=True, exist_ok=True)
+            seed_cells_from_results(settings.work, settings.protocol)
+            log(f"wrote {write_report(settings, measured_corpus(settings), measured_here=False)}")
+        return 0
+    (settings,) = all_settings
     if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
     settings.work.mkdir(parents=True, exist_ok=True)
     seed_cells_from_results(settings.work, settings.protocol)
-    if stage == "report":  # from the cells alone: no model, and the corpus as it was measured
-        log(f"wrote {write_report(settings, measured_corpus(settings))}")
-        return 0
     base = import_base(settings.work)
     corpus = write_corpus(settings.work, base)
     run_tasks(settings, select_tasks(plan_tasks(settings, base, corpus), settings.only), stage)
