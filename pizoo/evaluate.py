@@ -114,6 +114,10 @@ class TextEncoder:
     def plain(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def plain_batch(self, texts: list[str]) -> list[list[int]]:
+        """plain() of each text, tokenized in parallel (the tokenizers library's thread pool)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def document(self, text: str) -> list[int]:
         """A whole document with the tokenizer's special tokens (what the model saw in training)."""
         return self.prefix + self.plain(text) + self.suffix
@@ -370,8 +374,19 @@ class PasskeyTrial:
 def passkey_tokens(encoder: TextEncoder, key: str, filler: int) -> tuple[list[int], list[int]]:
     """(prompt ids with the tokenizer's prefix, answer ids): the answer is " KEY" as a continuation."""
     prompt = passkey_prompt(key, filler)
-    prompt_plain = encoder.plain(prompt)
-    full = encoder.plain(prompt + " " + key)
+    return _prompt_and_answer(encoder, key, encoder.plain(prompt), encoder.plain(prompt + " " + key))
+
+
+def passkey_tokens_batch(encoder: TextEncoder, items: Sequence[tuple[str, int]]) -> list[tuple[list[int], list[int]]]:
+    """passkey_tokens for many (key, filler) pairs at once: the long prompts are tokenized in one
+    parallel batch, which is most of a long-window passkey test's time on a many-core machine."""
+    prompts = [passkey_prompt(key, n) for key, n in items]
+    ids = encoder.plain_batch(prompts + [p + " " + key for p, (key, _) in zip(prompts, items)])
+    return [_prompt_and_answer(encoder, key, ids[i], ids[len(items) + i]) for i, (key, _) in enumerate(items)]
+
+
+def _prompt_and_answer(encoder: TextEncoder, key: str, prompt_plain: list[int],
+                       full: list[int]) -> tuple[list[int], list[int]]:
     if full[:len(prompt_plain)] == prompt_plain and len(full) > len(prompt_plain):
         return encoder.prefix + prompt_plain, full[len(prompt_plain):]
     # The tokenizer merges across the prompt/answer boundary (e.g. "is▁8"), so the prompt's own
@@ -395,8 +410,22 @@ def _fit_filler_down(encoder: TextEncoder, key: str, distance: int, start: int) 
 
 
 def _fit_filler(encoder: TextEncoder, key: str, distance: int, guess: int) -> tuple[int, list[int], list[int]] | None:
-    """The most filler repetitions whose prompt + answer fit in `distance` tokens (None: none fit)."""
-    fit = _fit_filler_down(encoder, key, distance, max(0, guess))
+    """The most filler repetitions whose prompt + answer fit in `distance` tokens (None: none fit).
+
+    The guess is first corrected with the token count it gives (a few secant steps on the
+    measured tokens per repetition), so that the one-repetition steps that settle the exact count
+    are few: at 32k each step tokenizes ~120 kB twice."""
+    n0 = sum(map(len, passkey_tokens(encoder, key, 0)))
+    n = max(0, guess)
+    for _ in range(6):
+        if n == 0:
+            break
+        total = sum(map(len, passkey_tokens(encoder, key, n)))
+        step = math.floor((distance - total) / ((total - n0) / n)) if total > n0 else 0
+        if step == 0:
+            break
+        n = max(0, n + step)
+    fit = _fit_filler_down(encoder, key, distance, n)
     if fit is None:
         return None
     while True:
@@ -431,23 +460,33 @@ def build_passkey_trials(encoder: TextEncoder, distances: Sequence[int], trials:
     base_p, base_a = passkey_tokens(encoder, "12345", 0)
     one_p, _ = passkey_tokens(encoder, "12345", 1)
     per_filler = max(1, len(one_p) - len(base_p))
-    out = []
+    keys = {}
     for d in distances:
         rng = random.Random(f"pizoo-passkey:{seed}:{d}")
-        filler = None
-        for _ in range(trials):
-            key = random_passkey(rng)
-            if filler is None:
-                # The first key finds the filler count; later keys (all 5 digits, within a token or
-                # two of the same length) start there and only step down when they do not fit, so
-                # a long prompt is tokenized about once per trial.
-                fit = _fit_filler(encoder, key, d, (d - len(base_p) - len(base_a)) // per_filler)
-            else:
-                fit = _fit_filler_down(encoder, key, d, filler)
-            if fit is None:
-                raise PizooError(f"passkey: distance {d} is shorter than the shortest passkey prompt; "
-                                 "use a larger --ctx")
-            filler, prompt, answer = fit
+        keys[d] = [random_passkey(rng) for _ in range(trials)]
+    # The first key of each distance finds its filler count. Later keys (all 5 digits, within a
+    # token or two of the same length) start there and only step down when they do not fit; their
+    # prompts at that count are tokenized together in one parallel batch.
+    first = {}
+    for d in distances:
+        fit = _fit_filler(encoder, keys[d][0], d, (d - len(base_p) - len(base_a)) // per_filler)
+        if fit is None:
+            raise PizooError(f"passkey: distance {d} is shorter than the shortest passkey prompt; use a larger --ctx")
+        first[d] = fit
+    rest = [(d, key) for d in distances for key in keys[d][1:]]
+    batch = dict(zip(rest, passkey_tokens_batch(encoder, [(key, first[d][0]) for d, key in rest])))
+    out = []
+    for d in distances:
+        filler, prompt, answer = first[d]
+        out.append(PasskeyTrial(d, keys[d][0], prompt, answer))
+        for key in keys[d][1:]:
+            prompt, answer = batch[(d, key)]
+            if filler != first[d][0] or len(prompt) + len(answer) > d:
+                fit = _fit_filler_down(encoder, key, d, filler)  # the one-by-one way: rare
+                if fit is None:
+                    raise PizooError(f"passkey: distance {d} is shorter than the shortest passkey prompt; "
+                                     "use a larger --ctx")
+                filler, prompt, answer = fit
             out.append(PasskeyTrial(d, key, prompt, answer))
     return out
 

@@ -255,6 +255,20 @@ def test_passkey_trials_fit_their_distance_and_use_random_keys(extended_model):
     assert [t.key for t in build_passkey_trials(enc, distances, trials=5, seed=8)] != [t.key for t in trials]
 
 
+def test_long_passkey_prompts_are_the_longest_that_fit(extended_model):
+    """At long distances the filler count is found from a corrected guess and the later keys are
+    tokenized in one batch: the result must still be the longest prompt that fits, as a plain
+    count-down from above finds it."""
+    from pizoo.evaluate import _fit_filler_down
+
+    enc = TextEncoder(extended_model)
+    per_filler = len(passkey_tokens(enc, "12345", 1)[0]) - len(passkey_tokens(enc, "12345", 0)[0])
+    trials = build_passkey_trials(enc, [3000, 8192], trials=3, seed=1)
+    for t in trials:
+        n, prompt, answer = _fit_filler_down(enc, t.key, t.distance, t.distance // max(1, per_filler - 2) + 2)
+        assert (prompt, answer) == (t.prompt_ids, t.answer_ids), (t.distance, t.key)
+
+
 @pytest.mark.parametrize("acc,expected", [
     ({256: 1.0, 512: 0.3, 768: 0.1, 1024: 0.9}, 512),  # 768 fails: 1024 does not count
     ({1024: 0.9, 256: 1.0, 768: 0.25, 512: 0.2}, 1024),  # unsorted input; exactly 20% succeeds
