@@ -37,6 +37,16 @@ def _build(root: Path, name: str, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """60k characters of synthetic prose as a .txt file: calibration data for the tiny models."""
+    from pizoo.synthetic import sample_text
+
+    p = tmp_path_factory.mktemp("data") / "prose.txt"
+    p.write_text(sample_text(60_000), encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory(tiny_root):
     """tiny_model_factory(name, variant=..., tokenizer=..., rope=..., **config) -> Path (cached by name)."""
 

@@ -41,15 +41,6 @@ def base(tiny_model_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    from pizoo.synthetic import sample_text
-
-    p = tmp_path_factory.mktemp("data") / "prose.txt"
-    p.write_text(sample_text(60_000), encoding="utf-8")
-    return p
-
-
-@pytest.fixture(scope="module")
 def fast_clex_recipe(tmp_path_factory) -> Path:
     """The clex recipe with a coarser ODE step (time_dt 0.1) so CPU tests stay fast."""
     from pizoo.recipes import recipe_path
@@ -192,6 +183,13 @@ def _run_script(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+def _wait_for_checkpoint(state: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run has written its first training checkpoint (or ended, or timed out)."""
+    deadline = time.time() + timeout
+    while not list(state.glob("step-*/trainer.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_sigkill_and_resume_is_bit_identical(base, text_file, tmp_path):
     from pizoo.train import state_dir_for
 
@@ -199,9 +197,7 @@ def test_sigkill_and_resume_is_bit_identical(base, text_file, tmp_path):
     reference = _run_script(base, ref, text_file)
     victim = _run_script(base, out, text_file)
     state = state_dir_for(out)
-    deadline = time.time() + 120
-    while not list(state.glob("step-*/trainer.json")) and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_for_checkpoint(state, victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, victim.stderr.read().decode()[-2000:]
@@ -223,9 +219,7 @@ def test_ctrl_c_saves_and_exits_cleanly(base, text_file, tmp_path):
     out = tmp_path / "interrupted"
     proc = _run_script(base, out, text_file)
     state = state_dir_for(out)
-    deadline = time.time() + 120
-    while not list(state.glob("step-*/trainer.json")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_for_checkpoint(state, proc)
     proc.send_signal(signal.SIGINT)
     proc.wait()
     err = proc.stderr.read().decode()

@@ -40,12 +40,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo needs a POSIX system")
-def test_torchrun_two_processes_match_one(tiny_model_factory, tmp_path):
-    from pizoo.synthetic import sample_text
-
+def test_torchrun_two_processes_match_one(tiny_model_factory, text_file, tmp_path):
     base = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
-    data = tmp_path / "prose.txt"
-    data.write_text(sample_text(40_000))
+    data = text_file
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -126,17 +123,15 @@ def _losses(folder: Path) -> list[float]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kills torchrun workers found through /proc")
-def test_torchrun_sharded_checkpoint_kill_and_resume(tiny_model_factory, tmp_path):
+def test_torchrun_sharded_checkpoint_kill_and_resume(tiny_model_factory, text_file, tmp_path):
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from pizoo.synthetic import sample_text
     from pizoo.train import calibrate, state_dir_for
 
     base = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
-    data = tmp_path / "prose.txt"
-    data.write_text(sample_text(40_000))
+    data = text_file
     script = tmp_path / "run.py"
     script.write_text(RESUMABLE_SCRIPT)
     ref, out = tmp_path / "reference", tmp_path / "resumed"

@@ -30,15 +30,6 @@ def base(tiny_model_factory) -> Path:
     return tiny_model_factory("llama-gqa-tied", variant="llama-gqa-tied", tokenizer="bpe")
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    from pizoo.synthetic import sample_text
-
-    p = tmp_path_factory.mktemp("data") / "prose.txt"
-    p.write_text(sample_text(60_000), encoding="utf-8")
-    return p
-
-
 def _tokens(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (2, n), generator=g)
