@@ -206,7 +206,8 @@ def publishable_json(path: Path) -> bytes | None:
     def scrub(value: Any) -> Any:
         nonlocal changed
         if isinstance(value, str):
-            if len(value) > 1 and os.path.isabs(value) and len(value) < 4096 and Path(value).exists():
+            # A name too: "//" is absolute and exists (the root) but names nothing of ours.
+            if os.path.isabs(value) and len(value) < 4096 and Path(value).name and Path(value).exists():
                 changed = True
                 return Path(value).name
             return value
@@ -220,8 +221,13 @@ def publishable_json(path: Path) -> bytes | None:
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode() if changed else None
 
 
+# pizoo's own JSON records, which hold local paths; every other file (tokenizer.json above all,
+# whose vocabulary has strings like "//") goes up byte for byte.
+RECORDS_WITH_PATHS = ("calibration.json", "eval.json")
+
+
 def _without_local_paths(f: UploadFile) -> UploadFile:
-    if f.source is None or f.content is not None or f.source.suffix != ".json":
+    if f.source is None or f.content is not None or f.source.name not in RECORDS_WITH_PATHS:
         return f
     content = publishable_json(f.source)
     return f if content is None else UploadFile(f.path_in_repo, len(content), f.source, content)
