@@ -108,8 +108,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd = tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         fcntl.flock(fd, fcntl.LOCK_EX)  # marks the temporary as in use until this process ends
         yield Path(tmp)
         os.fsync(fd)  # the same inode as whatever the writer opened
@@ -117,11 +118,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is None:
+            # Interrupted (Ctrl-C, SIGTERM) inside mkstemp, after it created the file but before
+            # it told us its name: the file is not locked yet, so the stale-temporary sweep finds it.
+            remove_stale_temps(path)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

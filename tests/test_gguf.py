@@ -619,6 +619,26 @@ def test_stale_temporaries_of_the_target_are_removed(sharp_model, tmp_path):
     assert remove_stale_temps(tmp_path / "m.gguf") == [live]  # its writer is gone now
 
 
+def test_interrupt_inside_mkstemp_leaves_no_temporary(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM can land after mkstemp created the file and before it returned the name
+    (the window test_sigterm_stops_the_export_like_ctrl_c sometimes hit): nothing may be left."""
+    import tempfile
+
+    from pizoo.fsutil import atomic_path
+
+    real = tempfile.mkstemp
+
+    def interrupted_mkstemp(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "mkstemp", interrupted_mkstemp)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "m.gguf"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sigterm_stops_the_export_like_ctrl_c(tmp_path):
     """SIGTERM during `pizoo convert` exits 130 with a one-line message and leaves no temporary."""
     import os
