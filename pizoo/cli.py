@@ -72,6 +72,32 @@ def refuse_to_replace(out: Path | None, overwrite: bool, is_output: Callable[[Pa
         raise PizooError(f"{out}: exists and is not {what}, so --overwrite will not replace it; choose another --out")
 
 
+DATA_HELP = ("Text: .txt, .md, .jsonl, .parquet (.txt/.jsonl also .gz or .zst), folders, globs or a Hub dataset "
+             "id; repeatable. Default: the offline corpus.")
+
+
+def text_field_option() -> Any:
+    return typer.Option("text", "--text-field", help="The JSON-lines field or Parquet column that holds the text.")
+
+
+def data_revision_option() -> Any:
+    return typer.Option(None, "--data-revision", help="Hub dataset revision (branch, tag or commit; default main, "
+                        "then its refs/convert/parquet branch).")
+
+
+def data_files_option() -> Any:
+    return typer.Option(None, "--data-files", help="Glob of Hub dataset files to use (e.g. 'default/train/*.parquet').")
+
+
+def min_doc_tokens_option() -> Any:
+    return typer.Option(0, "--min-doc-tokens", help="Drop calibration documents with fewer tokens than this.")
+
+
+def upsample_long_option() -> Any:
+    return typer.Option(1, "--upsample-long", help="Repeat documents longer than the training length this many "
+                        "times (in a seeded order); 1: no upsampling.")
+
+
 def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -99,8 +125,12 @@ def extend_cmd(
                                 "or Hub id."),
     ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (e.g. 32768)."),
     recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="Calibration/evaluation text: .txt, .jsonl, folder, "
-                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Calibration/evaluation text. " + DATA_HELP),
+    text_field: str = text_field_option(),
+    data_revision: Optional[str] = data_revision_option(),
+    data_files: Optional[str] = data_files_option(),
+    min_doc_tokens: int = min_doc_tokens_option(),
+    upsample_long: int = upsample_long_option(),
     steps: Optional[int] = typer.Option(None, "--steps", help="Calibration steps (default: the recipe's)."),
     train_len: Optional[int] = typer.Option(None, "--train-len", help="Calibration sequence length (default: --ctx); "
                                             "shorter sequences spread their positions over the target."),
@@ -134,7 +164,12 @@ def extend_cmd(
     from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
     from .plan import render_plan
 
+    from .data import cli_data_spec
+
+    cli_data_spec(data, text_field, data_revision, data_files)  # checks the data options before any work
     opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
+                         text_field=text_field, data_revision=data_revision, data_files=data_files,
+                         min_doc_tokens=min_doc_tokens, upsample_long=upsample_long,
                          formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
                          eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
@@ -168,8 +203,12 @@ def calibrate_cmd(
     model: str = typer.Argument(..., help="Base model: HF folder, .gguf file, zoo name or Hub id."),
     ctx: int = typer.Option(..., "--ctx", help="Target context length in tokens (must exceed the original)."),
     recipe: str = typer.Option("pi", "--recipe", help="Recipe name (pizoo recipes list) or a .toml file."),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="Training text: .txt, .jsonl (text field), folder, "
-                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Training text. " + DATA_HELP),
+    text_field: str = text_field_option(),
+    data_revision: Optional[str] = data_revision_option(),
+    data_files: Optional[str] = data_files_option(),
+    min_doc_tokens: int = min_doc_tokens_option(),
+    upsample_long: int = upsample_long_option(),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the recipe's)."),
     train_len: Optional[int] = typer.Option(None, "--train-len", help="Sequence length to train on (default: --ctx); "
                                             "shorter spreads position ids over the target range."),
@@ -187,10 +226,13 @@ def calibrate_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
+    from .data import cli_data_spec
     from .train import calibrate, default_output_dir
 
+    spec = cli_data_spec(data, text_field, data_revision, data_files)
     out = out or default_output_dir(model, ctx, recipe)
-    result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
+    result = calibrate(model, out, ctx=ctx, recipe=recipe, data=spec, steps=steps, train_len=train_len,
+                       min_doc_tokens=min_doc_tokens, upsample_long=upsample_long,
                        seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
                        activation_checkpointing=activation_checkpointing, global_batch=global_batch,
                        micro_batch=micro_batch, lr=lr, overwrite=overwrite,

@@ -64,6 +64,11 @@ class ExtendOptions:
     ctx: int
     recipe: str = "pi"
     data: list[str] | None = None
+    text_field: str = "text"  # the JSON-lines field / Parquet column of the text
+    data_revision: str | None = None  # Hub dataset revision
+    data_files: str | None = None  # glob of Hub dataset files
+    min_doc_tokens: int = 0  # calibration drops shorter documents
+    upsample_long: int = 1  # calibration repeats documents longer than the training length
     steps: int | None = None
     train_len: int | None = None
     formats: tuple[str, ...] = FORMATS
@@ -79,6 +84,13 @@ class ExtendOptions:
     eval_ctx: list[int] | None = None  # lengths to measure (default: the mode's)
     hardware: str | None = None  # plan for named hardware instead of this machine (dry runs only)
     progress: bool = True
+
+    def data_spec(self) -> dict[str, Any] | None:
+        """The data options as pizoo.data.as_spec reads them (plain JSON: it travels to calibration workers)."""
+        from .data import cli_data_spec
+
+        spec = cli_data_spec(self.data, self.text_field, self.data_revision, self.data_files)
+        return None if spec is None else spec.to_dict()
 
     def validate(self) -> None:
         if self.ctx < 2:
@@ -377,9 +389,17 @@ def _stage_calibrate_inputs(ctx: Context) -> dict[str, Any]:
 
     o = ctx.opts
     return {"base": ctx.digests["resolve"], "ctx": o.ctx, "recipe": _recipe_identity(ctx.recipe),
-            "data": data_fingerprint(o.data or None, "train"), "steps": o.steps, "train_len": o.train_len,
+            "data": data_fingerprint(o.data_spec(), "train"), "steps": o.steps, "train_len": o.train_len,
             "global_batch": o.global_batch, "seed": o.seed,
-            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing),
+            **_length_options(o)}
+
+
+def _length_options(o: ExtendOptions) -> dict[str, int]:
+    """--min-doc-tokens and --upsample-long when set (left out at their defaults, so runs recorded
+    before these options existed still resume)."""
+    return {**({"min_doc_tokens": o.min_doc_tokens} if o.min_doc_tokens else {}),
+            **({"upsample_long": o.upsample_long} if o.upsample_long != 1 else {})}
 
 
 def _recipe_identity(recipe: Any) -> dict[str, Any]:
@@ -408,7 +428,7 @@ def _stage_evaluate_inputs(ctx: Context) -> dict[str, Any]:
 
     return {"model": ctx.digests["calibrate"], "base": ctx.digests["resolve"],
             "settings": eval_settings(ctx.opts, ctx.original_context), "gate": vars(ctx.recipe.gate),
-            "data": data_fingerprint(ctx.opts.data or None, "heldout")}
+            "data": data_fingerprint(ctx.opts.data_spec(), "heldout")}
 
 
 def eval_settings(opts: ExtendOptions, original_context: int) -> dict[str, Any]:
@@ -432,7 +452,7 @@ def run_evaluate(ctx: Context) -> StageOutcome:
     with atomic_dir(eval_dir, overwrite=True) as tmp:
         # The gate verdict is read from the report (raise_on_fail stays off) so that a failed
         # gate still leaves its eval.json and plot for the user to read.
-        report = evaluate_model(ctx.hf_dir, data=ctx.opts.data or None, baseline=baseline, gate=gate, stride=stride,
+        report = evaluate_model(ctx.hf_dir, data=ctx.opts.data_spec(), baseline=baseline, gate=gate, stride=stride,
                                 out=tmp, progress=ctx.opts.progress, echo=ctx.say, **settings)
     return StageOutcome([eval_dir], eval_facts(report))
 
@@ -684,9 +704,9 @@ class ProcessGroup:
 def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
     """calibrate()'s arguments for this run; identical on every rank under torchrun."""
     o = ctx.opts
-    return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data or None, "steps": o.steps,
+    return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data_spec(), "steps": o.steps,
             "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
-            "global_batch": o.global_batch,
+            "global_batch": o.global_batch, **_length_options(o),
             "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
 
 

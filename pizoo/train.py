@@ -802,15 +802,17 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
               activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
               micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
               max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
-              log=print) -> CalibrationResult:
+              min_doc_tokens: int = 0, upsample_long: int = 1, log=print) -> CalibrationResult:
     """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
 
     `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
     `micro_batch` sequences go through one forward/backward (gradient accumulation covers the
     rest). `train_len` (default: ctx) shorter than ctx spreads position ids over the target range.
+    `data` is anything pizoo.data.as_spec takes; `min_doc_tokens` drops shorter documents and
+    `upsample_long` repeats documents longer than train_len (pizoo.data.PackedSequences).
     """
     from .checkpoint import open_checkpoint
-    from .data import PackedSequences, data_fingerprint, default_corpus_note, describe_sources
+    from .data import PackedSequences, as_spec, data_fingerprint, default_corpus_note
     from .recipes import load_recipe
     from .resolve import resolve_model
 
@@ -856,12 +858,15 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         peak_lr = float(lr) if lr is not None else rec.lr_for(cfg.num_params())
         warmup = rec.warmup_for(n_steps)
         state_dir = state_dir_for(out)
-        if dist_.is_main and data is None and n_steps > 0:
+        if dist_.is_main and as_spec(data).sources is None and n_steps > 0:
             log(f"note: {default_corpus_note()}")
         fingerprint = data_fingerprint(data, "train") if n_steps > 0 else None
         run_args = _run_args(base=str(resolved.path), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
                              seed=seed, global_batch=gb, lr=peak_lr, data_fingerprint=fingerprint,
-                             max_grad_norm=max_grad_norm)
+                             max_grad_norm=max_grad_norm,
+                             # recorded only when set, so states saved before these options still resume
+                             **({"min_doc_tokens": min_doc_tokens} if min_doc_tokens else {}),
+                             **({"upsample_long": upsample_long} if upsample_long != 1 else {}))
 
         wrapper = _build_training_model(cfg, rope, ctx, dev, dist_, seed, activation_checkpointing, loss_chunk)
         _load_base_weights(wrapper, ckpt)
@@ -907,7 +912,8 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if n_steps > start_step:
             stream = PackedSequences(resolved.path, data, T + 1, seed=seed, split="train", bos=cfg.bos_token_id,
                                      eos=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None,
-                                     start=start_step * gb)
+                                     start=start_step * gb, min_doc_tokens=min_doc_tokens,
+                                     upsample_long=upsample_long)
         bar = None
         if progress and dist_.is_main and n_steps > start_step:
             from tqdm.auto import tqdm
@@ -983,6 +989,9 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
                                       "rerun the same command (with --resume, the default) to continue")
         if bar is not None:
             bar.close()
+        if stream is not None and dist_.is_main:
+            for line in stream.stats_lines():
+                log(line)
         if keep_state and n_steps > 0 and last_saved != n_steps:
             save(n_steps)  # the final training state stays inspectable (and the ODE module with it)
 
@@ -992,7 +1001,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         weights = ((k.removeprefix("lm."), v) for k, v in _gathered_state(wrapper, lambda n: not n.startswith("lm.rotary.")))
         if dist_.is_main:
             _write_output(out, ckpt, cfg, rope, ctx, rec, weights, clex_state, dev, resolved=resolved, data=data,
-                          describe_sources=describe_sources, fingerprint=fingerprint, stream=stream, steps=n_steps,
+                          as_spec=as_spec, fingerprint=fingerprint, stream=stream, steps=n_steps,
                           tokens=tokens_done, train_len=T, global_batch=gb, losses=losses, seed=seed,
                           world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr)
             if not keep_state:
@@ -1053,7 +1062,7 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 
 def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[tuple[str, torch.Tensor]],
-                  clex_state: dict[str, torch.Tensor], dev, *, resolved, data, describe_sources, fingerprint, stream,
+                  clex_state: dict[str, torch.Tensor], dev, *, resolved, data, as_spec, fingerprint, stream,
                   steps, tokens, train_len, global_batch, losses, seed, world, t0, metrics_path: Path, overwrite: bool,
                   lr: float) -> None:
     """The HF folder: trained weights in the base dtype, scaled config.json, tokenizer, lineage.
@@ -1089,9 +1098,8 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
         "global_batch": global_batch,
         "lr": lr,
         "data": None if steps == 0 else {
-            "sources": describe_sources(data), "split": "train", "fingerprint": fingerprint,
-            "documents": len(stream.splits) if stream is not None else None,
-            "tokens": stream.tokens_read if stream is not None else None},
+            **as_spec(data).record(), "split": "train", "fingerprint": fingerprint,
+            **(stream.stats_record() if stream is not None else {"documents": None, "tokens": None})},
         "final_loss": losses[-1] if losses else None,
         "seed": seed,
         "world_size": world,

@@ -17,6 +17,10 @@ _commit_api.py, lfs.py, file_download.py, _snapshot_download.py):
 - POST /__lfs/verify                          the verify href
 - HEAD/GET /{repo}/resolve/{rev}/{path}       ETag, X-Repo-Commit, Content-Length, X-Linked-*; Range
 
+Dataset repos answer the same read endpoints under /api/datasets/{repo}/... and
+/datasets/{repo}/resolve/...; they are stored under the key `datasets/{repo}` (`dataset_key`), and
+`add_branch` gives one a branch of its own files, like the Hub's refs/convert/parquet conversion.
+
 Everything lives in memory. Tokens are configured per server; a wrong token gets 401 on every
 endpoint, a read-only token or a foreign namespace gets 403 on writes. `requests` records every
 request (method, path) so tests can check, for example, that a dry run sent nothing.
@@ -140,6 +144,27 @@ class HubState:
             return {p: b.data for p, b in commit.files.items()}
 
 
+    def create_dataset(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> Repo:
+        """A dataset repo (stored as `datasets/{repo_id}`) with `files` on main."""
+        return self.create_repo(dataset_key(repo_id), private=private, files=files)
+
+    def add_branch(self, key: str, branch: str, files: dict[str, bytes]) -> Commit:
+        """A branch holding exactly `files` (e.g. the Hub's refs/convert/parquet Parquet conversion)."""
+        with self.lock:
+            repo = self.repos[key]
+            blobs = {p: Blob(d, lfs=is_lfs(p, len(d))) for p, d in files.items()}
+            for blob in blobs.values():
+                if blob.lfs:
+                    self.lfs[blob.sha256] = blob.data
+            commit = self.new_commit(repo, None, f"branch {branch}", blobs)
+            repo.refs[branch] = commit.oid
+            return commit
+
+
+def dataset_key(repo_id: str) -> str:
+    return f"datasets/{repo_id}"
+
+
 def is_lfs(path: str, size: int) -> bool:
     name = path.rsplit("/", 1)[-1]
     return size >= LFS_THRESHOLD or any(fnmatch.fnmatch(name, pat) for pat in LFS_PATTERNS)
@@ -210,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
         return who
 
     def _repo(self, repo_id: str, *, write: bool = False) -> Repo:
-        ns = repo_id.split("/")[0]
+        ns = repo_id.removeprefix("datasets/").split("/")[0]
         who = self._writer(ns) if write else self._token()
         repo = self.state.repos.get(repo_id)
         if repo is None or (repo.private and (who is None or ns not in (who.user, *who.orgs))):
@@ -264,6 +289,15 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"type": "user", "name": who.user, "orgs": [{"name": o} for o in who.orgs]})
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body))
+        if parts[:2] == ["api", "datasets"] and len(parts) >= 4 and method == "GET":
+            key, rest = dataset_key(f"{parts[2]}/{parts[3]}"), parts[4:]
+            if not rest or rest[:1] == ["revision"]:
+                return self._model_info(key, "/".join(rest[1:]) or "main")
+            if rest[:1] == ["tree"]:
+                return self._tree(key, rest[1], "/".join(rest[2:]))
+        if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(dataset_key(f"{parts[1]}/{parts[2]}"), parts[4], "/".join(parts[5:]),
+                                 head=method == "HEAD")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id = f"{parts[2]}/{parts[3]}"
             rest = parts[4:]
@@ -323,7 +357,8 @@ class Handler(BaseHTTPRequestHandler):
             if blob.lfs:
                 s["lfs"] = {"size": blob.size, "sha256": blob.sha256, "pointerSize": 134}
             siblings.append(s)
-        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": repo.private,
+        public_id = repo_id.removeprefix("datasets/")
+        self._json(200, {"id": public_id, "modelId": public_id, "sha": commit.oid, "private": repo.private,
                          "siblings": siblings, "tags": [], "library_name": None})
 
     def _tree(self, repo_id: str, rev: str, prefix: str) -> None:
