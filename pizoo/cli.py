@@ -90,6 +90,20 @@ def main_callback(
 
 
 # ------------------------------------------------------------------------------------------------
+# LoRA options (shared by extend and calibrate)
+
+LORA_OPTION = typer.Option(None, "--lora", help="Train rank-RANK LoRA adapters instead of every weight (LongLoRA+: "
+                           "embeddings and norms train too); the output is merged, the adapter written beside it.",
+                           metavar="RANK")
+LORA_ALPHA_OPTION = typer.Option(None, "--lora-alpha", help="LoRA scale numerator: updates are alpha/rank x B A "
+                                 "(default: 2 x rank).")
+LORA_TARGETS_OPTION = typer.Option(None, "--lora-targets", help="Projections to adapt: a subset of "
+                                   "q,k,v,o,gate,up,down, or all (default: q,k,v,o).")
+LORA_TRAINABLE_OPTION = typer.Option(None, "--lora-trainable", help="Also train in full: a subset of embed,norm,head, "
+                                     "or none for plain LoRA (default: embed,norm, LongLoRA+).")
+
+
+# ------------------------------------------------------------------------------------------------
 # The whole pipeline
 
 
@@ -128,9 +142,14 @@ def extend_cmd(
                                            "(h100, h100x8, a100x16, cpu); WORLD_SIZE is read otherwise."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable plan (--dry-run) or summary on "
                                  "stdout; progress goes to stderr."),
+    lora: Optional[int] = LORA_OPTION,
+    lora_alpha: Optional[float] = LORA_ALPHA_OPTION,
+    lora_targets: Optional[str] = LORA_TARGETS_OPTION,
+    lora_trainable: Optional[str] = LORA_TRAINABLE_OPTION,
 ) -> None:
     """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
     from .evaluate import parse_contexts
+    from .lora import lora_settings
     from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
     from .plan import render_plan
 
@@ -138,7 +157,8 @@ def extend_cmd(
                          formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
                          eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
-                         progress=sys.stderr.isatty())
+                         progress=sys.stderr.isatty(),
+                         lora=lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable))
     if dry_run:
         plan = plan_extend(opts)
         if as_json:
@@ -185,15 +205,21 @@ def calibrate_cmd(
                                                   help="Recompute layer activations in backward (less memory)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    lora: Optional[int] = LORA_OPTION,
+    lora_alpha: Optional[float] = LORA_ALPHA_OPTION,
+    lora_targets: Optional[str] = LORA_TARGETS_OPTION,
+    lora_trainable: Optional[str] = LORA_TRAINABLE_OPTION,
 ) -> None:
     """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
+    from .lora import lora_settings
     from .train import calibrate, default_output_dir
 
+    settings = lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable)
     out = out or default_output_dir(model, ctx, recipe)
     result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
                        seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
                        activation_checkpointing=activation_checkpointing, global_batch=global_batch,
-                       micro_batch=micro_batch, lr=lr, overwrite=overwrite,
+                       micro_batch=micro_batch, lr=lr, overwrite=overwrite, lora=settings,
                        log=lambda msg: typer.echo(msg, err=True))
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     typer.echo(f"wrote {result.out} ({result.method} x{result.factor:g} -> {result.ctx} tokens, "

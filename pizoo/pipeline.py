@@ -79,6 +79,7 @@ class ExtendOptions:
     eval_ctx: list[int] | None = None  # lengths to measure (default: the mode's)
     hardware: str | None = None  # plan for named hardware instead of this machine (dry runs only)
     progress: bool = True
+    lora: Any = None  # pizoo.lora.LoraSettings: LoRA(+) calibration instead of a full fine-tune
 
     def validate(self) -> None:
         if self.ctx < 2:
@@ -379,7 +380,8 @@ def _stage_calibrate_inputs(ctx: Context) -> dict[str, Any]:
     return {"base": ctx.digests["resolve"], "ctx": o.ctx, "recipe": _recipe_identity(ctx.recipe),
             "data": data_fingerprint(o.data or None, "train"), "steps": o.steps, "train_len": o.train_len,
             "global_batch": o.global_batch, "seed": o.seed,
-            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing),
+            **({"lora": o.lora.to_dict()} if o.lora is not None else {})}
 
 
 def _recipe_identity(recipe: Any) -> dict[str, Any]:
@@ -686,7 +688,7 @@ def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
     o = ctx.opts
     return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data or None, "steps": o.steps,
             "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
-            "global_batch": o.global_batch,
+            "global_batch": o.global_batch, "lora": o.lora.to_dict() if o.lora is not None else None,
             "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
 
 
@@ -823,7 +825,7 @@ def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) 
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
                      train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
                      gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
-                     evaluation=eval_settings(opts, cfg.original_context))
+                     evaluation=eval_settings(opts, cfg.original_context), lora=opts.lora)
 
 
 def _config_of(folder: Path):
@@ -837,7 +839,8 @@ def _command_record(opts: ExtendOptions) -> dict[str, Any]:
     return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
             "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats),
             "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
-            "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx}
+            "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx,
+            **({"lora": opts.lora.to_dict()} if opts.lora is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,8 +15,13 @@ Memory model (bytes per device, for the chosen settings):
   layer's input (h) is kept, plus one layer's full set while it is recomputed.
 - The loss head runs in chunks (pizoo.model.chunked_log_probs): chunk x vocab float32 logits, their
   softmax and gradient; the unchunked figure is shown for comparison.
+- LoRA (--lora, pizoo.lora): the frozen base weights are stored once (bf16 on GPUs, float32 on CPU)
+  with no gradients or optimizer state; the trainable parameters (the adapters, plus embeddings and
+  norms for LongLoRA+) cost 16 bytes each as above. Activations are counted as for a full fine-tune
+  (the adapters' rank-r intermediates are negligible): a slight overestimate.
 
 Time model: training FLOPs per token = 6 * (non-embedding params + head params)
+(with LoRA: 4 per frozen parameter, whose weight gradient is never computed, 6 per trainable one)
 + 12 * layers * heads * head_dim * train_len (the attention term, not halved for causality: an
 upper bound), times 4/3 with activation checkpointing (one extra forward). Throughput per device:
 GPUs from their name (dense bf16 peak) at an assumed MFU; the CPU is measured with a short float32
@@ -338,6 +343,7 @@ class MemoryEstimate:
     activation_checkpointing: bool  # chosen setting
     peak: float  # for the chosen setting, chunked loss
     capacity: float  # usable bytes per device
+    trainable_params: int = 0  # all of them in a full fine-tune
 
     @property
     def fits(self) -> bool:
@@ -361,19 +367,31 @@ def activation_elements_per_token_layer(cfg: ModelConfig) -> int:
     return 10 * h + 4 * kv + 4 * i
 
 
+def trainable_params(cfg: ModelConfig, lora=None) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts: everything trains in a full fine-tune; with LoRA the
+    adapters and the --lora-trainable extras train and the rest of the base is frozen."""
+    n = cfg.num_params()
+    if lora is None:
+        return n, 0
+    from .lora import adapter_params, extra_trainable_params
+
+    extra = extra_trainable_params(lora, cfg)
+    return adapter_params(lora, cfg) + extra, n - extra
+
+
 def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_batch: int = 1,
-                    activation_checkpointing: bool | None = None) -> MemoryEstimate:
+                    activation_checkpointing: bool | None = None, lora=None) -> MemoryEstimate:
     """Peak bytes per device of one calibration step (see the module docstring for the model).
 
     activation_checkpointing=None chooses: off when the plan fits without it, else on.
     """
-    n = cfg.num_params()
     shards = hw.count
     gpu = hw.kind == "cuda"
     act_bytes = 2 if gpu else 4
-    weights = 4 * n / shards
-    gradients = 4 * n / shards
-    optimizer = 8 * n / shards
+    n_train, n_frozen = trainable_params(cfg, lora)
+    weights = (4 * n_train + (2 if gpu else 4) * n_frozen) / shards
+    gradients = 4 * n_train / shards
+    optimizer = 8 * n_train / shards
     gathered = 2 * 2 * layer_params(cfg) if gpu and shards > 1 else 0.0
     tokens = train_len * micro_batch
     per_layer_tok = activation_elements_per_token_layer(cfg) * act_bytes
@@ -395,13 +413,23 @@ def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_bat
         activation_checkpointing = state + activations > capacity
     peak = state + (checkpointed if activation_checkpointing else activations)
     return MemoryEstimate(weights, gradients, optimizer, gathered, activations, checkpointed, logits_chunked,
-                          logits_full, overhead, activation_checkpointing, peak, capacity)
+                          logits_full, overhead, activation_checkpointing, peak, capacity, n_train)
 
 
-def train_flops_per_token(cfg: ModelConfig, train_len: int, *, activation_checkpointing: bool) -> float:
-    """6 * (non-embedding + head) params + 12 * L * H * Q * T; x4/3 with activation checkpointing."""
+def train_flops_per_token(cfg: ModelConfig, train_len: int, *, activation_checkpointing: bool, lora=None) -> float:
+    """6 * (non-embedding + head) params + 12 * L * H * Q * T; x4/3 with activation checkpointing.
+
+    With LoRA the frozen matrices cost 4 FLOPs per parameter (forward and input gradient, no weight
+    gradient) and the adapters 6; the head is frozen unless --lora-trainable names it (or embed with
+    tied embeddings)."""
     head = cfg.vocab_size * cfg.hidden_size
     dense = 6 * (cfg.num_non_embedding_params() + head)
+    if lora is not None:
+        from .lora import adapter_params
+
+        head_trains = "head" in lora.trainable or ("embed" in lora.trainable and cfg.tie_word_embeddings)
+        dense = 4 * (cfg.num_non_embedding_params() + head) + 6 * adapter_params(lora, cfg) + (2 * head if head_trains
+                                                                                                else 0)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * train_len
     return (dense + attention) * (4 / 3 if activation_checkpointing else 1.0)
 
@@ -447,6 +475,7 @@ class Plan:
     evaluation: dict[str, Any] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)  # what to change when the plan does not fit
     notes: list[str] = field(default_factory=list)  # things worth knowing that do not stop the run
+    lora: dict[str, Any] | None = None  # pizoo.lora.LoraSettings.to_dict() when calibrating with LoRA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -465,7 +494,7 @@ def choose_train_len(ctx: int, train_len: int | None) -> int:
 def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recipe, hw: Hardware,
               steps: int | None = None, train_len: int | None = None, formats: list[str] | tuple[str, ...] = FORMATS,
               out: Path | None = None, push: str | None = None, gguf_dtype: str = "f16", tp: int = 1,
-              global_batch: int | None = None, evaluation: dict[str, Any] | None = None) -> Plan:
+              global_batch: int | None = None, evaluation: dict[str, Any] | None = None, lora=None) -> Plan:
     """Everything the run will do and need, from the model's shapes and the recipe (no side effects)."""
     original = cfg.original_context
     if cfg.rope.is_scaled:
@@ -474,6 +503,13 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
     if ctx <= original:
         raise PizooError(f"--ctx {ctx}: must exceed the model's context length {original}")
     factor = ctx / original
+    if lora is not None:
+        from .lora import check_against_model
+
+        if not recipe.train:
+            raise PizooError(f"--lora with recipe '{recipe.name}': {recipe.method} scales RoPE at inference and has "
+                             "nothing to train; drop --lora or choose a trained recipe (pi, yarn, clex, ...)")
+        check_against_model(lora, cfg)
     t_len = choose_train_len(ctx, train_len)
     n_steps = (recipe.steps if steps is None else steps) if recipe.train else 0
     if steps is not None and steps < 1 and recipe.train:
@@ -494,9 +530,9 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
              "warmup_steps": recipe.warmup_for(n_steps) if n_steps else 0, "warmup_start": recipe.warmup_start,
              "schedule": recipe.schedule, "positions": recipe.positions if t_len < ctx else "contiguous",
              "rope": dict(recipe.rope)}
-    mem = estimate_memory(cfg, hw, train_len=t_len, micro_batch=micro_batch) if recipe.train else None
+    mem = estimate_memory(cfg, hw, train_len=t_len, micro_batch=micro_batch, lora=lora) if recipe.train else None
     ac = bool(mem and mem.activation_checkpointing)
-    fpt = train_flops_per_token(cfg, t_len, activation_checkpointing=ac)
+    fpt = train_flops_per_token(cfg, t_len, activation_checkpointing=ac, lora=lora)
     calibrate_s = tokens * fpt / (hw.count * hw.effective_flops) if tokens else 0.0
     evaluation = dict(evaluation or {})
     eval_seconds = estimate_eval_seconds(cfg, ctx, hw, evaluation)
@@ -522,12 +558,12 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
                 grad_accumulation=accumulation, tokens=tokens, hardware=asdict(hw) | {"description": hw.describe()},
                 memory=memory, activation_checkpointing=ac, flops_per_token=fpt, seconds=seconds,
                 formats=list(formats), outputs=outputs, push=push, fits=mem is None or mem.fits,
-                evaluation=evaluation)
+                evaluation=evaluation, lora=lora.to_dict() if lora is not None else None)
     if evaluation.get("gate", True) and eval_seconds > 3600 and hw.kind == "cpu":
         plan.notes.append(f"the full evaluation up to {ctx} tokens takes about {format_duration(eval_seconds)} on "
                           "this CPU; --eval quick checks short lengths in minutes (ungated), a GPU runs the full one")
     if not plan.fits:
-        plan.advice = fit_advice(cfg, hw, mem, train_len=t_len, ctx=ctx, tokens=tokens)
+        plan.advice = fit_advice(cfg, hw, mem, train_len=t_len, ctx=ctx, tokens=tokens, lora=lora)
     return plan
 
 
@@ -571,17 +607,19 @@ def estimate_eval_seconds(cfg: ModelConfig, ctx: int, hw: Hardware, evaluation: 
 
 
 def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len: int, ctx: int,
-               tokens: int) -> list[str]:
-    """What to change so the plan fits: more GPUs through torchrun, shorter sequences, checkpointing."""
+               tokens: int, lora=None) -> list[str]:
+    """What to change so the plan fits: LoRA, more GPUs through torchrun, shorter sequences, checkpointing."""
     advice = []
+    if lora is None:
+        advice += _lora_advice(cfg, hw, train_len=train_len, tokens=tokens)
     gpu = named_hardware("h100") if hw.kind == "cpu" else hw
     for count in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128):
         if count < hw.count and hw.kind == "cuda":
             continue
         trial = Hardware(gpu.kind, gpu.name, count, gpu.memory_bytes, gpu.peak_flops, gpu.mfu, gpu.source)
-        m = estimate_memory(cfg, trial, train_len=train_len)
+        m = estimate_memory(cfg, trial, train_len=train_len, lora=lora)
         if m.fits:
-            fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing)
+            fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing, lora=lora)
             hours = tokens * fpt / (count * trial.effective_flops) / 3600
             nodes = math.ceil(count / 8)
             launch = (f"torchrun --standalone --nproc_per_node {count} -m pizoo.cli extend ..." if count <= 8 else
@@ -595,7 +633,7 @@ def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len
     for t in (16384, 8192, 4096, 2048, 1024, 512):
         if t >= train_len:
             continue
-        m = estimate_memory(cfg, hw, train_len=t)
+        m = estimate_memory(cfg, hw, train_len=t, lora=lora)
         if m.fits:
             advice.append(f"calibrate on shorter sequences: --train-len {t} fits here ({human_bytes(m.peak)}; "
                           f"positions are spread over the {ctx} target)")
@@ -603,6 +641,22 @@ def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len
     if mem.activation_checkpointing:
         advice.append("activation checkpointing is already on (the planner enables it when activations do not fit)")
     return advice
+
+
+def _lora_advice(cfg: ModelConfig, hw: Hardware, *, train_len: int, tokens: int) -> list[str]:
+    """--lora when LongLoRA+ (the default settings, rank 16) fits the hardware the full fine-tune does not."""
+    from .lora import lora_settings
+
+    for rank in (16, 8):
+        lora = lora_settings(rank)
+        m = estimate_memory(cfg, hw, train_len=train_len, lora=lora)
+        if m.fits:
+            fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing, lora=lora)
+            hours = tokens * fpt / (hw.count * hw.effective_flops) / 3600
+            where = f"{hw.count} x {hw.name}" if hw.count > 1 else hw.name
+            return [f"calibrate with LoRA: --lora {rank} ({lora.describe()}) fits on {where} "
+                    f"({human_bytes(m.peak)} per device, about {hours:.1f} h)"]
+    return []
 
 
 def default_out_dir(spec: str, ctx: int) -> Path:
@@ -647,6 +701,12 @@ def render_plan(plan: Plan) -> str:
         row("sequences per step", f"{plan.global_batch} = {plan.micro_batch} per device x {plan.hardware['count']} "
                                   f"device(s) x {plan.grad_accumulation} accumulation")
         row("tokens", f"{plan.tokens:,}")
+        if plan.lora:
+            from .lora import LoraSettings
+
+            row("training", f"{LoraSettings.from_dict(plan.lora).describe()}; {plan.memory['trainable_params']:,} "
+                            f"trainable of {plan.params:,} parameters (frozen base in "
+                            f"{'bf16' if plan.hardware['kind'] == 'cuda' else 'float32'})")
         m = plan.memory
         row("memory per device", f"{human_bytes(m['peak'])} peak of {human_bytes(m['capacity'])} usable "
                                  f"({'fits' if m['fits'] else 'DOES NOT FIT'})")
@@ -660,7 +720,8 @@ def render_plan(plan: Plan) -> str:
                              f"{human_bytes(m['activations_checkpointed'])} with (checkpointing {ac})")
         row("  loss head", f"{human_bytes(m['logits_chunked'])} chunked cross-entropy "
                            f"({human_bytes(m['logits_full'])} unchunked)")
-        row("FLOPs per token", f"{plan.flops_per_token:.3g} (6N + 12*L*H*Q*T, attention not halved"
+        row("FLOPs per token", f"{plan.flops_per_token:.3g} ({'4N frozen + 6N trainable' if plan.lora else '6N'}"
+                               f" + 12*L*H*Q*T, attention not halved"
                                f"{', x4/3 recompute' if plan.activation_checkpointing else ''})")
     else:
         row("training", "none: this recipe only writes the scaling")

@@ -167,10 +167,15 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, start: float, sche
     return peak
 
 
+def _seed_int(*parts: Any) -> int:
+    digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+
 def _generator(*parts: Any) -> torch.Generator:
     """A generator seeded from `parts`: identical on every rank, world size and resume."""
-    digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(_seed_int(*parts))
 
 
 def pose_positions(length: int, target: int, gen: torch.Generator) -> torch.Tensor:
@@ -229,8 +234,12 @@ class CausalLMLoss(nn.Module):
 
 
 def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, seed: int,
-                          activation_checkpointing: bool, loss_chunk: int):
-    """Meta-device build, optional FSDP sharding, then materialise on `dev`."""
+                          activation_checkpointing: bool, loss_chunk: int, lora=None):
+    """Meta-device build, LoRA adapters when asked, optional FSDP sharding, then materialise on `dev`.
+
+    With LoRA on a GPU the frozen base weights are kept in bf16 from the start (never materialised
+    in float32): only the trainable parameters get float32 master weights, gradients and AdamW state.
+    """
     from .model import LlamaModel
 
     train_cfg = cfg.with_rope(rope, ctx)
@@ -240,6 +249,14 @@ def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, 
             from .clex import clex_module_for
 
             lm.rotary.set_frequency_module(clex_module_for(rope, cfg.head_dim))
+    if lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(lm, lora)
+        if dev.type == "cuda":
+            for p in lm.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
     lm.activation_checkpointing = activation_checkpointing
     wrapper = CausalLMLoss(lm, loss_chunk)
     if dist_.world > 1:
@@ -258,7 +275,17 @@ def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, 
         torch.manual_seed(seed)
         init = clex_module_for(rope, cfg.head_dim).state_dict()
         _load_full(wrapper, {f"lm.rotary.learned.{k}": v for k, v in init.items()}, strict=False)
+    if lora is not None:
+        from .lora import init_adapter_weights
+
+        _load_full(wrapper, {f"lm.{k}": v for k, v in init_adapter_weights(lm, _seed_int(seed, "lora")).items()},
+                   strict=False)
     return wrapper
+
+
+def _trainable(wrapper: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of them in a full fine-tune), by wrapper name."""
+    return {n: p for n, p in wrapper.named_parameters() if p.requires_grad}
 
 
 def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
@@ -284,20 +311,14 @@ def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
 
 
 def _load_base_weights(wrapper: nn.Module, ckpt) -> None:
+    from .lora import is_lora_param
+
     _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_tensors()), strict=False)
-    expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.")}
+    expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.") and not is_lora_param(n)}
     loaded = {f"lm.{n}" for n in ckpt.tensors}
     missing = sorted(expected - loaded)
     if missing:
         raise PizooError(f"{ckpt.path}: no weights for '{missing[0][3:]}'; the base checkpoint is incomplete")
-
-
-def _full_model_state(wrapper: nn.Module) -> dict[str, torch.Tensor]:
-    """Full float32 CPU tensors of every parameter, by wrapper name (single-process checkpoints)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def _full_optimizer_state(wrapper: nn.Module, opt) -> tuple[dict[str, torch.Tensor], dict]:
@@ -406,7 +427,8 @@ def _save_full_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, t
     """Single process: full tensors in one atomic folder, then drop older ones."""
     from safetensors.torch import save_file
 
-    model_sd = _full_model_state(wrapper)
+    trainable = _trainable(wrapper)
+    model_sd = dict(_gathered_state(wrapper, lambda n: n in trainable))
     opt_tensors, opt_meta = _full_optimizer_state(wrapper, opt)
     final = state_dir / f"step-{step:07d}"
     with atomic_dir(final, overwrite=True) as tmp:
@@ -424,7 +446,11 @@ def _load_full_checkpoint(path: Path, wrapper: nn.Module, opt) -> dict:
 
     trainer = read_json(path / "trainer.json", "trainer state")
     model_sd = load_file(str(path / "model.safetensors"))
-    _load_full(wrapper, model_sd)
+    missing = [n for n in _trainable(wrapper) if n not in model_sd]
+    if missing:
+        raise PizooError(f"{path / 'model.safetensors'}: no saved state for '{missing[0]}'; the checkpoint does not "
+                         "match this run, pass --no-resume to start over")
+    _load_full(wrapper, model_sd, strict=False)
     opt_tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
     _set_optimizer_state(wrapper, opt, opt_tensors, read_json(path / "optimizer.json", "optimizer state"))
     _set_rng_state(load_file(str(path / "rng.safetensors")))
@@ -590,8 +616,9 @@ def _save_sharded_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt
                              dev: torch.device) -> None:
     """Every rank streams its own shards into `.step-N.tmp/rank{R}.safetensors`; after a barrier
     rank 0 checks the headers, writes manifest.json and trainer.json, and renames the folder into
-    place, so `step-N/` only ever exists complete. No rank ever holds more than its shard."""
-    params = dict(wrapper.named_parameters())
+    place, so `step-N/` only ever exists complete. No rank ever holds more than its shard. Only
+    trainable parameters are saved (the frozen base is read from the base model on resume)."""
+    params = _trainable(wrapper)
     layout = _shard_layout(params, dist_, dev)
     final = state_dir / f"step-{step:07d}"
     tmp = state_dir / f".{final.name}.tmp"
@@ -691,7 +718,7 @@ def _load_sharded_checkpoint(path: Path, wrapper: nn.Module, opt, dist_: _Dist, 
     """Restore parameters, AdamW state, param groups and RNG from a sharded checkpoint (any world size)."""
     manifest = _read_manifest(path)
     trainer = read_json(path / "trainer.json", "trainer state")
-    params = dict(wrapper.named_parameters())
+    params = _trainable(wrapper)
     layout = _shard_layout(params, dist_, dev)
     states: dict[str, list[str]] = {}
     for key in manifest["tensors"]:
@@ -802,12 +829,14 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
               activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
               micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
               max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
-              log=print) -> CalibrationResult:
+              lora=None, log=print) -> CalibrationResult:
     """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
 
     `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
     `micro_batch` sequences go through one forward/backward (gradient accumulation covers the
     rest). `train_len` (default: ctx) shorter than ctx spreads position ids over the target range.
+    `lora` (pizoo.lora.LoraSettings) trains adapters (+ embeddings and norms by default) instead of
+    every weight; the output is merged and the adapter is written beside it in PEFT's format.
     """
     from .checkpoint import open_checkpoint
     from .data import PackedSequences, data_fingerprint, default_corpus_note, describe_sources
@@ -841,6 +870,17 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         raise PizooError(f"--micro-batch {micro_batch}: must be >= 1")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise PizooError(f"--lr {lr}: must be a positive number (e.g. 2e-5)")
+    if isinstance(lora, dict):  # as torchrun workers receive it (JSON)
+        from .lora import LoraSettings
+
+        lora = LoraSettings.from_dict(lora)
+    if lora is not None:
+        from .lora import check_against_model
+
+        if not rec.train:
+            raise PizooError(f"--lora with recipe '{rec.name}': {rec.method} scales RoPE at inference and has nothing "
+                             "to train; drop --lora or choose a trained recipe (pi, yarn, clex, ...)")
+        check_against_model(lora, cfg)
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: is a file, not a folder; choose another --out (a file is never replaced)")
     if out.exists() and not overwrite:
@@ -861,12 +901,17 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         fingerprint = data_fingerprint(data, "train") if n_steps > 0 else None
         run_args = _run_args(base=str(resolved.path), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
                              seed=seed, global_batch=gb, lr=peak_lr, data_fingerprint=fingerprint,
-                             max_grad_norm=max_grad_norm)
+                             max_grad_norm=max_grad_norm, lora=lora.to_dict() if lora is not None else None)
 
-        wrapper = _build_training_model(cfg, rope, ctx, dev, dist_, seed, activation_checkpointing, loss_chunk)
+        wrapper = _build_training_model(cfg, rope, ctx, dev, dist_, seed, activation_checkpointing, loss_chunk, lora)
         _load_base_weights(wrapper, ckpt)
+        trainable = _trainable(wrapper)
+        if lora is not None and dist_.is_main:
+            n_train = sum(p.numel() for p in trainable.values())
+            log(f"{lora.describe()}: {n_train:,} trainable parameters of {cfg.num_params():,} "
+                f"({100 * n_train / max(1, cfg.num_params()):.2f}%)")
         decay, no_decay = [], []
-        for name, p in wrapper.named_parameters():
+        for name, p in trainable.items():
             (no_decay if p.ndim < 2 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": rec.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
@@ -882,6 +927,12 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if latest is not None:
             saved = read_json(latest / "trainer.json", "trainer state")
             changed = [k for k in run_args if saved.get("run_args", {}).get(k) != run_args[k] and k != "steps"]
+            if "lora" in changed:
+                was = saved.get("run_args", {}).get("lora")
+                raise PizooError(f"{state_dir}: saved with different LoRA settings ("
+                                 f"{'none' if was is None else _lora_flags(was)}, now "
+                                 f"{'none' if lora is None else _lora_flags(lora.to_dict())}); rerun with the saved "
+                                 "--lora options, or pass --no-resume to start over")
             if changed:
                 raise PizooError(f"{state_dir}: saved with different settings ({changed[0]}); rerun with the same "
                                  "arguments, or pass --no-resume to start over")
@@ -990,11 +1041,17 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         clex_state = (dict(_gathered_state(wrapper, lambda n: n.startswith("lm.rotary.learned.")))
                       if rope.method == "clex" else {})
         weights = ((k.removeprefix("lm."), v) for k, v in _gathered_state(wrapper, lambda n: not n.startswith("lm.rotary.")))
+        adapter: dict[str, torch.Tensor] = {}
+        if lora is not None:
+            from .lora import merged_tensors
+
+            weights = merged_tensors(weights, lora, adapter)
         if dist_.is_main:
             _write_output(out, ckpt, cfg, rope, ctx, rec, weights, clex_state, dev, resolved=resolved, data=data,
                           describe_sources=describe_sources, fingerprint=fingerprint, stream=stream, steps=n_steps,
                           tokens=tokens_done, train_len=T, global_batch=gb, losses=losses, seed=seed,
-                          world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr)
+                          world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr,
+                          lora=lora, adapter=adapter)
             if not keep_state:
                 shutil.rmtree(state_dir, ignore_errors=True)
         elif n_steps > 0:  # rank 0 streams `weights` into the output folder (steps == 0 copies the base)
@@ -1055,11 +1112,13 @@ def _append_metrics(path: Path, row: dict) -> None:
 def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[tuple[str, torch.Tensor]],
                   clex_state: dict[str, torch.Tensor], dev, *, resolved, data, describe_sources, fingerprint, stream,
                   steps, tokens, train_len, global_batch, losses, seed, world, t0, metrics_path: Path, overwrite: bool,
-                  lr: float) -> None:
+                  lr: float, lora=None, adapter: dict[str, torch.Tensor] | None = None) -> None:
     """The HF folder: trained weights in the base dtype, scaled config.json, tokenizer, lineage.
 
     `weights` (HF names) is consumed one tensor at a time while writing; `clex_state` holds the
     trained ODE module's tensors (wrapper names), baked into the config before any weight is written.
+    With LoRA the weights arrive merged and `adapter` (filled while they stream) is written to
+    `adapter/` in PEFT's format, inside the same atomic folder.
     """
     from .checkpoint import DTYPE_NAMES, write_checkpoint
 
@@ -1099,6 +1158,8 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
         "duration_s": round(time.time() - t0, 3),
         "pizoo_version": __version__,
     }
+    if lora is not None:
+        calib["lora"] = {**lora.to_dict(), "adapter": None if steps == 0 else "adapter/"}
     if rope.method == "clex":
         calib["clex"] = {"baked_scale": min(math.ceil(ctx / cfg.original_context), int(rope.max_factor)),
                          "long_factor": out_rope.long_factor}
@@ -1107,8 +1168,16 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
     extra = {"calibration.json": json.dumps(calib, indent=2) + "\n"}
     if metrics_path.is_file():
         extra["metrics.jsonl"] = metrics_path.read_text()
+    finish = None
+    if lora is not None and steps > 0:
+        from .lora import ADAPTER_DIR, write_peft_adapter
+
+        # Runs after every weight has streamed, when `adapter` is complete.
+        finish = lambda tmp: write_peft_adapter(  # noqa: E731
+            tmp / ADAPTER_DIR, lora, adapter, base_model=resolved.hub_id or resolved.spec,
+            tied_embeddings=cfg.tie_word_embeddings)
     write_checkpoint(out, out_cfg, tensors, copy_files_from=ckpt.path, dtype=base_dtype, overwrite=overwrite,
-                     extra_files=extra)
+                     extra_files=extra, finish=finish)
 
 
 def default_output_dir(model: str, ctx: int, recipe: str) -> Path:
@@ -1116,3 +1185,9 @@ def default_output_dir(model: str, ctx: int, recipe: str) -> Path:
     name = Path(str(model).rstrip("/")).name or "model"
     size = f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
     return Path(f"{name}-{size}-{Path(str(recipe)).stem}")
+
+
+def _lora_flags(d: dict) -> str:
+    trainable = ",".join(d.get("trainable") or []) or "none"
+    return (f"--lora {d['rank']} --lora-alpha {d['alpha']:g} --lora-targets {','.join(d['targets'])} "
+            f"--lora-trainable {trainable}")
