@@ -154,6 +154,11 @@ def _extend_command(cmd: dict, calib: dict) -> str:
             parts += [flag, str(cmd[key])]
     if cmd.get("eval_ctx"):
         parts += ["--eval-ctx", ",".join(str(c) for c in cmd["eval_ctx"])]
+    lora = cmd.get("lora") or calib.get("lora")
+    if isinstance(lora, dict) and lora.get("rank"):
+        parts += ["--lora", str(lora["rank"]), "--lora-alpha", _num(lora.get("alpha")),
+                  "--lora-targets", ",".join(lora.get("targets") or []),
+                  "--lora-trainable", ",".join(lora.get("trainable") or []) or "none"]
     return shlex.join(parts)
 
 
@@ -321,6 +326,7 @@ def _body(facts: CardFacts) -> str:
     if facts.trtllm_build:
         out += ["### TensorRT-LLM", "", "```bash", f"hf download {facts.repo_id} --include 'trtllm/*' --local-dir .",
                 facts.trtllm_build, "```", ""]
+    out += _adapter_usage(facts)
     if facts.reproduce:
         out += ["## Reproduce", "", "```bash", facts.reproduce, "```", ""]
     out += ["## License", ""]
@@ -333,6 +339,24 @@ def _body(facts: CardFacts) -> str:
 # calibration.json's recipe is pizoo.recipes.Recipe.to_dict(): the training keys are at its top level.
 _RECIPE_TRAIN_KEYS = ("betas", "weight_decay", "warmup_steps", "warmup_ratio", "warmup_start", "schedule",
                       "min_lr_ratio", "positions")
+
+
+def _adapter_usage(facts: CardFacts) -> list[str]:
+    """The PEFT adapter of a LoRA(+) calibration (adapter/ in the repo), when one was uploaded."""
+    lora = (facts.calibration or {}).get("lora")
+    if not isinstance(lora, dict) or not any(p == "adapter/adapter_config.json" for p, _ in facts.files):
+        return []
+    base = hub_base_id_of(facts.config, facts.calibration) or "BASE_MODEL"
+    extra = f" + trainable {', '.join(lora.get('trainable') or [])}" if lora.get("trainable") else ""
+    return ["### PEFT adapter", "",
+            f"Calibrated with {lora.get('kind', 'LoRA')} (rank {lora.get('rank')}, alpha {_num(lora.get('alpha'))} on "
+            f"{','.join(lora.get('targets') or [])}{extra}). The weights above are merged; `adapter/` holds the same "
+            "result as a PEFT adapter for the base. Load the base with this repo's config.json, which holds the RoPE "
+            "scaling the adapter was trained for:", "",
+            "```python", "from peft import PeftModel", "from transformers import AutoConfig, AutoModelForCausalLM", "",
+            f'config = AutoConfig.from_pretrained("{facts.repo_id}")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base}", config=config, torch_dtype="auto")',
+            f'model = PeftModel.from_pretrained(base, "{facts.repo_id}", subfolder="adapter")', "```", ""]
 
 
 def _recipe_hyperparameters(recipe: dict, calib: dict) -> dict:

@@ -301,3 +301,22 @@ def test_planner_memory_within_15_percent_of_a_measured_cpu_step(lora, tiny_mode
     planned = est.weights + est.gradients + est.optimizer + est.activations
     measured = _measured_step_bytes(folder, lora, 512)
     assert abs(planned / measured - 1) < 0.15, (planned, measured)
+
+
+def test_card_says_how_to_use_the_adapter_and_reproduce_names_lora():
+    from pizoo.card import CardFacts, render_card, reproduce_command
+
+    lora = lora_settings(16).to_dict()
+    calib = {"base_model": {"hub_id": "org/base"}, "ctx": 16384, "method": "linear", "lora": lora,
+             "recipe": {"name": "pi"}}
+    config = {"pizoo": {"base_model": "org/base", "target_context": 16384}, "max_position_embeddings": 16384}
+    card = render_card(CardFacts(repo_id="me/base-16k", config=config, calibration=calib,
+                                 files=[("model.safetensors", 10), ("adapter/adapter_config.json", 1),
+                                        ("adapter/adapter_model.safetensors", 5)]))
+    assert "### PEFT adapter" in card and "LongLoRA+ (rank 16, alpha 32 on q,k,v,o + trainable embed, norm)" in card
+    assert 'PeftModel.from_pretrained(base, "me/base-16k", subfolder="adapter")' in card
+    assert 'AutoConfig.from_pretrained("me/base-16k")' in card
+    no_adapter = render_card(CardFacts(repo_id="me/x", config=config, calibration={**calib, "lora": None}))
+    assert "PEFT adapter" not in no_adapter
+    cmd = reproduce_command(calib, {"command": {"model": "org/base", "ctx": 16384, "lora": lora}}, config)
+    assert cmd.endswith("--lora 16 --lora-alpha 32 --lora-targets q,k,v,o --lora-trainable embed,norm"), cmd
