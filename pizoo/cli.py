@@ -97,8 +97,9 @@ LORA_OPTION = typer.Option(None, "--lora", help="Train rank-RANK LoRA adapters i
                            metavar="RANK")
 LORA_ALPHA_OPTION = typer.Option(None, "--lora-alpha", help="LoRA scale numerator: updates are alpha/rank x B A "
                                  "(default: 2 x rank).")
-LORA_TARGETS_OPTION = typer.Option(None, "--lora-targets", help="Projections to adapt: a subset of "
-                                   "q,k,v,o,gate,up,down, or all (default: q,k,v,o).")
+LORA_TARGETS_OPTION = typer.Option(None, "--lora-targets", help="Projections to adapt, by name without "
+                                   "_proj: e.g. q,k,v,o,gate,up,down for Llama-like models, or all (default: the "
+                                   "attention projections).")
 LORA_TRAINABLE_OPTION = typer.Option(None, "--lora-trainable", help="Also train in full: a subset of embed,norm,head, "
                                      "or none for plain LoRA (default: embed,norm, LongLoRA+).")
 

@@ -28,11 +28,10 @@ from torch import nn
 
 from .errors import PizooError
 
-# --lora-targets short names -> the projection modules they adapt (HF / PEFT module names).
-TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-DEFAULT_TARGETS = ("q", "k", "v", "o")
-ALL_TARGETS = tuple(TARGETS)
+# --lora-targets names a projection by its module name without "_proj" (q, k, v, o, gate, up,
+# down for the Llama block). The names a model has come from its family's tensor table
+# (pizoo.families), so a family with other projections gets them without a change here.
+ALL = "all"  # every projection of the family's layers (attention and MLP)
 # --lora-trainable: parameters trained in full besides the adapters, by a word in their name.
 TRAINABLE = {"embed": "embed", "norm": "norm", "head": "lm_head"}
 DEFAULT_TRAINABLE = ("embed", "norm")  # LongLoRA+
@@ -44,7 +43,9 @@ PEFT_PREFIX = "base_model.model."
 class LoraSettings:
     rank: int
     alpha: float
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # short names (keys of TARGETS)
+    # short names ("q", "gate", ...); () = the family's attention projections, ("all",) = every
+    # projection; `for_model` turns both into the model's concrete names.
+    targets: tuple[str, ...] = ()
     trainable: tuple[str, ...] = DEFAULT_TRAINABLE  # keys of TRAINABLE
 
     @property
@@ -53,7 +54,9 @@ class LoraSettings:
 
     @property
     def target_modules(self) -> list[str]:
-        return [TARGETS[t] for t in self.targets]
+        if not self.targets or self.targets == (ALL,):
+            raise ValueError("LoraSettings.target_modules before for_model(): the targets are not resolved")
+        return [f"{t}_proj" for t in self.targets]
 
     @property
     def kind(self) -> str:
@@ -70,22 +73,38 @@ class LoraSettings:
 
     def describe(self) -> str:
         extra = f" + trainable {', '.join(self.trainable)}" if self.trainable else ""
-        return f"{self.kind}: rank {self.rank}, alpha {self.alpha:g} on {','.join(self.targets)}{extra}"
+        on = ",".join(self.targets) if self.targets else "the attention projections"
+        return f"{self.kind}: rank {self.rank}, alpha {self.alpha:g} on {on}{extra}"
+
+    def for_model(self, cfg) -> "LoraSettings":
+        """These settings with the targets resolved against the model's family (its tensor table):
+        the default becomes the attention projections, `all` every projection; an unknown name or
+        a rank above an adapted layer's width is a one-line error."""
+        targets = resolved_targets(self, cfg)
+        resolved = LoraSettings(self.rank, self.alpha, targets, self.trainable)
+        width = min(min(t.shape) for t in adapted_tensors(resolved, cfg))
+        if self.rank > width:
+            raise PizooError(f"--lora {self.rank}: above the width of the adapted layers ({width}); use a rank of at "
+                             f"most {width} (a full-rank adapter is a full fine-tune: drop --lora)")
+        return resolved
 
 
 def parse_targets(text: str | None) -> tuple[str, ...]:
-    """'q,k,v,o' (default), 'all' (adds gate, up, down) or any comma-separated subset."""
+    """'q,k,v,o' or any comma-separated projection names ('q_proj' works too), 'all', or nothing for
+    the family's attention projections. Checked against the model by LoraSettings.for_model."""
     if text is None or not text.strip():
-        return DEFAULT_TARGETS
+        return ()
     parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    if parts == ["all"]:
-        return ALL_TARGETS
+    if ALL in parts:
+        if len(parts) > 1:
+            raise PizooError(f"--lora-targets {text}: 'all' stands alone (every projection of the model)")
+        return (ALL,)
     out: list[str] = []
     for p in parts:
         name = p.removesuffix("_proj")
-        if name not in TARGETS:
-            raise PizooError(f"--lora-targets {text}: unknown target '{p}'; use a comma-separated subset of "
-                             f"{','.join(TARGETS)} or 'all'")
+        if not name.isidentifier():
+            raise PizooError(f"--lora-targets {text}: unknown target '{p}'; use projection names such as q,k,v,o "
+                             "or 'all'")
         if name not in out:
             out.append(name)
     return tuple(out)
@@ -126,33 +145,59 @@ def lora_settings(rank: int | None, *, alpha: float | None = None, targets: str 
     return LoraSettings(rank=rank, alpha=a, targets=t, trainable=tr)
 
 
-def check_against_model(settings: LoraSettings, cfg) -> None:
-    """The rank must not exceed the width of any adapted layer (min of its in and out features)."""
-    q, kv, h, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
-    width = min(min(shapes[t]) for t in settings.targets)
-    if settings.rank > width:
-        raise PizooError(f"--lora {settings.rank}: above the width of the adapted layers ({width}); use a rank of at "
-                         f"most {width} (a full-rank adapter is a full fine-tune: drop --lora)")
+def projections(cfg) -> dict[str, bool]:
+    """The projections LoRA can adapt, from the family's tensor table (layer 0): short name ->
+    whether it is an attention projection. A projection is a 2-D `*_proj.weight` of a layer."""
+    out: dict[str, bool] = {}
+    for t in cfg.family.layer_tensors(cfg, 0):
+        module = t.hf.removesuffix(".weight")
+        leaf = module.rsplit(".", 1)[-1]
+        if t.hf.endswith(".weight") and len(t.shape) == 2 and leaf.endswith("_proj"):
+            out.setdefault(leaf.removesuffix("_proj"), ".self_attn." in t.hf)
+    return out
+
+
+def resolved_targets(settings: LoraSettings, cfg) -> tuple[str, ...]:
+    """The short names of the projections `settings` adapts in this model (see for_model)."""
+    available = projections(cfg)
+    if not settings.targets:
+        return tuple(n for n, attention in available.items() if attention)
+    if settings.targets == (ALL,):
+        return tuple(available)
+    unknown = [t for t in settings.targets if t not in available]
+    if unknown:
+        raise PizooError(f"--lora-targets {','.join(settings.targets)}: unknown target '{unknown[0]}'; "
+                         f"{cfg.family.hf_class} has {','.join(available)} (or 'all')")
+    return settings.targets
+
+
+def adapted_tensors(settings: LoraSettings, cfg) -> list:
+    """The tensor-table rows (every layer) of the weights that get an adapter."""
+    wanted = {f"{t}_proj" for t in resolved_targets(settings, cfg)}
+    return [t for t in cfg.family.tensors(cfg) if t.layer is not None and t.hf.endswith(".weight")
+            and t.hf.removesuffix(".weight").rsplit(".", 1)[-1] in wanted]
+
+
+def for_run(settings: LoraSettings | None, recipe, cfg) -> LoraSettings | None:
+    """The settings a calibration (or its plan) uses: refused for a recipe with nothing to train,
+    else resolved against the model (LoraSettings.for_model)."""
+    if settings is None:
+        return None
+    if not recipe.train:
+        raise PizooError(f"--lora with recipe '{recipe.name}': {recipe.method} scales RoPE at inference and has "
+                         "nothing to train; drop --lora or choose a trained recipe (pi, yarn, clex, ...)")
+    return settings.for_model(cfg)
 
 
 def adapter_params(settings: LoraSettings, cfg) -> int:
-    """Parameters in the LoRA matrices: r * (in + out) per adapted projection per layer."""
-    q, kv, h, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
-    sizes = {"q": h + q, "k": h + kv, "v": h + kv, "o": q + h, "gate": h + i, "up": h + i, "down": i + h}
-    return cfg.num_layers * settings.rank * sum(sizes[t] for t in settings.targets)
+    """Parameters in the LoRA matrices: r * (in + out) per adapted weight [out, in]."""
+    return sum(settings.rank * sum(t.shape) for t in adapted_tensors(settings, cfg))
 
 
 def extra_trainable_params(settings: LoraSettings, cfg) -> int:
-    """Parameters of the embeddings, norms and head that --lora-trainable keeps trainable."""
-    n = 0
-    if "embed" in settings.trainable:
-        n += cfg.vocab_size * cfg.hidden_size
-    if "norm" in settings.trainable:
-        n += (2 * cfg.num_layers + 1) * cfg.hidden_size
-    if "head" in settings.trainable and not cfg.tie_word_embeddings:
-        n += cfg.vocab_size * cfg.hidden_size
-    return n
+    """Parameters of the embeddings, norms (and head) that --lora-trainable keeps trainable, from
+    the family's tensor table (a tied head is the embedding, counted once)."""
+    return sum(math.prod(t.shape) for t in cfg.family.tensors(cfg) if is_trainable(t.hf, settings))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,6 +241,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Swap every target projection of `model` (a pizoo LlamaModel) for a LoRALinear and set which
     parameters train: the adapters, the `trainable` extras and CLEX's frequency module (`rotary.`).
     Returns the names of the swapped modules. Works on the meta device (before weights exist)."""
+    settings = settings.for_model(model.config)  # the family's projection names
     wanted = set(settings.target_modules)
     swapped = []
     for name, module in list(model.named_modules()):

@@ -504,13 +504,9 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
     if ctx <= original:
         raise PizooError(f"--ctx {ctx}: must exceed the model's context length {original}")
     factor = ctx / original
-    if lora is not None:
-        from .lora import check_against_model
+    from .lora import for_run
 
-        if not recipe.train:
-            raise PizooError(f"--lora with recipe '{recipe.name}': {recipe.method} scales RoPE at inference and has "
-                             "nothing to train; drop --lora or choose a trained recipe (pi, yarn, clex, ...)")
-        check_against_model(lora, cfg)
+    lora = for_run(lora, recipe, cfg)  # the family's projections; rank and targets checked
     t_len = choose_train_len(ctx, train_len)
     n_steps = (recipe.steps if steps is None else steps) if recipe.train else 0
     if steps is not None and steps < 1 and recipe.train:
@@ -649,7 +645,7 @@ def _lora_advice(cfg: ModelConfig, hw: Hardware, *, train_len: int, tokens: int)
     from .lora import lora_settings
 
     for rank in (16, 8):
-        lora = lora_settings(rank)
+        lora = lora_settings(rank).for_model(cfg)
         m = estimate_memory(cfg, hw, train_len=train_len, lora=lora)
         if m.fits:
             fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing, lora=lora)

@@ -874,13 +874,9 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         from .lora import LoraSettings
 
         lora = LoraSettings.from_dict(lora)
-    if lora is not None:
-        from .lora import check_against_model
+    from .lora import for_run
 
-        if not rec.train:
-            raise PizooError(f"--lora with recipe '{rec.name}': {rec.method} scales RoPE at inference and has nothing "
-                             "to train; drop --lora or choose a trained recipe (pi, yarn, clex, ...)")
-        check_against_model(lora, cfg)
+    lora = for_run(lora, rec, cfg)  # the family's projections; rank and targets checked
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: is a file, not a folder; choose another --out (a file is never replaced)")
     if out.exists() and not overwrite:

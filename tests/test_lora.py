@@ -63,10 +63,17 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("recipe", ["pi", "yarn", "clex"])
-def test_loss_decreases_and_only_adapted_weights_change(recipe, base, text_file, fast_clex_recipe, tmp_path):
+@pytest.fixture(scope="module")
+def qwen3(tiny_model_factory) -> Path:
+    return tiny_model_factory("qwen3", variant="qwen3", tokenizer="bpe")
+
+
+@pytest.mark.parametrize("recipe, family", [("pi", "llama"), ("yarn", "qwen3"), ("clex", "llama")])
+def test_loss_decreases_and_only_adapted_weights_change(recipe, family, base, qwen3, text_file, fast_clex_recipe,
+                                                        tmp_path):
     out = tmp_path / recipe
     name = str(fast_clex_recipe) if recipe == "clex" else recipe
+    base = qwen3 if family == "qwen3" else base
     r = _calibrate(base, out, text_file, recipe=name, steps=12, lr=2e-2, keep_state=recipe == "clex")
     assert all(math.isfinite(x) for x in r.losses)
     first, last = sum(r.losses[:3]) / 3, sum(r.losses[-3:]) / 3
@@ -76,7 +83,8 @@ def test_loss_decreases_and_only_adapted_weights_change(recipe, base, text_file,
     for name_, t in before.items():
         changed = not torch.equal(t, after[name_])
         adapted = any(p in name_ for p in ("q_proj", "k_proj", "v_proj", "o_proj", "embed", "norm"))
-        assert changed == adapted, name_  # MLP and head frozen; q,k,v,o merged; embeddings and norms trained
+        assert changed == adapted, name_  # MLP and head frozen; q,k,v,o merged; embeddings and norms
+        # (Qwen3's per-head q/k norms too) trained
     calib = json.loads((out / "calibration.json").read_text())
     assert calib["lora"]["rank"] == 4 and calib["lora"]["alpha"] == 8 and calib["lora"]["kind"] == "LongLoRA+"
     if recipe == "clex":  # the ODE frequency module kept training (W_down starts at zero)
@@ -88,7 +96,9 @@ def test_loss_decreases_and_only_adapted_weights_change(recipe, base, text_file,
         assert state["lm.rotary.learned.w_down.weight"].abs().max() > 0
 
 
-def test_merged_equals_peft_on_base_and_checkpoints_hold_only_trainable_tensors(base, text_file, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_merged_equals_peft_on_base_and_checkpoints_hold_only_trainable_tensors(family, base, qwen3, text_file,
+                                                                                 tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -96,12 +106,14 @@ def test_merged_equals_peft_on_base_and_checkpoints_hold_only_trainable_tensors(
     from pizoo.model import load_model
     from pizoo.train import state_dir_for
 
+    base = qwen3 if family == "qwen3" else base
     out = tmp_path / "lora"
     _calibrate(base, out, text_file, steps=3, keep_state=True, checkpoint_every=1, lora=lora_settings(4, alpha=12))
     adapter_dir = out / "adapter"
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 12 and cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert set(cfg["modules_to_save"]) == {"embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"}
+    norms = {"input_layernorm", "post_attention_layernorm", "norm"} | ({"q_norm", "k_norm"} if family == "qwen3" else set())
+    assert set(cfg["modules_to_save"]) == {"embed_tokens"} | norms
 
     ids = torch.randint(0, 512, (1, 150), generator=torch.Generator().manual_seed(0))  # past L = 64
     merged_cfg = AutoConfig.from_pretrained(out)  # the scaled RoPE the adapter was trained with
