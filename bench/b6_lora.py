@@ -1,10 +1,10 @@
 """B6: LoRA+ calibration (`--lora`) against a full fine-tune (CPU memory) and against transformers + peft (GPU).
 
-    python bench/b6_lora.py [--lengths 256,512,1024] [--rank 16]            # CPU: memory of one step
+    python bench/b6_lora.py [--lengths 256,512,1024] [--rank 16] [--shape smollm2|small]  # CPU: one step's memory
     python bench/b6_lora.py --gpu [--length 16384] [--steps 6] [--warmup 2]  # GPU: vs transformers + peft
 
 CPU part. One training step (forward, chunked loss, backward, clipping, AdamW) as
-`pizoo.train.calibrate` runs it, on a random Llama with SmolLM2-135M's shape (pizoo.synthetic;
+`pizoo.train.calibrate` runs it, on a random Llama (SmolLM2-135M's shape, or --shape small; pizoo.synthetic;
 memory does not depend on the values), float32, batch 1, at three sequence lengths, in two
 configurations, each (configuration, length) in a fresh child process so its peak RSS (from the OS)
 is its own:
@@ -42,20 +42,25 @@ from common import (RESULT_PREFIX, WORK_DIR, Run, machine_info, ratio, reproduce
 
 CONFIGS = ("full", "LoRA+")
 TARGET_SPEEDUP = 1.3
-SMOLLM2_SHAPE = dict(hidden_size=576, num_layers=30, intermediate_size=1536, num_heads=9, num_kv_heads=3,
-                     vocab_size=49152)
+# --shape: SmolLM2-135M's published shape, or a 31M-parameter Llama for a loaded 2-core machine.
+SHAPES = {"smollm2": dict(hidden_size=576, num_layers=30, intermediate_size=1536, num_heads=9, num_kv_heads=3,
+                          vocab_size=49152),
+          "small": dict(hidden_size=512, num_layers=8, intermediate_size=1376, num_heads=8, num_kv_heads=4,
+                        vocab_size=16384)}
+SHAPE_NAMES = {"smollm2": "SmolLM2-135M's shape", "small": "a 31M-parameter Llama shape (hidden 512, 8 layers, "
+               "vocab 16384)"}
 
 
-def smollm2_shaped_checkpoint(work: Path = WORK_DIR) -> Path:
-    """A random Llama with SmolLM2-135M's shape in float32 (written once)."""
+def shaped_checkpoint(shape: str, work: Path = WORK_DIR) -> Path:
+    """A random Llama of shape SHAPES[shape] in float32 (written once)."""
     from pizoo.synthetic import write_synthetic_llama
 
-    out = work / "synthetic-smollm2-shape"
+    out = work / f"synthetic-{shape}-shape"
     if not (out / "config.json").is_file():
         import torch
 
-        print(f"writing a SmolLM2-135M-shaped random checkpoint to {out}", flush=True)
-        write_synthetic_llama(out, max_position_embeddings=2048, dtype=torch.float32, overwrite=True, **SMOLLM2_SHAPE)
+        print(f"writing a random checkpoint with {SHAPE_NAMES[shape]} to {out}", flush=True)
+        write_synthetic_llama(out, max_position_embeddings=2048, dtype=torch.float32, overwrite=True, **SHAPES[shape])
     return out
 
 
@@ -113,7 +118,7 @@ def cpu_main(args) -> None:
     work = WORK_DIR / "b6"
     work.mkdir(parents=True, exist_ok=True)
     machine, vers = machine_info(), versions()
-    model_dir = smollm2_shaped_checkpoint()
+    model_dir = shaped_checkpoint(args.shape)
     lengths = [int(x) for x in args.lengths.split(",")]
     runs: list[Run] = []
     for T in lengths:
@@ -142,7 +147,7 @@ def cpu_main(args) -> None:
     write_result(
         "b6_lora_memory", title="B6: LoRA+ vs full fine-tuning, memory of one CPU training step",
         command=reproduce_command(), machine=machine, versions_=vers,
-        settings={"model": "random Llama with SmolLM2-135M's shape (pizoo.synthetic), float32, CPU", "batch": 1,
+        settings={"model": f"random Llama with {SHAPE_NAMES[args.shape]} (pizoo.synthetic), float32, CPU", "batch": 1,
                   "step": "forward, chunked loss, backward, clip, AdamW", "lengths": args.lengths,
                   "LoRA+": f"rank {args.rank}, alpha {2 * args.rank}, q,k,v,o + embeddings and norms trainable",
                   "threads": args.threads},
@@ -156,8 +161,8 @@ def cpu_main(args) -> None:
                 table(["configuration", "trainable parameters"], [[c, f"{trainable[c]:,}"] for c in CONFIGS])],
         notes=["One run per cell on a shared 2-core machine; peak RSS is stable from run to run, step times are not "
                "reported as results.",
-               "The embeddings (49152 x 576) are trainable in LoRA+ (LongLoRA's setting), so a third of SmolLM2's "
-               "parameters still get gradients and AdamW state: a larger model saves a larger share.",
+               "The embeddings are trainable in LoRA+ (LongLoRA's setting), so they still get gradients and AdamW "
+               "state; in small models they are a large share of the parameters, so a larger model saves more.",
                "The GPU comparison with transformers + peft (`python bench/b6_lora.py --gpu`) needs CUDA and has "
                "not run: no GPU was available in this session."])
     print("wrote bench/results/b6_lora_memory.json and bench/RESULTS.md")
@@ -253,6 +258,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="256,512,1024")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="smollm2", help="the CPU part's model shape")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gpu", action="store_true", help="the GPU comparison with transformers + peft")
     ap.add_argument("--length", type=int, default=16384)
