@@ -156,8 +156,9 @@ def _extend_command(cmd: dict, calib: dict) -> str:
         parts += ["--eval-ctx", ",".join(str(c) for c in cmd["eval_ctx"])]
     lora = cmd.get("lora") or calib.get("lora")
     if isinstance(lora, dict) and lora.get("rank"):
+        targets = ",".join(lora.get("targets") or [])  # empty: the default (attention projections)
         parts += ["--lora", str(lora["rank"]), "--lora-alpha", _num(lora.get("alpha")),
-                  "--lora-targets", ",".join(lora.get("targets") or []),
+                  *(["--lora-targets", targets] if targets else []),
                   "--lora-trainable", ",".join(lora.get("trainable") or []) or "none"]
     return shlex.join(parts)
 
@@ -350,7 +351,7 @@ def _adapter_usage(facts: CardFacts) -> list[str]:
     extra = f" + trainable {', '.join(lora.get('trainable') or [])}" if lora.get("trainable") else ""
     return ["### PEFT adapter", "",
             f"Calibrated with {lora.get('kind', 'LoRA')} (rank {lora.get('rank')}, alpha {_num(lora.get('alpha'))} on "
-            f"{','.join(lora.get('targets') or [])}{extra}). The weights above are merged; `adapter/` holds the same "
+            f"{','.join(lora.get('targets') or []) or 'the attention projections'}{extra}). The weights above are merged; `adapter/` holds the same "
             "result as a PEFT adapter for the base. Load the base with this repo's config.json, which holds the RoPE "
             "scaling the adapter was trained for:", "",
             "```python", "from peft import PeftModel", "from transformers import AutoConfig, AutoModelForCausalLM", "",
