@@ -964,6 +964,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     # The folder index is torch-free (pizoo.hf_folder), so a plain export never imports torch.
     cfg, _raw, src_tensors = index_hf_folder(src)
     where = str(src / "config.json")
+    if cfg.family.gguf_refusal:
+        raise PizooError(f"{where}: {cfg.family.gguf_refusal}")
     rope = plan_rope(cfg, static_length, where)
     tok_meta = tokenizer_metadata(src, cfg, pre)
     path = _resolve_out(src, out, cfg, dtype, static_length)
