@@ -130,7 +130,7 @@ def extend_cmd(
                                  "stdout; progress goes to stderr."),
 ) -> None:
     """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
-    from .evaluate import parse_contexts
+    from .eval import parse_contexts
     from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
     from .plan import render_plan
 
@@ -287,7 +287,8 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
 ) -> None:
     """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
-    from .evaluate import GateThresholds, evaluate_model, format_report, raise_if_failed
+    from .eval import evaluate_model, format_report, raise_if_failed
+    from .recipes import GateThresholds
 
     if baseline and no_baseline:
         raise PizooError("--baseline and --no-baseline: give one or the other")
