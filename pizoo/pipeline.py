@@ -116,8 +116,6 @@ class ExtendOptions:
 def refuse_unwritable_formats(cfg, formats: tuple[str, ...]) -> None:
     """Refuse a format the family cannot be written as before anything is calibrated."""
     fam = cfg.family
-    if "gguf" in formats and fam.gguf_refusal:
-        raise PizooError(f"--formats gguf: {fam.gguf_refusal}")
     if "trtllm" in formats and fam.trtllm_arch is None:
         raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
 
