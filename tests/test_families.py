@@ -234,15 +234,52 @@ def test_no_family_name_is_compared_outside_the_registry():
     assert not hits, hits
 
 
+LENIENT_RECIPE = """\
+name = "pi-lenient"
+method = "pi"
+description = "Position Interpolation with a gate a random tiny model passes (tests only)."
+citation = "Chen, Wong, Chen, Tian. arXiv:2306.15595 (2023)"
+
+[train]
+steps = 1
+global_batch = 1
+lr = 1e-4
+
+[gate]
+max_ppl_ratio_target = 100.0
+max_ppl_ratio_original = 100.0
+min_passkey_accuracy = 0.0
+"""
+
+
 @pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.trtllm_arch is None])
-def test_extend_refuses_a_format_the_family_cannot_be_written_as_before_calibrating(sharp_base, tmp_path, family):
+def test_extend_writes_the_formats_the_family_has_and_refuses_one_asked_for_that_it_lacks(
+        sharp_base, tmp_path, monkeypatch, family):
+    """By default extend writes every format the family can be written as and runs to the end; a
+    format asked for that the family lacks is refused in one line before anything is written."""
     from pizoo.pipeline import ExtendOptions, extend
 
+    monkeypatch.setenv("PIZOO_HOME", str(tmp_path / "home"))
+    recipe = tmp_path / "pi-lenient.toml"
+    recipe.write_text(LENIENT_RECIPE)
     out = tmp_path / "out"
+    opts = dict(model=str(sharp_base(family)), ctx=EXTENDED, out=out, recipe=str(recipe), train_len=ORIGINAL,
+                eval="quick", eval_ctx=[EXTENDED], progress=False)
     with pytest.raises(PizooError) as e:
-        extend(ExtendOptions(model=str(sharp_base(family)), ctx=EXTENDED, out=out), say=lambda m: None)
-    assert "\n" not in str(e.value) and str(e.value).startswith("--formats ")
+        extend(ExtendOptions(**opts, formats=("hf", "gguf", "trtllm")), say=lambda m: None)
+    assert "\n" not in str(e.value) and str(e.value).startswith("--formats trtllm: ")
     assert not out.exists()
+
+    summary = extend(ExtendOptions(**opts), say=lambda m: None)
+    assert not (out / "trtllm").exists()
+    [gguf_file] = (out / "gguf").glob("*.gguf")
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=EXTENDED, verbose=False)
+    try:
+        assert llama_cpp.llama_model_n_ctx_train(llm.model) == EXTENDED
+    finally:
+        llm.close()
+    assert load_model(out / "hf").config.architecture == family
+    assert summary["stages_run"] == ["resolve", "calibrate", "evaluate", "convert-gguf", "register"]
 
 
 # --------------------------------------------------------------------------------------------
