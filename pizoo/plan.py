@@ -359,13 +359,24 @@ def layer_params(cfg: ModelConfig) -> int:
     return sum(math.prod(t.shape) for t in cfg.family.layer_tensors(cfg, 0))
 
 
-def activation_elements_per_token_layer(cfg: ModelConfig) -> int:
+def activation_elements_per_token_layer(cfg: ModelConfig, lora=None) -> int:
     """Saved activations of one decoder layer per token (elements), as pizoo.model computes it:
     two norms' inputs and outputs (4h), q/k/v projections and rotated q/k (2h + 4kv... counted as
     h + 2kv + h + kv, rounded up to 4kv), attention output and o_proj input (2h), the residual
-    inputs (2h), and the MLP's gate, up, silu(gate) and product (4I)."""
+    inputs (2h), and the MLP's gate, up, silu(gate) and product (4I). With LoRA, less (see below)."""
     h, kv, i = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    return 10 * h + 4 * kv + 4 * i
+    full = 10 * h + 4 * kv + 4 * i
+    if lora is None:
+        return full
+    from .lora import resolved_targets
+
+    # A frozen projection keeps nothing for its weight gradient, so an input that only frozen
+    # projections read is not saved (the MLP's, with attention-only adapters); each adapter keeps
+    # its rank-r intermediate for B's gradient.
+    targets = set(resolved_targets(lora, cfg))
+    inputs = {("q", "k", "v", "qkv"): h, ("o",): h, ("gate", "up", "gate_up"): h, ("down",): i}
+    dropped = sum(n for readers, n in inputs.items() if not targets & set(readers))
+    return full - dropped + lora.rank * len(targets)
 
 
 def trainable_params(cfg: ModelConfig, lora=None) -> tuple[int, int]:
@@ -395,7 +406,7 @@ def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_bat
     optimizer = 8 * n_train / shards
     gathered = 2 * 2 * layer_params(cfg) if gpu and shards > 1 else 0.0
     tokens = train_len * micro_batch
-    per_layer_tok = activation_elements_per_token_layer(cfg) * act_bytes
+    per_layer_tok = activation_elements_per_token_layer(cfg, lora) * act_bytes
     window = [cfg.layer_window(i) for i in range(cfg.num_layers)]
     attn_matrix = 0.0
     if any(w is not None and train_len > w for w in window):
