@@ -405,14 +405,12 @@ def build_samples(name: str, length: int, samples: int, seed: int, text: Haystac
     size = largest_fitting(measure, budget, lo, lo + int((budget - smallest) / per_unit))
     out = []
     for i in range(samples):
-        # The other samples start from the first one's size and only shrink when theirs is longer.
-        s = size
-        prompt, answers = generate_prompt(name, length, i, s, seed, text)
-        while (n := count_tokens(prompt)) > budget and s > lo:
-            s = max(lo, s - max(1, s // 100))
-            prompt, answers = generate_prompt(name, length, i, s, seed, text)
-        if n > budget:
+        # Each sample fits its own size: the haystack's words differ per sample, and so does the
+        # number of tokens per word. The first sample's size is the starting guess.
+        s = size if i == 0 else largest_fitting(lambda n: measure(n, i), budget, lo, size)
+        if s is None:
             return f"{name} at {length}: skipped, sample {i}'s shortest prompt does not fit"
+        prompt, answers = generate_prompt(name, length, i, s, seed, text)
         out.append(Sample(name, length, i, prompt, answers))
     return out
 
