@@ -68,7 +68,7 @@ class ExtendOptions:
     data: list[str] | None = None
     steps: int | None = None
     train_len: int | None = None
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] | None = None  # None: every format the model's family can be written as
     gguf_dtype: str = "f16"
     tp: int = 1
     push: str | None = None
@@ -85,8 +85,8 @@ class ExtendOptions:
     def validate(self) -> None:
         if self.ctx < 2:
             raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
+        unknown = [f for f in self.formats or () if f not in FORMATS]
+        if unknown or self.formats == ():
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
         if self.gguf_dtype not in GGUF_DTYPES:
             raise PizooError(f"--gguf-dtype {self.gguf_dtype}: use one of {', '.join(GGUF_DTYPES)}")
@@ -113,6 +113,17 @@ class ExtendOptions:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
+
+
+def settle_formats(cfg, formats: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The formats to write: by default every format the family can be written as; as asked
+    otherwise, refusing one the family cannot be written as before anything is calibrated."""
+    fam = cfg.family
+    if formats is None:
+        return tuple(f for f in FORMATS if f != "trtllm" or fam.trtllm_arch is not None)
+    if "trtllm" in formats and fam.trtllm_arch is None:
+        raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+    return formats
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -328,6 +339,11 @@ class Context:
     @property
     def hf_dir(self) -> Path:
         return self.out / "hf"
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The plan's formats; before a plan exists (a Hub model not downloaded yet), as asked."""
+        return self.plan.formats if self.plan is not None else self.opts.formats or FORMATS
 
     @property
     def original_context(self) -> int:
@@ -557,8 +573,8 @@ STAGE_SPECS = [
     StageSpec("resolve", _stage_resolve_inputs, run_resolve),
     StageSpec("calibrate", _stage_calibrate_inputs, run_calibrate),
     StageSpec("evaluate", _stage_evaluate_inputs, run_evaluate),
-    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.opts.formats),
-    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.opts.formats),
+    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.formats),
+    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.formats),
     StageSpec("register", _stage_register_inputs, run_register, verify=verify_registered),
     StageSpec("push", _stage_push_inputs, run_push, verify=verify_pushed, wanted=lambda ctx: ctx.opts.push is not None),
 ]
@@ -800,6 +816,9 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
                     say(render_plan(plan))
                     refuse_if_unfit(plan)
                     log.set_meta(plan=plan.to_dict())
+                    # The family's formats are known now: drop the later stages it cannot be written as
+                    # (only stages after this one go, so the loop's position is unaffected).
+                    wanted[:] = [s for s in wanted if s.wanted(ctx)]
             if spec.name == "evaluate" and result.get("gate") == "failed":
                 log.set_meta(summary=summarize(ctx, ran, skipped, time.perf_counter() - started))
                 failing = [r for r in result.get("gate_reasons") or [] if str(r).startswith("FAIL")]
@@ -827,7 +846,8 @@ def drop_unrequested(ctx: Context) -> None:
 
 def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
-                     train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
+                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats), out=opts.out_dir,
+                     push=opts.push,
                      gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
                      evaluation=eval_settings(opts, cfg.original_context))
 
@@ -841,7 +861,7 @@ def _config_of(folder: Path):
 def _command_record(opts: ExtendOptions) -> dict[str, Any]:
     """The options as given (None: the recipe's or pizoo's default), for the card's reproduce command."""
     return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
-            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats),
+            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats) if opts.formats else None,
             "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
             "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx}
 
