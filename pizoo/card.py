@@ -384,7 +384,9 @@ def _task_table(tasks: dict | None, base: dict | None) -> list[str]:
                 cell += f" ({_num(theirs[length])})"
             cells.append(cell)
         out.append(f"| {name} | " + " | ".join(cells) + " |")
-    out += ["", f"Effective length: {_cell(tasks.get('effective_length'))} tokens (the longest length whose mean "
+    eff = tasks.get("effective_length")
+    shown = f"{_cell(eff)} tokens" if eff is not None else "not measured (no length at which every task ran)"
+    out += ["", f"Effective length: {shown} (the longest length whose mean "
             f"score stays at or above {_cell(tasks.get('threshold'))}, RULER's threshold)"
             + (f"; the base's: {_cell(base.get('effective_length'))}." if base else "."), ""]
     return out

@@ -928,7 +928,8 @@ def _side_by_side(figures: dict[str, Any]) -> list[str]:
         lines.append(f"  {label:<20} " + "  ".join(cells))
     if "effective_length" in figures:
         eff, base_eff = figures.pop("effective_length"), figures.pop("base_effective_length", None)
-        lines.append(f"  {'effective length':<20} {eff}" + (f" (base {base_eff})" if base_eff is not None else ""))
+        shown = eff if eff is not None else "- (no length at which every task ran)"
+        lines.append(f"  {'effective length':<20} {shown}" + (f" (base {base_eff})" if base_eff is not None else ""))
     return lines
 
 

@@ -175,7 +175,7 @@ def test_an_oracle_that_copies_the_needle_scores_one_and_silence_scores_zero(nam
 def test_passkey_by_generation_equals_the_one_pass_check(extended_model):
     model = load_model(extended_model)
     encoder = TextEncoder(extended_model)
-    trials = build_passkey_trials(encoder, [120, 300, 512], 3, seed=0)
+    trials = build_passkey_trials(encoder, [200, 300, 512], 3, seed=0)
     # A random tiny model rarely retrieves; feed it its own greedy answers as keys too, so both
     # verdicts occur and the equality is not trivially all zeros.
     greedy = score_passkey_trials(model, trials, "greedy")
@@ -219,6 +219,16 @@ def test_eval_tasks_base_beside_extended(extended_model, base_model, tmp_path):
     assert "tasks" in r.output and "mean" in r.output and "effective length" in r.output
     assert (out / "ppl.png").is_file()
 
+    # The card's evaluation section shows the tasks, the base beside, and the effective length.
+    from pizoo.card import CardFacts, render_card
+
+    config = json.loads((Path(extended_model) / "config.json").read_text())
+    card = render_card(CardFacts(repo_id="alice/tiny-512", config=config, evaluation=report))
+    assert "| task | 256 | 512 |" in card and "| niah_single_1 |" in card and "| mean |" in card
+    eff = tasks["effective_length"]
+    assert (f"Effective length: {eff:,} tokens" if eff is not None else "Effective length: not measured") in card
+    assert "the base's:" in card
+
 
 def test_eval_task_bad_input_is_one_line(extended_model, tmp_path):
     for args, expect in ((("--tasks", "bogus"), "--tasks: unknown task 'bogus'"),
@@ -231,7 +241,7 @@ def test_eval_task_bad_input_is_one_line(extended_model, tmp_path):
 
 def test_gate_min_task_score_from_a_recipe(extended_model, base_model, tmp_path):
     recipe = tmp_path / "strict.toml"
-    recipe.write_text('name = "strict"\nmethod = "linear"\n[train]\nenabled = false\n'
+    recipe.write_text('name = "strict"\nmethod = "linear"\ncitation = "tests"\n[train]\nenabled = false\n'
                       '[gate]\nmax_ppl_ratio_target = 1000.0\nmax_ppl_ratio_original = 1000.0\n'
                       'min_passkey_accuracy = 0.0\n[gate.min_task_score]\nniah_single_1 = 0.5\n')
     out = tmp_path / "eval"
@@ -245,6 +255,6 @@ def test_gate_min_task_score_from_a_recipe(extended_model, base_model, tmp_path)
     assert "niah_single_1" in report["tasks"]["tasks"]  # the gate added the task
 
     bad = tmp_path / "bad.toml"
-    bad.write_text('name = "bad"\nmethod = "linear"\n[gate.min_task_score]\nniah = 0.5\n')
+    bad.write_text('name = "bad"\nmethod = "linear"\ncitation = "tests"\n[gate.min_task_score]\nniah = 0.5\n')
     r = run_cli("eval", extended_model, "--recipe", bad, "--out", tmp_path / "y")
     assert r.exit_code == 2 and "[gate.min_task_score] niah: unknown task" in r.output

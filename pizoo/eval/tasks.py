@@ -228,9 +228,10 @@ def _insert_at_depths(sentences: list[str], needles: list[str], rng: random.Rand
 
 
 def _insert_lines(lines: list[str], needles: list[str], rng: random.Random) -> str:
-    """RULER's noise insertion: needles between lines at random positions, in order."""
+    """RULER's noise insertion: needles between lines at random positions, in order (several may
+    share a gap, so any number of needles fits any haystack, even an empty one)."""
     lines = list(lines)
-    positions = sorted(rng.sample(range(len(lines) + 1), len(needles)))
+    positions = sorted(rng.choices(range(len(lines) + 1), k=len(needles)))
     for offset, (pos, needle) in enumerate(zip(positions, needles)):
         lines.insert(pos + offset, needle)
     return "\n".join(lines)
