@@ -160,6 +160,8 @@ def _extend_command(cmd: dict, calib: dict) -> str:
         parts += ["--lora", str(lora["rank"]), "--lora-alpha", _num(lora.get("alpha")),
                   *(["--lora-targets", targets] if targets else []),
                   "--lora-trainable", ",".join(lora.get("trainable") or []) or "none"]
+    if cmd.get("offload"):
+        parts.append("--offload")
     return shlex.join(parts)
 
 

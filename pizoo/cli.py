@@ -102,6 +102,8 @@ LORA_TARGETS_OPTION = typer.Option(None, "--lora-targets", help="Projections to 
                                    "attention projections).")
 LORA_TRAINABLE_OPTION = typer.Option(None, "--lora-trainable", help="Also train in full: a subset of embed,norm,head, "
                                      "or none for plain LoRA (default: embed,norm, LongLoRA+).")
+OFFLOAD_OPTION = typer.Option(False, "--offload", help="Keep parameters, gradients and AdamW state in host memory "
+                              "(FSDP2's CPU offload) for a fine-tune too big for the GPUs; same result, slower steps.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +150,7 @@ def extend_cmd(
     lora_alpha: Optional[float] = LORA_ALPHA_OPTION,
     lora_targets: Optional[str] = LORA_TARGETS_OPTION,
     lora_trainable: Optional[str] = LORA_TRAINABLE_OPTION,
+    offload: bool = OFFLOAD_OPTION,
 ) -> None:
     """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
     from .eval import parse_contexts
@@ -160,7 +163,8 @@ def extend_cmd(
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
                          eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
                          progress=sys.stderr.isatty(),
-                         lora=lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable))
+                         lora=lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable),
+                         offload=offload)
     if dry_run:
         plan = plan_extend(opts)
         if as_json:
@@ -211,6 +215,7 @@ def calibrate_cmd(
     lora_alpha: Optional[float] = LORA_ALPHA_OPTION,
     lora_targets: Optional[str] = LORA_TARGETS_OPTION,
     lora_trainable: Optional[str] = LORA_TRAINABLE_OPTION,
+    offload: bool = OFFLOAD_OPTION,
 ) -> None:
     """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
     from .lora import lora_settings
@@ -221,7 +226,7 @@ def calibrate_cmd(
     result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
                        seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
                        activation_checkpointing=activation_checkpointing, global_batch=global_batch,
-                       micro_batch=micro_batch, lr=lr, overwrite=overwrite, lora=settings,
+                       micro_batch=micro_batch, lr=lr, overwrite=overwrite, lora=settings, offload=offload,
                        log=lambda msg: typer.echo(msg, err=True))
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     typer.echo(f"wrote {result.out} ({result.method} x{result.factor:g} -> {result.ctx} tokens, "

@@ -82,6 +82,7 @@ class ExtendOptions:
     hardware: str | None = None  # plan for named hardware instead of this machine (dry runs only)
     progress: bool = True
     lora: Any = None  # pizoo.lora.LoraSettings: LoRA(+) calibration instead of a full fine-tune
+    offload: bool = False  # model state in host memory during calibration (FSDP2's CPUOffloadPolicy)
 
     def validate(self) -> None:
         if self.ctx < 2:
@@ -711,7 +712,7 @@ def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
     return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data or None, "steps": o.steps,
             "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
             "global_batch": o.global_batch, "lora": o.lora.to_dict() if o.lora is not None else None,
-            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing), "offload": o.offload}
 
 
 def _calibration_worker(opts: ExtendOptions, group: ProcessGroup) -> dict[str, Any]:
@@ -851,7 +852,7 @@ def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) 
                      train_len=opts.train_len, formats=settle_formats(cfg, opts.formats), out=opts.out_dir,
                      push=opts.push,
                      gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
-                     evaluation=eval_settings(opts, cfg.original_context), lora=opts.lora)
+                     evaluation=eval_settings(opts, cfg.original_context), lora=opts.lora, offload=opts.offload)
 
 
 def _config_of(folder: Path):
@@ -866,7 +867,8 @@ def _command_record(opts: ExtendOptions) -> dict[str, Any]:
             "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats) if opts.formats else None,
             "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
             "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx,
-            **({"lora": opts.lora.to_dict()} if opts.lora is not None else {})}
+            **({"lora": opts.lora.to_dict()} if opts.lora is not None else {}),
+            **({"offload": True} if opts.offload else {})}
 
 
 # ------------------------------------------------------------------------------------------------

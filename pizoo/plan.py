@@ -17,8 +17,12 @@ Memory model (bytes per device, for the chosen settings):
   softmax and gradient; the unchunked figure is shown for comparison.
 - LoRA (--lora, pizoo.lora): the frozen base weights are stored once (bf16 on GPUs, float32 on CPU)
   with no gradients or optimizer state; the trainable parameters (the adapters, plus embeddings and
-  norms for LongLoRA+) cost 16 bytes each as above. Activations are counted as for a full fine-tune
-  (the adapters' rank-r intermediates are negligible): a slight overestimate.
+  norms for LongLoRA+) cost 16 bytes each as above. Activations drop what only frozen projections
+  would keep (their inputs, for weight gradients never computed) and add each adapter's rank-r
+  intermediate.
+- --offload (FSDP2's CPUOffloadPolicy): parameters, gradients and AdamW state live in host memory
+  (sharded over the processes); a device holds the gathered layers, the activations and the loss
+  head. The plan states the host memory the state needs per process.
 
 Time model: training FLOPs per token = 6 * (non-embedding params + head params)
 (with LoRA: 4 per frozen parameter, whose weight gradient is never computed, 6 per trainable one)
@@ -348,6 +352,7 @@ class MemoryEstimate:
     peak: float  # for the chosen setting, chunked loss
     capacity: float  # usable bytes per device
     trainable_params: int = 0  # all of them in a full fine-tune
+    host_state: float = 0.0  # --offload: weights + gradients + AdamW state in host memory, per process
 
     @property
     def fits(self) -> bool:
@@ -392,7 +397,7 @@ def trainable_params(cfg: ModelConfig, lora=None) -> tuple[int, int]:
 
 
 def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_batch: int = 1,
-                    activation_checkpointing: bool | None = None, lora=None) -> MemoryEstimate:
+                    activation_checkpointing: bool | None = None, lora=None, offload: bool = False) -> MemoryEstimate:
     """Peak bytes per device of one calibration step (see the module docstring for the model).
 
     activation_checkpointing=None chooses: off when the plan fits without it, else on.
@@ -404,7 +409,7 @@ def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_bat
     weights = (4 * n_train + (2 if gpu else 4) * n_frozen) / shards
     gradients = 4 * n_train / shards
     optimizer = 8 * n_train / shards
-    gathered = 2 * 2 * layer_params(cfg) if gpu and shards > 1 else 0.0
+    gathered = 2 * 2 * layer_params(cfg) if gpu and (shards > 1 or offload) else 0.0
     tokens = train_len * micro_batch
     per_layer_tok = activation_elements_per_token_layer(cfg, lora) * act_bytes
     window = [cfg.layer_window(i) for i in range(cfg.num_layers)]
@@ -420,12 +425,13 @@ def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_bat
     logits_full = 3 * tokens * cfg.vocab_size * 4
     overhead = GPU_OVERHEAD_BYTES if gpu else CPU_OVERHEAD_BYTES
     capacity = hw.memory_bytes * MEMORY_HEADROOM
-    state = weights + gradients + optimizer + gathered + logits_chunked + overhead
+    host_state = weights + gradients + optimizer if offload else 0.0
+    state = (0.0 if offload else weights + gradients + optimizer) + gathered + logits_chunked + overhead
     if activation_checkpointing is None:
         activation_checkpointing = state + activations > capacity
     peak = state + (checkpointed if activation_checkpointing else activations)
     return MemoryEstimate(weights, gradients, optimizer, gathered, activations, checkpointed, logits_chunked,
-                          logits_full, overhead, activation_checkpointing, peak, capacity, n_train)
+                          logits_full, overhead, activation_checkpointing, peak, capacity, n_train, host_state)
 
 
 def train_flops_per_token(cfg: ModelConfig, train_len: int, *, activation_checkpointing: bool, lora=None) -> float:
@@ -488,6 +494,7 @@ class Plan:
     advice: list[str] = field(default_factory=list)  # what to change when the plan does not fit
     notes: list[str] = field(default_factory=list)  # things worth knowing that do not stop the run
     lora: dict[str, Any] | None = None  # pizoo.lora.LoraSettings.to_dict() when calibrating with LoRA
+    offload: bool = False  # --offload: model state in host memory (FSDP2's CPUOffloadPolicy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -506,7 +513,8 @@ def choose_train_len(ctx: int, train_len: int | None) -> int:
 def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recipe, hw: Hardware,
               steps: int | None = None, train_len: int | None = None, formats: list[str] | tuple[str, ...] = FORMATS,
               out: Path | None = None, push: str | None = None, gguf_dtype: str = "f16", tp: int = 1,
-              global_batch: int | None = None, evaluation: dict[str, Any] | None = None, lora=None) -> Plan:
+              global_batch: int | None = None, evaluation: dict[str, Any] | None = None, lora=None,
+              offload: bool = False) -> Plan:
     """Everything the run will do and need, from the model's shapes and the recipe (no side effects)."""
     original = cfg.original_context
     if cfg.rope.is_scaled:
@@ -538,7 +546,8 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
              "warmup_steps": recipe.warmup_for(n_steps) if n_steps else 0, "warmup_start": recipe.warmup_start,
              "schedule": recipe.schedule, "positions": recipe.positions if t_len < ctx else "contiguous",
              "rope": dict(recipe.rope)}
-    mem = estimate_memory(cfg, hw, train_len=t_len, micro_batch=micro_batch, lora=lora) if recipe.train else None
+    mem = (estimate_memory(cfg, hw, train_len=t_len, micro_batch=micro_batch, lora=lora, offload=offload)
+           if recipe.train else None)
     ac = bool(mem and mem.activation_checkpointing)
     fpt = train_flops_per_token(cfg, t_len, activation_checkpointing=ac, lora=lora)
     calibrate_s = tokens * fpt / (hw.count * hw.effective_flops) if tokens else 0.0
@@ -566,12 +575,12 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
                 grad_accumulation=accumulation, tokens=tokens, hardware=asdict(hw) | {"description": hw.describe()},
                 memory=memory, activation_checkpointing=ac, flops_per_token=fpt, seconds=seconds,
                 formats=list(formats), outputs=outputs, push=push, fits=mem is None or mem.fits,
-                evaluation=evaluation, lora=lora.to_dict() if lora is not None else None)
+                evaluation=evaluation, lora=lora.to_dict() if lora is not None else None, offload=offload)
     if evaluation.get("gate", True) and eval_seconds > 3600 and hw.kind == "cpu":
         plan.notes.append(f"the full evaluation up to {ctx} tokens takes about {format_duration(eval_seconds)} on "
                           "this CPU; --eval quick checks short lengths in minutes (ungated), a GPU runs the full one")
     if not plan.fits:
-        plan.advice = fit_advice(cfg, hw, mem, train_len=t_len, ctx=ctx, tokens=tokens, lora=lora)
+        plan.advice = fit_advice(cfg, hw, mem, train_len=t_len, ctx=ctx, tokens=tokens, lora=lora, offload=offload)
     return plan
 
 
@@ -615,11 +624,18 @@ def estimate_eval_seconds(cfg: ModelConfig, ctx: int, hw: Hardware, evaluation: 
 
 
 def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len: int, ctx: int,
-               tokens: int, lora=None) -> list[str]:
-    """What to change so the plan fits: LoRA, more GPUs through torchrun, shorter sequences, checkpointing."""
+               tokens: int, lora=None, offload: bool = False) -> list[str]:
+    """What to change so the plan fits: LoRA, CPU offload, more GPUs through torchrun, shorter
+    sequences, checkpointing."""
     advice = []
     if lora is None:
         advice += _lora_advice(cfg, hw, train_len=train_len, tokens=tokens)
+    if not offload and hw.kind == "cuda":
+        m = estimate_memory(cfg, hw, train_len=train_len, lora=lora, offload=True)
+        if m.fits:
+            advice.append(f"offload the parameters and AdamW state to host memory: --offload fits on the GPU "
+                          f"({human_bytes(m.peak)} per device; {human_bytes(m.host_state)} of host memory per "
+                          "process; slower: every step moves the state over PCIe)")
     gpu = named_hardware("h100") if hw.kind == "cpu" else hw
     for count in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128):
         if count < hw.count and hw.kind == "cuda":
@@ -641,7 +657,7 @@ def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len
     for t in (16384, 8192, 4096, 2048, 1024, 512):
         if t >= train_len:
             continue
-        m = estimate_memory(cfg, hw, train_len=t, lora=lora)
+        m = estimate_memory(cfg, hw, train_len=t, lora=lora, offload=offload)
         if m.fits:
             advice.append(f"calibrate on shorter sequences: --train-len {t} fits here ({human_bytes(m.peak)}; "
                           f"positions are spread over the {ctx} target)")
@@ -720,7 +736,8 @@ def render_plan(plan: Plan) -> str:
                                  f"({'fits' if m['fits'] else 'DOES NOT FIT'})")
         shard = f" (sharded over {plan.hardware['count']})" if plan.hardware["count"] > 1 else ""
         row("  weights+grads+AdamW", f"{human_bytes(m['weights'])} + {human_bytes(m['gradients'])} + "
-                                     f"{human_bytes(m['optimizer'])}{shard}")
+                                     f"{human_bytes(m['optimizer'])}{shard}"
+                                     + (" in host memory (--offload)" if plan.offload else ""))
         if m["gathered_layers"]:
             row("  FSDP gathered layers", human_bytes(m["gathered_layers"]))
         ac = "on" if plan.activation_checkpointing else "off"

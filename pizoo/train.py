@@ -93,6 +93,12 @@ class _Dist:
     world: int = 1
     local_rank: int = 0
     owned: bool = False  # this call initialised the process group (and tears it down)
+    offload: bool = False  # FSDP2 keeps the sharded state in host memory (CPUOffloadPolicy)
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the model is sharded with FSDP2: several processes, or one that offloads."""
+        return self.world > 1 or self.offload
 
     @property
     def is_main(self) -> bool:
@@ -134,10 +140,12 @@ class _Dist:
         return [part.tolist() for part in parts]
 
 
-def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
+def _init_distributed(device: str | None, offload: bool = False) -> tuple[_Dist, torch.device]:
+    """The process group: torchrun's, or (offload without torchrun) a one-process group, since
+    FSDP2 and its CPU offload need one; none for a plain single-process run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    if world <= 1:
+    if world <= 1 and not offload:
         return _Dist(), torch.device(device or ("cuda" if use_cuda else "cpu"))
     import torch.distributed as dist
 
@@ -146,9 +154,13 @@ def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        if world <= 1:  # no torchrun: an in-process store, nothing listens on the network
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend)
         owned = True
-    d = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owned=owned)
+    d = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owned=owned, offload=offload)
     return d, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
@@ -259,15 +271,19 @@ def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, 
                     p.data = p.data.to(torch.bfloat16)
     lm.activation_checkpointing = activation_checkpointing
     wrapper = CausalLMLoss(lm, loss_chunk)
-    if dist_.world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if dist_.fsdp:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dev.type == "cuda" else MixedPrecisionPolicy())
+        # --offload: FSDP2's own policy keeps parameters, gradients and so AdamW's state on the CPU
+        # and copies each layer to the device for its forward and backward.
+        offload = CPUOffloadPolicy(pin_memory=dev.type == "cuda") if dist_.offload else OffloadPolicy()
         for layer in lm.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(wrapper, mp_policy=mp)
-    wrapper.to_empty(device=dev)
+            fully_shard(layer, mp_policy=mp, offload_policy=offload)
+        fully_shard(wrapper, mp_policy=mp, offload_policy=offload)
+    # FSDP2's CPU offload wants the sharded parameters materialised in host memory.
+    wrapper.to_empty(device="cpu" if dist_.offload else dev)
     if rope.method == "clex":
         # The ODE's initial weights, identical on every rank (seeded), loaded like any weight.
         from .clex import clex_module_for
@@ -397,8 +413,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 def _save_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict, dist_: _Dist,
                      dev: torch.device) -> None:
-    """One training checkpoint, written atomically: sharded per rank under torchrun, else full tensors."""
-    if dist_.world > 1:
+    """One training checkpoint, written atomically: sharded per rank under FSDP, else full tensors."""
+    if dist_.fsdp:
         _save_sharded_checkpoint(state_dir, step, wrapper, opt, trainer, dist_, dev)
     else:
         _save_full_checkpoint(state_dir, step, wrapper, opt, trainer)
@@ -829,7 +845,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
               activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
               micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
               max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
-              lora=None, log=print) -> CalibrationResult:
+              lora=None, offload: bool = False, log=print) -> CalibrationResult:
     """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
 
     `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
@@ -837,6 +853,8 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
     rest). `train_len` (default: ctx) shorter than ctx spreads position ids over the target range.
     `lora` (pizoo.lora.LoraSettings) trains adapters (+ embeddings and norms by default) instead of
     every weight; the output is merged and the adapter is written beside it in PEFT's format.
+    `offload` keeps the model state (parameters, gradients, AdamW) in host memory through FSDP2's
+    CPUOffloadPolicy, for full fine-tunes too big for the GPUs (same numbers, slower steps).
     """
     from .checkpoint import open_checkpoint
     from .data import PackedSequences, data_fingerprint, default_corpus_note, describe_sources
@@ -882,7 +900,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
     if out.exists() and not overwrite:
         raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
 
-    dist_, dev = _init_distributed(device)
+    dist_, dev = _init_distributed(device, offload)
     try:
         gb = int(rec.global_batch if global_batch is None else global_batch)
         if gb % (micro_batch * dist_.world):

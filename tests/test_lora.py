@@ -334,3 +334,41 @@ def test_card_says_how_to_use_the_adapter_and_reproduce_names_lora():
     assert "PEFT adapter" not in no_adapter
     cmd = reproduce_command(calib, {"command": {"model": "org/base", "ctx": 16384, "lora": lora}}, config)
     assert cmd.endswith("--lora 16 --lora-alpha 32 --lora-targets q,k,v,o --lora-trainable embed,norm"), cmd
+
+
+# ------------------------------------------------------------------------------------------------
+# --offload: FSDP2's CPUOffloadPolicy
+
+
+@pytest.mark.parametrize("lora", [None, lora_settings(4)], ids=["full", "lora"])
+def test_offload_runs_through_fsdp2_and_writes_the_same_model(lora, base, text_file, tmp_path):
+    """The CPU test of the GPU path's logic: a one-process group, FSDP2 with CPUOffloadPolicy,
+    the same losses and bit-identical weights as the plain run; its training checkpoint is FSDP's
+    sharded layout (one rank), which any world size resumes (tests/test_distributed.py)."""
+    import torch.distributed as dist
+
+    plain = _calibrate(base, tmp_path / "plain", text_file, steps=3, lora=lora)
+    off = _calibrate(base, tmp_path / "off", text_file, steps=3, lora=lora, offload=True, keep_state=True,
+                     checkpoint_every=2)
+    assert not dist.is_initialized()  # the group pizoo started is torn down
+    assert off.losses == plain.losses
+    a, b = _tensors(tmp_path / "plain"), _tensors(tmp_path / "off")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from pizoo.train import state_dir_for
+
+    last = sorted(state_dir_for(tmp_path / "off").glob("step-*"))[-1]
+    assert json.loads((last / "manifest.json").read_text())["world_size"] == 1
+
+
+def test_plan_offload_fits_a_full_fine_tune_on_one_gpu_and_advice_names_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = _dry_run()
+    plan = json.loads(output[:output.rindex("}") + 1])
+    assert code == 2 and any("--offload fits on the GPU" in a for a in plan["advice"])
+    code, output = _dry_run("--offload")
+    assert code == 0, output
+    plan = json.loads(output)
+    m = plan["memory"]
+    assert plan["offload"] and plan["fits"] and m["peak"] < 80 * 1024**3 * 0.9
+    n = plan["params"]
+    assert m["host_state"] == m["weights"] + m["gradients"] + m["optimizer"] and m["host_state"] >= 16 * n
