@@ -172,7 +172,8 @@ def test_cli_ladder_and_missing_extra(quant_model, tmp_path):
     assert not (tmp_path / "o2").exists()
     r = _cli("convert", str(quant_model), "--to", "gguf", "--dtype", "q4_k_m,iq1_s", "--out", str(tmp_path / "o3"),
              cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "iq1_s" in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "iq1_s" in r.stderr
 
 
 def test_one_quant_alone_leaves_no_intermediate(quant_model, tmp_path):

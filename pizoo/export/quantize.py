@@ -175,12 +175,12 @@ class _LogCapture:
 
     def fallbacks(self) -> list[dict[str, Any]]:
         """[{tensor, cols, block, wanted, written}] for every tensor llama.cpp wrote in a fallback type."""
-        out = []
+        out: dict[str, dict[str, Any]] = {}  # by tensor: llama.cpp may decide a tensor's type twice
         for m in re.finditer(r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+"
                              r"(\S+)\).*?-> falling back to\s+(\S+)", self.joined()):
-            out.append({"tensor": m.group(1), "cols": int(m.group(2)), "block": int(m.group(3)),
-                        "wanted": m.group(4), "written": m.group(5)})
-        return out
+            out[m.group(1)] = {"tensor": m.group(1), "cols": int(m.group(2)), "block": int(m.group(3)),
+                               "wanted": m.group(4), "written": m.group(5)}
+        return list(out.values())
 
     def error(self) -> str:
         text = self.joined()
