@@ -152,28 +152,29 @@ def test_quantizer_failure_names_the_type_and_tensor_and_leaves_nothing(ladder, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-F16.gguf"]
 
 
-def _cli(*args: str, prelude: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
-    code = f"{prelude}import sys; from pizoo.cli import main; sys.argv = ['pizoo', *sys.argv[1:]]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PIZOO_HOME": str(cwd or ".")})
+def test_cli_ladder_and_missing_extra(quant_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
 
+    from pizoo.cli import app
 
-def test_cli_ladder_and_missing_extra(quant_model, tmp_path):
+    monkeypatch.setenv("PIZOO_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
     out = tmp_path / "out"
-    r = _cli("convert", str(quant_model), "--to", "gguf", "--gguf-dtype", "f16,q4_0", "--out", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    r = runner.invoke(app, ["convert", str(quant_model), "--to", "gguf", "--gguf-dtype", "f16,q4_0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
     assert sorted(p.name.rsplit("-", 1)[1] for p in out.iterdir()) == ["F16.gguf", "Q4_0.gguf"]
-    again = _cli("convert", str(quant_model), "--to", "gguf", "--dtype", "f16,q4_0", "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    again = runner.invoke(app, ["convert", str(quant_model), "--to", "gguf", "--dtype", "f16,q4_0", "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
+    r = runner.invoke(app, ["convert", str(quant_model), "--to", "gguf", "--dtype", "q4_k_m,iq1_s",
+                            "--out", str(tmp_path / "o3")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:") and "iq1_s" in r.output
     # Without llama-cpp-python (as after `pip install pizoo` without the extra): the error names it.
-    r = _cli("convert", str(quant_model), "--to", "gguf", "--dtype", "f16,q4_k_m", "--out", str(tmp_path / "o2"),
-             prelude="import sys; sys.modules['llama_cpp'] = None; ", cwd=tmp_path)
-    assert r.returncode == 2 and "pizoo[quant]" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    r = runner.invoke(app, ["convert", str(quant_model), "--to", "gguf", "--dtype", "f16,q4_k_m",
+                            "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "pizoo[quant]" in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o2").exists()
-    r = _cli("convert", str(quant_model), "--to", "gguf", "--dtype", "q4_k_m,iq1_s", "--out", str(tmp_path / "o3"),
-             cwd=tmp_path)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "iq1_s" in r.stderr
 
 
 def test_one_quant_alone_leaves_no_intermediate(quant_model, tmp_path):
@@ -182,13 +183,27 @@ def test_one_quant_alone_leaves_no_intermediate(quant_model, tmp_path):
     assert json.loads(json.dumps(files[0].to_dict()))["made_by"] == "llama.cpp"
 
 
+UNTRAINED_YARN = """\
+name = "yarn-untrained"
+method = "yarn"
+citation = "Peng, Quesnelle, Fan, Shippole. YaRN: Efficient Context Window Extension of Large Language Models. arXiv:2309.00071 (2023)"
+
+[train]
+enabled = false
+"""
+
+
 def test_sigkill_in_the_ladder_is_resumed_without_redoing_finished_files(tiny_model_factory, text_file, tmp_path):
+    """One killed `pizoo extend` (training-free recipe, quick eval: the ladder is the work) and its rerun."""
     base = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
+    recipe = tmp_path / "yarn-untrained.toml"
+    recipe.write_text(UNTRAINED_YARN)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pizoo.cli", "extend", str(base), "--ctx", "256", "--out", str(out),
-           "--formats", "hf,gguf", "--gguf-dtype", "f16,q8_0,q4_k_m", "--eval", "quick", "--eval-ctx", "64",
-           "--steps", "1", "--data", str(text_file)]
+    cmd = [sys.executable, "-m", "pizoo.cli", "extend", str(base), "--ctx", "256", "--recipe", str(recipe),
+           "--out", str(out), "--formats", "hf,gguf", "--gguf-dtype", "f16,q8_0,q4_k_m", "--eval", "quick",
+           "--eval-ctx", "256", "--data", str(text_file)]
     env = dict(os.environ, PIZOO_HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    env.pop("PIZOO_TEST_KILL_IN_STAGE", None)
     # Renames inside convert-gguf: the f16 file (1), run.json recording it (2), the q8_0 file (3).
     killed = subprocess.run(cmd, env={**env, "PIZOO_TEST_KILL_IN_STAGE": "convert-gguf:3"}, capture_output=True,
                             text=True, timeout=600)
@@ -202,7 +217,8 @@ def test_sigkill_in_the_ladder_is_resumed_without_redoing_finished_files(tiny_mo
     assert (f16.stat().st_ino, f16.stat().st_mtime_ns) == stamp
     assert "gguf f16" in rerun.stderr and "kept (already made)" in rerun.stderr
     run = json.loads((out / "run.json").read_text())
+    assert run["summary"]["stages_run"] == ["convert-gguf", "register"]
     files = run["stages"]["convert-gguf"]["result"]["files"]
     assert [(f["type"], f["reused"]) for f in files] == [("f16", True), ("q8_0", False), ("q4_k_m", False)]
-    assert sorted(p.name.rsplit("-", 1)[1] for p in gguf.iterdir()) == ["F16.gguf", "Q4_K_M.gguf", "Q8_0.gguf"]
+    assert sorted(p.name.rsplit("-", 1)[1] for p in gguf.glob("*.gguf")) == ["F16.gguf", "Q4_K_M.gguf", "Q8_0.gguf"]
     assert set(run["units"]["convert-gguf"]) == {p.name for p in gguf.iterdir()}
