@@ -132,7 +132,7 @@ def extend_cmd(
                                  "stdout; progress goes to stderr."),
 ) -> None:
     """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
-    from .evaluate import parse_contexts
+    from .eval import parse_contexts
     from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
     from .plan import render_plan
 
@@ -294,7 +294,8 @@ def eval_cmd(
                                              "the file's token distributions are compared with."),
 ) -> None:
     """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
-    from .evaluate import GateThresholds, evaluate_model, format_report, raise_if_failed
+    from .eval import evaluate_model, format_report, raise_if_failed
+    from .recipes import GateThresholds
 
     if backend == "llama.cpp":
         from .eval.llamacpp import run_eval_command
