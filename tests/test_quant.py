@@ -27,6 +27,7 @@ import pytest
 from pizoo.config import RopeConfig
 from pizoo.errors import PizooError
 from pizoo.export.quantize import parse_gguf_types, quantize_gguf, write_ladder
+from pizoo.families import FAMILIES
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -111,7 +112,7 @@ def test_fallback_tensors_are_reported_by_name(ladder):
     assert any("q4_k_m" in line and "fallback" in line for line in ladder["said"])
 
 
-def test_kld_of_the_reference_is_zero_and_q8_0_is_closer_than_q4_k_m(ladder, text_file):
+def test_kld_of_the_reference_is_zero_and_q8_0_is_closer_than_q4_k_m(ladder, text_file, capfd):
     from pizoo.eval.llamacpp import evaluate_ggufs
 
     files = ladder["files"]
@@ -124,6 +125,41 @@ def test_kld_of_the_reference_is_zero_and_q8_0_is_closer_than_q4_k_m(ladder, tex
     assert all(r["tokens"] == EXTENDED - 1 and np.isfinite(r["ppl"]) for r in by.values())
     sizes = {r["type"]: (r["bytes"], r["bpw"]) for r in reports}
     assert sizes["F16"][1] > sizes["Q8_0"][1] > sizes["Q4_K_M"][1] > 4
+    # Tokenizing loads the vocabulary without a llama_context: a context over a vocabulary-only model
+    # is sized against n_ctx_train 0 (llama.cpp reads the hyperparameters only with the weights).
+    assert "n_ctx_train (0)" not in capfd.readouterr().err
+
+
+GGUF_FAMILIES = [name for name, fam in FAMILIES.items() if not fam.gguf_refusal]
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_every_gguf_family_gets_a_ladder_identical_to_llama_quantize(family, tmp_path):
+    """Each family pizoo writes as GGUF, yarn-scaled (the method every llama.cpp graph reads): the
+    q4_k_m rung is llama.cpp's own bytes, loads with n_ctx_train at the extended length, and keeps the
+    family's architecture and scaling keys."""
+    from gguf import GGUFReader
+
+    from pizoo.synthetic import write_tiny_model
+
+    variant = next(iter(FAMILIES[family].tiny))
+    rope = RopeConfig().scaled("yarn", EXTENDED / ORIGINAL, ORIGINAL)
+    model = write_tiny_model(tmp_path / "Tiny", variant=variant, tokenizer="bpe", rope=rope, hidden_size=256,
+                             intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_layers=1,
+                             max_position_embeddings=EXTENDED)
+    files = {f.type: f.path for f in write_ladder(model, tmp_path / "out", "f16,q4_k_m")}
+    assert files["q4_k_m"].read_bytes() == by_hand(files["f16"], tmp_path / "hand.gguf", "q4_k_m").read_bytes()
+    fields = GGUFReader(files["q4_k_m"]).fields
+    arch = fields["general.architecture"].contents()
+    assert arch == FAMILIES[family].gguf.name
+    assert fields[f"{arch}.rope.scaling.type"].contents() == "yarn"
+    assert fields[f"{arch}.rope.scaling.factor"].contents() == pytest.approx(EXTENDED / ORIGINAL)
+    assert fields[f"{arch}.context_length"].contents() == EXTENDED
+    llm = llama_cpp.Llama(str(files["q4_k_m"]), n_ctx=64, verbose=False)
+    try:
+        assert llama_cpp.llama_model_n_ctx_train(llm.model) == EXTENDED
+    finally:
+        llm.close()
 
 
 def test_bad_types_are_one_line_errors():

@@ -64,15 +64,54 @@ def _llama_cpp():
     return load()
 
 
-def _open(path: Path, n_ctx: int, n_threads: int, *, vocab_only: bool = False):
+def _open(path: Path, n_ctx: int, n_threads: int):
     lc = _llama_cpp()
     try:
         return lc.Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512),
-                        logits_all=not vocab_only, vocab_only=vocab_only, n_threads=n_threads,
+                        logits_all=True, n_threads=n_threads,
                         n_threads_batch=n_threads, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise PizooError(f"{path}: llama.cpp cannot load it ({str(e).splitlines()[0] if str(e) else e}); "
                          "check the file with `pizoo inspect`") from None
+
+
+class _Vocabulary:
+    """llama.cpp's tokenizer of a GGUF: the model loaded vocabulary-only, with no llama_context.
+
+    llama.cpp fills the hyperparameters (n_ctx_train among them) only when it loads the weights, so a
+    context made over a vocabulary-only model is sized against n_ctx_train = 0 and warns "n_ctx_seq >
+    n_ctx_train (0)" although the file's context_length is right. Tokenizing needs no context."""
+
+    def __init__(self, path: Path) -> None:
+        from ..export.quantize import _LogCapture
+
+        self.lc = lc = _llama_cpp()
+        params = lc.llama_model_default_params()
+        params.vocab_only = True
+        lc.llama_backend_init()
+        with _LogCapture(lc) as log:  # llama.cpp's loader chatter stays off the terminal
+            self.model = lc.llama_model_load_from_file(os.fsencode(path), params)
+        if not self.model:
+            raise PizooError(f"{path}: llama.cpp cannot load its vocabulary ({log.error()}); "
+                             "check the file with `pizoo inspect`")
+        self.vocab = lc.llama_model_get_vocab(self.model)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, with BOS/EOS where the file asks for them (llama.cpp's add_special)."""
+        raw = text.encode("utf-8")
+        need = -self.lc.llama_tokenize(self.vocab, raw, len(raw), None, 0, True, False)  # -(count) when short
+        if need <= 0:
+            return []
+        ids = (self.lc.llama_token * need)()
+        n = self.lc.llama_tokenize(self.vocab, raw, len(raw), ids, need, True, False)
+        if n < 0:
+            raise PizooError(f"llama.cpp could not tokenize a document of {len(raw)} bytes")
+        return list(ids[:n])
+
+    def close(self) -> None:
+        if self.model:
+            self.lc.llama_model_free(self.model)
+            self.model = None
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -122,12 +161,12 @@ def tokenize_documents(model: Path, data, split: str, min_tokens: int, doc_token
     truncated to doc_tokens; at most max_documents of them. Returns (token lists, document ids)."""
     from ..data import describe_sources, iter_documents
 
-    llm = _open(model, 64, 1, vocab_only=True)
+    vocab = _Vocabulary(model)
     docs, ids, read, longest = [], [], 0, 0
     try:
         for doc in iter_documents(data, split=split):
             read += 1
-            toks = llm.tokenize(doc.text.encode("utf-8"), add_bos=True, special=False)
+            toks = vocab.tokenize(doc.text)
             longest = max(longest, len(toks))
             if len(toks) >= min_tokens:
                 docs.append(toks[:doc_tokens])
@@ -135,7 +174,7 @@ def tokenize_documents(model: Path, data, split: str, min_tokens: int, doc_token
                 if max_documents is not None and len(docs) >= max_documents:
                     break
     finally:
-        llm.close()
+        vocab.close()
     if read == 0:
         raise PizooError(f"--data {', '.join(describe_sources(data))}: no {split} documents")
     if not docs:
