@@ -213,6 +213,54 @@ def test_cli_ladder_and_missing_extra(quant_model, tmp_path, monkeypatch):
     assert not (tmp_path / "o2").exists()
 
 
+def test_eval_command_with_the_llama_cpp_backend(ladder, quant_model, text_file, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pizoo.cli import app
+
+    monkeypatch.setenv("PIZOO_HOME", str(tmp_path / "home"))
+    files = ladder["files"]
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", str(files["q4_k_m"].path), "--backend", "llama.cpp", "--reference",
+                            str(files["f16"].path), "--ctx", "128", "--data", str(text_file), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "e" / "eval.json").read_text())
+    (res,) = report["files"][0]["results"]
+    assert report["backend"] == "llama.cpp" and res["ctx"] == 128 and res["kld"] > 0 and 0 < res["top1"] <= 1
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith(files["q4_k_m"].path.name))
+    assert f"{res['kld']:.6f}" in row and "128" in row
+    for args, needle in ((["eval", str(quant_model), "--backend", "llama.cpp"], "measures a .gguf file"),
+                         (["eval", str(quant_model), "--reference", str(files["f16"].path)], "--backend llama.cpp"),
+                         (["eval", str(files["f16"].path), "--backend", "onnx"], "--backend onnx")):
+        r = runner.invoke(app, args)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+
+
+def test_a_bf16_model_beyond_f16_range_gets_its_ladder_from_bf16(tmp_path):
+    """A type the source cannot produce: f16 of a bf16 model with a weight past 65504 is refused, naming
+    the tensor and leaving nothing; the quants alone are made from a bf16 intermediate, which holds it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pizoo.synthetic import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "Big", variant="llama", tokenizer="bpe", dtype=torch.bfloat16)
+    weights = load_file(model / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][0, 0] = 1e5
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(PizooError) as e:
+        write_ladder(model, out, "f16,q4_k_m")
+    assert name in str(e.value) and "bf16" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() or not any(out.iterdir())
+    (q4,) = write_ladder(model, out, "q4_k_m")
+    assert sorted(p.name for p in out.iterdir()) == [q4.path.name]
+    llm = llama_cpp.Llama(str(q4.path), n_ctx=64, verbose=False)
+    llm.close()
+
+
 def test_one_quant_alone_leaves_no_intermediate(quant_model, tmp_path):
     files = write_ladder(quant_model, tmp_path / "x.gguf", "q4_k_m")
     assert [f.path.name for f in files] == ["x.gguf"] and os.listdir(tmp_path) == ["x.gguf"]
@@ -229,7 +277,8 @@ enabled = false
 """
 
 
-def test_sigkill_in_the_ladder_is_resumed_without_redoing_finished_files(tiny_model_factory, text_file, tmp_path):
+def test_sigkill_in_the_ladder_is_resumed_without_redoing_finished_files(tiny_model_factory, text_file, tmp_path,
+                                                                          monkeypatch):
     """One killed `pizoo extend` (training-free recipe, quick eval: the ladder is the work) and its rerun."""
     base = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
     recipe = tmp_path / "yarn-untrained.toml"
@@ -258,3 +307,36 @@ def test_sigkill_in_the_ladder_is_resumed_without_redoing_finished_files(tiny_mo
     assert [(f["type"], f["reused"]) for f in files] == [("f16", True), ("q8_0", False), ("q4_k_m", False)]
     assert sorted(p.name.rsplit("-", 1)[1] for p in gguf.glob("*.gguf")) == ["F16.gguf", "Q4_K_M.gguf", "Q8_0.gguf"]
     assert set(run["units"]["convert-gguf"]) == {p.name for p in gguf.iterdir()}
+    ladder_is_in_the_zoo_and_pushed_with_its_table(out, tmp_path / "home", monkeypatch)
+
+
+def ladder_is_in_the_zoo_and_pushed_with_its_table(out: Path, home: Path, monkeypatch) -> None:
+    """The zoo records every rung with its sha256; `pizoo push` uploads every rung byte for byte and
+    the card carries the llama.cpp quality table (one row per file) and a recommendation line."""
+    import hashlib
+
+    from hub_server import HubServer, TokenInfo
+    from pizoo.hub import push
+
+    ggufs = {p.name: p for p in (out / "gguf").glob("*.gguf")}
+    entry = next(iter(json.loads((home / "zoo.json").read_text())["entries"].values()))
+    recorded = {Path(f["path"]).name: f["sha256"] for f in entry["formats"]["gguf"]["files"]}
+    assert recorded == {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in ggufs.items()}
+
+    token = "hf_pizooTestWriteToken0123456789"
+    server = HubServer({token: TokenInfo("alice", write=True)}).start()
+    try:
+        for k, v in {"HF_ENDPOINT": server.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0",
+                     "PIZOO_HOME": str(home)}.items():
+            monkeypatch.setenv(k, v)
+        result = push(out, "alice/tiny-ladder", force=True)  # quick eval: no gate
+        remote = server.state.files("alice/tiny-ladder")
+    finally:
+        server.stop()
+    pushed = {f.path_in_repo: f.source.name for f in result.files if f.path_in_repo.endswith(".gguf")}
+    assert sorted(n.rsplit("-", 1)[1] for n in pushed) == ["F16.gguf", "Q4_K_M.gguf", "Q8_0.gguf"]
+    assert all(remote[repo] == ggufs[local].read_bytes() for repo, local in pushed.items())
+    card = remote["README.md"].decode()
+    table = [ln for ln in card.split("## GGUF quants", 1)[1].splitlines() if ln.startswith("| `")]
+    assert sorted(ln.split("`")[1] for ln in table) == sorted(pushed)
+    assert "Recommendation: " in card
