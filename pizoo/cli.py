@@ -106,8 +106,9 @@ def extend_cmd(
                                             "shorter sequences spread their positions over the target."),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
                                                "(default: the recipe's)."),
-    formats: str = typer.Option("hf,gguf,trtllm", "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
-                                "(hf is always written: the others are made from it)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
+                                          "(hf is always written: the others are made from it). Default: every "
+                                          "format the model's family can be written as."),
     gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF type(s), comma-separated: f32, f16, bf16, "
                                    "q8_0, or a ladder such as f16,q8_0,q6_k,q5_k_m,q4_k_m,iq4_xs (quants by "
                                    "llama.cpp's quantizer: pip install 'pizoo[quant]')."),
@@ -137,7 +138,7 @@ def extend_cmd(
     from .plan import render_plan
 
     opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
-                         formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
+                         formats=parse_formats(formats) if formats is not None else None, gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
                          eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
                          progress=sys.stderr.isatty())
@@ -254,14 +255,20 @@ def eval_cmd(
                                "is the disjoint mode."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Run passkey retrieval (the paper's prompt)."),
     passkey_mode: str = typer.Option("greedy", "--passkey-mode", help="greedy (the key is what greedy decoding "
-                                     "emits) or loglik (mean exact-match likelihood of the key)."),
+                                     "emits, checked in one pass), generate (real decoding with the KV cache) "
+                                     "or loglik (mean exact-match likelihood of the key)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Long-context tasks at every --ctx, comma-separated: "
+                                        "passkey, niah (8 needle tasks), vt, cwe, fwe, single names like "
+                                        "niah_single_1, or ruler (all but passkey). Default: none."),
+    samples: int = typer.Option(5, "--samples", help="Samples per task and length."),
     passkey_trials: int = typer.Option(10, "--passkey-trials", help="Random 5-digit keys per distance."),
     passkey_distances: int = typer.Option(32, "--passkey-distances", help="Distances spread over the window."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Base model to compare with, measured at its "
                                            "original context (default: the base recorded with a calibrated model)."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Measure no baseline (skips the ppl checks)."),
     baseline_ctx: str = typer.Option("original", "--baseline-ctx", help="original: the base at its original "
-                                     "context and shorter ones; all: at every --ctx too (extrapolation)."),
+                                     "context and shorter ones; all: at every --ctx too (extrapolation); listed: only at the --ctx "
+                                     "within its original context (no gate)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the gate thresholds from this recipe."),
     max_ppl_ratio_target: Optional[float] = typer.Option(None, "--max-ppl-ratio-target",
                                                          help="Gate: ppl at the target / base ppl (default 1.10)."),
@@ -293,7 +300,7 @@ def eval_cmd(
     reference: Optional[Path] = typer.Option(None, "--reference", help="llama.cpp backend: the f16/bf16 .gguf "
                                              "the file's token distributions are compared with."),
 ) -> None:
-    """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
+    """Perplexity, passkey retrieval, long-context tasks and the publish gate (exit 3 when it fails)."""
     from .eval import evaluate_model, format_report, raise_if_failed
     from .recipes import GateThresholds
 
@@ -328,7 +335,7 @@ def eval_cmd(
                             passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
                             doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=device, dtype=dtype,
                             batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
-                            echo=lambda msg: typer.echo(msg, err=True))
+                            tasks=tasks, task_samples=samples, echo=lambda msg: typer.echo(msg, err=True))
     if as_json:
         print_json(report)
     else:

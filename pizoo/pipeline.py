@@ -47,10 +47,12 @@ TRTLLM_DTYPE = "float16"
 SEED = 0
 EVAL_MODES = ("full", "quick")
 # --eval quick: a smoke check a 2-core CPU finishes in minutes: perplexity on one held-out document
-# in disjoint windows at short lengths within the original context, and 4 passkey distances x 2
-# keys; no baseline and no gate (long-context quality is what the full evaluation measures).
+# in disjoint windows at short lengths within the original context, 4 passkey distances x 2 keys,
+# and two long-context tasks (2 samples); the base measured at the same lengths beside it; no gate
+# (long-context quality is what the full evaluation measures).
 QUICK_EVAL_LENGTHS = (256, 512, 1024, 2048)
-QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2}
+QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2, "tasks": ["passkey", "niah_single_1"],
+              "task_samples": 2, "baseline_ctx": "listed"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class ExtendOptions:
     data: list[str] | None = None
     steps: int | None = None
     train_len: int | None = None
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] | None = None  # None: every format the model's family can be written as
     gguf_dtype: str = "f16"
     tp: int = 1
     push: str | None = None
@@ -82,8 +84,8 @@ class ExtendOptions:
     def validate(self) -> None:
         if self.ctx < 2:
             raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
+        unknown = [f for f in self.formats or () if f not in FORMATS]
+        if unknown or self.formats == ():
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
         from .export.quantize import parse_gguf_types, plan_ladder
 
@@ -115,13 +117,15 @@ class ExtendOptions:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
 
 
-def refuse_unwritable_formats(cfg, formats: tuple[str, ...]) -> None:
-    """Refuse a format the family cannot be written as before anything is calibrated."""
+def settle_formats(cfg, formats: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The formats to write: by default every format the family can be written as; as asked
+    otherwise, refusing one the family cannot be written as before anything is calibrated."""
     fam = cfg.family
-    if "gguf" in formats and fam.gguf_refusal:
-        raise PizooError(f"--formats gguf: {fam.gguf_refusal}")
+    if formats is None:
+        return tuple(f for f in FORMATS if f != "trtllm" or fam.trtllm_arch is not None)
     if "trtllm" in formats and fam.trtllm_arch is None:
         raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+    return formats
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -354,6 +358,11 @@ class Context:
         return self.out / "hf"
 
     @property
+    def formats(self) -> tuple[str, ...]:
+        """The plan's formats; before a plan exists (a Hub model not downloaded yet), as asked."""
+        return self.plan.formats if self.plan is not None else self.opts.formats or FORMATS
+
+    @property
     def original_context(self) -> int:
         return _config_of(self.base).original_context
 
@@ -442,7 +451,7 @@ def eval_settings(opts: ExtendOptions, original_context: int) -> dict[str, Any]:
     if opts.eval == "quick":
         lengths = opts.eval_ctx or [c for c in QUICK_EVAL_LENGTHS if c <= original_context] or [original_context]
         return {"ctx": sorted(lengths), "stride": max(lengths), "passkey_window": max(lengths), "gate": False,
-                "baseline": False, "seed": opts.seed, **QUICK_EVAL}
+                "baseline": True, "seed": opts.seed, **QUICK_EVAL}
     return {"ctx": sorted(opts.eval_ctx) if opts.eval_ctx else None, "gate": True, "baseline": True,
             "seed": opts.seed}
 
@@ -477,6 +486,10 @@ def eval_facts(report: dict[str, Any]) -> dict[str, Any]:
     if passkey:
         facts["passkey_k_max"] = passkey.get("k_max")
         facts["passkey_window"] = passkey.get("window")
+    for key, block in (("tasks", report.get("tasks")), ("base_tasks", (base or {}).get("tasks"))):
+        if block:
+            facts[key] = {name: entry["scores"] for name, entry in block["tasks"].items()}
+            facts[key.replace("tasks", "effective_length")] = block["effective_length"]
     return facts
 
 
@@ -647,8 +660,8 @@ STAGE_SPECS = [
     StageSpec("resolve", _stage_resolve_inputs, run_resolve),
     StageSpec("calibrate", _stage_calibrate_inputs, run_calibrate),
     StageSpec("evaluate", _stage_evaluate_inputs, run_evaluate),
-    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.opts.formats),
-    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.opts.formats),
+    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.formats),
+    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.formats),
     StageSpec("register", _stage_register_inputs, run_register, verify=verify_registered),
     StageSpec("push", _stage_push_inputs, run_push, verify=verify_pushed, wanted=lambda ctx: ctx.opts.push is not None),
 ]
@@ -830,7 +843,6 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
     plan = None
     if cfg is not None:
-        refuse_unwritable_formats(cfg, opts.formats)
         plan = _make_plan(opts, recipe, cfg, where, hw)
         say(render_plan(plan))
         refuse_if_unfit(plan)
@@ -887,11 +899,13 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
-                    refuse_unwritable_formats(_config_of(ctx.base), opts.formats)
                     ctx.plan = plan = _make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw)
                     say(render_plan(plan))
                     refuse_if_unfit(plan)
                     log.set_meta(plan=plan.to_dict())
+                    # The family's formats are known now: drop the later stages it cannot be written as
+                    # (only stages after this one go, so the loop's position is unaffected).
+                    wanted[:] = [s for s in wanted if s.wanted(ctx)]
             if spec.name == "evaluate" and result.get("gate") == "failed":
                 log.set_meta(summary=summarize(ctx, ran, skipped, time.perf_counter() - started))
                 failing = [r for r in result.get("gate_reasons") or [] if str(r).startswith("FAIL")]
@@ -919,7 +933,8 @@ def drop_unrequested(ctx: Context) -> None:
 
 def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
-                     train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
+                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats), out=opts.out_dir,
+                     push=opts.push,
                      gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
                      evaluation=eval_settings(opts, cfg.original_context))
 
@@ -933,7 +948,7 @@ def _config_of(folder: Path):
 def _command_record(opts: ExtendOptions) -> dict[str, Any]:
     """The options as given (None: the recipe's or pizoo's default), for the card's reproduce command."""
     return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
-            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats),
+            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats) if opts.formats else None,
             "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
             "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx}
 
@@ -966,7 +981,8 @@ def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) 
         "target_context": ctx.opts.ctx,
         "out": str(out),
         "gate": ev.get("gate"),
-        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window") if k in ev},
+        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window", "tasks",
+                                       "base_tasks", "effective_length", "base_effective_length") if k in ev},
         "calibration": {k: v for k, v in ctx.results.get("calibrate", {}).items() if k != "path"},
         "artifacts": artifacts,
         "zoo": ctx.results.get("register"),
@@ -980,6 +996,34 @@ def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) 
     return summary
 
 
+def _side_by_side(figures: dict[str, Any]) -> list[str]:
+    """Perplexity and task scores per length, the base's beside the model's: "512: 47.1 (base 45.2)".
+    Consumes the figures it shows."""
+    rows = [("perplexity", figures.pop("perplexity", None), figures.pop("base_perplexity", None), ".4g")]
+    tasks, base_tasks = figures.pop("tasks", None) or {}, figures.pop("base_tasks", None) or {}
+    rows += [(f"task {name}", scores, base_tasks.get(name), ".2f") for name, scores in tasks.items()]
+    lines = []
+    for label, mine, base, fmt in rows:
+        if not mine:
+            continue
+        cells = []
+        for length, value in mine.items():
+            cell = f"{length}: {_number(value, fmt)}"
+            if base and length in base:
+                cell += f" (base {_number(base[length], fmt)})"
+            cells.append(cell)
+        lines.append(f"  {label:<20} " + "  ".join(cells))
+    if "effective_length" in figures:
+        eff, base_eff = figures.pop("effective_length"), figures.pop("base_effective_length", None)
+        shown = eff if eff is not None else "- (no length at which every task ran)"
+        lines.append(f"  {'effective length':<20} {shown}" + (f" (base {base_eff})" if base_eff is not None else ""))
+    return lines
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     lines = []
     if not summary["stages_run"]:
@@ -989,7 +1033,9 @@ def render_summary(summary: dict[str, Any]) -> str:
                  f"{summary['seconds']:.0f} s (ran: {', '.join(summary['stages_run']) or 'nothing'}; "
                  f"skipped: {', '.join(summary['stages_skipped']) or 'nothing'})")
     lines.append(f"  gate: {summary['gate']}")
-    for key, value in summary["figures"].items():
+    figures = dict(summary["figures"])
+    lines += _side_by_side(figures)
+    for key, value in figures.items():
         lines.append(f"  {key}: {json.dumps(value, default=str)}")
     for name, art in summary["artifacts"].items():
         lines.append(f"  {name:<7} {art['path']}  ({human_bytes(art['bytes'])})")
