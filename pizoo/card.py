@@ -48,6 +48,7 @@ class CardFacts:
     license: str | None = None  # inherited from the base; None when unknown
     forced: bool = False  # pushed with --force past a failed or missing gate
     reproduce: str | None = None  # the pizoo command that makes this model
+    quant_quality: list[dict] | None = None  # the GGUF ladder measured in llama.cpp (see quant_ladder_section)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +321,7 @@ def _body(facts: CardFacts) -> str:
     out += [f"| `{path}` | {human_bytes(size)} |" for path, size in facts.files]
     out.append("")
 
+    out += quant_ladder_section(facts.quant_quality)
     out += ["## Usage", "", "### transformers", "", "The scaling is in config.json; no custom code is needed.",
             "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'tokenizer = AutoTokenizer.from_pretrained("{facts.repo_id}")',
@@ -339,6 +341,45 @@ def _body(facts: CardFacts) -> str:
                else f"Inherited from the base model {base}; see its card.")
     out.append("")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The GGUF quant ladder (pizoo.export.quantize, measured by pizoo.eval.llamacpp)
+
+# The recommendation: the smallest file whose mean KL divergence from the f16/bf16 file stays at or
+# below this (llama.cpp's users read ~0.05 as "close to the original" for a 4-5 bit quant of a 7B).
+RECOMMEND_MAX_KLD = 0.05
+
+
+def quant_ladder_section(rows: list[dict] | None) -> list[str]:
+    """'## GGUF quants': file, size, bits per weight, ppl at the measured context, KLD and top-1
+    agreement against the f16/bf16 file, all measured in llama.cpp; then one recommendation line."""
+    if not rows:
+        return []
+    ctx = max(int(r["ctx"]) for r in rows)
+    ref = next((r.get("reference") for r in rows if r.get("reference")), None)
+    out = ["## GGUF quants", "",
+           f"Measured in llama.cpp (llama-cpp-python) at {ctx:,} tokens of context on held-out text: perplexity, "
+           f"and against {f'`{ref}`' if ref else 'the f16 file'} the mean KL divergence of the next-token "
+           "distributions and how often both pick the same top token.", "",
+           f"| file | size | bits/weight | ppl @ {context_label(ctx)} | KLD | top-1 |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -int(r["bytes"])):
+        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else "-"
+        top1 = f"{100 * r['top1']:.1f}%" if r.get("top1") is not None else "-"
+        out.append(f"| `{r['file']}` | {human_bytes(int(r['bytes']))} | {float(r['bpw']):.2f} | {float(r['ppl']):.4g} | "
+                   f"{kld} | {top1} |")
+    quants = [r for r in rows if r.get("kld") is not None and r.get("file") != ref]
+    fit = [r for r in quants if r["kld"] <= RECOMMEND_MAX_KLD]
+    out.append("")
+    if fit:
+        best = min(fit, key=lambda r: int(r["bytes"]))
+        out.append(f"Recommendation: `{best['file']}`, the smallest file with mean KLD <= {RECOMMEND_MAX_KLD} "
+                   f"({best['kld']:.4f}, top-1 {100 * best['top1']:.1f}%) at {ctx:,} tokens.")
+    elif quants:
+        out.append(f"Recommendation: no quant stays within mean KLD {RECOMMEND_MAX_KLD} at {ctx:,} tokens; use the "
+                   "largest file that fits your memory, or the f16 file.")
+    out.append("")
+    return out
 
 
 # calibration.json's recipe is pizoo.recipes.Recipe.to_dict(): the training keys are at its top level.

@@ -126,7 +126,9 @@ def extend_cmd(
     formats: Optional[str] = typer.Option(None, "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
                                           "(hf is always written: the others are made from it). Default: every "
                                           "format the model's family can be written as."),
-    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF matrix type: f32, f16, bf16 or q8_0."),
+    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF type(s), comma-separated: f32, f16, bf16, "
+                                   "q8_0, or a ladder such as f16,q8_0,q6_k,q5_k_m,q4_k_m,iq4_xs (quants by "
+                                   "llama.cpp's quantizer: pip install 'pizoo[quant]')."),
     tp: int = typer.Option(1, "--tp", help="TensorRT-LLM tensor-parallel size (1, 2, 4, 8)."),
     eval_mode: str = typer.Option("full", "--eval", help="full: perplexity and passkey up to the target with the "
                                   "gate (needs a GPU for long targets); quick: a short ungated check a CPU finishes "
@@ -324,10 +326,27 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and ppl.png "
                                        "(default: pizoo-eval/<model name>)."),
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
+    backend: str = typer.Option("pizoo", "--backend", help="pizoo: import to torch (every measurement, the gate); "
+                                "llama.cpp: run a .gguf in llama.cpp (perplexity, and KL divergence and top-1 "
+                                "agreement with --reference; needs pip install 'pizoo[quant]')."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="llama.cpp backend: the f16/bf16 .gguf "
+                                             "the file's token distributions are compared with."),
 ) -> None:
     """Perplexity, passkey retrieval, long-context tasks and the publish gate (exit 3 when it fails)."""
     from .eval import evaluate_model, format_report, raise_if_failed
     from .recipes import GateThresholds
+
+    if backend == "llama.cpp":
+        from .eval.llamacpp import run_eval_command
+
+        run_eval_command(Path(model), ctx=ctx, reference=reference, data=data or None, split=split,
+                         max_documents=max_docs, doc_tokens=doc_tokens, out=out, as_json=as_json,
+                         echo=lambda msg: typer.echo(msg, err=True), emit=typer.echo)
+        return
+    if backend != "pizoo":
+        raise PizooError(f"--backend {backend}: use pizoo or llama.cpp")
+    if reference is not None:
+        raise PizooError("--reference: only with --backend llama.cpp (the KL divergence of a GGUF)")
 
     if baseline and no_baseline:
         raise PizooError("--baseline and --no-baseline: give one or the other")
@@ -361,9 +380,13 @@ def eval_cmd(
 def convert_cmd(
     model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
     to: str = typer.Option(..., "--to", help="Target format: gguf or trtllm."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="gguf: f32|f16|bf16|q8_0 (default f16). "
+    dtype: Optional[str] = typer.Option(None, "--dtype", "--gguf-dtype",
+                                        help="gguf: f32|f16|bf16|q8_0 (default f16), or a comma-separated ladder "
+                                        "such as f16,q8_0,q6_k,q5_k_m,q4_k_m,iq4_xs (the quants made from the "
+                                        "f16/bf16 file by llama.cpp's quantizer: pip install 'pizoo[quant]'). "
                                         "trtllm: float16|bfloat16|float32 (default float16)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (trtllm)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf; a folder for several types) or "
+                                       "folder (trtllm)."),
     pre: Optional[str] = typer.Option(None, "--pre", help="gguf: tokenizer.ggml.pre name for an unrecognised BPE tokenizer."),
     static_length: Optional[int] = typer.Option(None, "--static-length",
                                                 help="gguf: bake dynamic NTK into a static scaling at this length."),
@@ -382,10 +405,20 @@ def convert_cmd(
     label = resolved.gguf_file.stem if resolved.gguf_file else resolved.spec.rstrip("/").split("/")[-1]
     if to == "gguf":
         from .export.gguf import export_gguf
+        from .export.quantize import DIRECT_TYPES, parse_gguf_types, write_ladder
 
-        result = export_gguf(src, out if out is not None or not cached else Path.cwd(), dtype=dtype or "f16",
-                             pre=pre, static_length=static_length, overwrite=overwrite, progress=True)
-        typer.echo(f"wrote {result}")
+        types = parse_gguf_types(dtype or "f16", "--dtype")
+        target = out if out is not None or not cached else Path.cwd()
+        if len(types) == 1 and types[0] in DIRECT_TYPES:
+            result = export_gguf(src, target, dtype=types[0], pre=pre, static_length=static_length,
+                                 overwrite=overwrite, progress=True)
+            typer.echo(f"wrote {result}")
+        else:
+            files = write_ladder(src, target if target is not None else src.resolve().parent, types, pre=pre,
+                                 static_length=static_length, overwrite=overwrite, progress=True,
+                                 say=lambda msg: typer.echo(msg, err=True))
+            for f in files:
+                typer.echo(f"wrote {f.path}")
     elif to == "trtllm":
         from .export.trtllm import default_output, export_trtllm, is_trtllm_checkpoint, trtllm_build_command
 

@@ -275,8 +275,20 @@ def card_for(release: Release, repo_id: str, files: list[UploadFile], *, forced:
         trtllm_build=trtllm_build_line(release),
         plot=next((f.path_in_repo for f in files if f.path_in_repo.startswith("eval/") and f.path_in_repo.endswith(".png")), None),
         license=inherited_license(release), forced=forced,
-        reproduce=reproduce_command(release.calibration, release.run, release.config))
+        reproduce=reproduce_command(release.calibration, release.run, release.config),
+        quant_quality=quant_quality_rows(release, files))
     return render_card(facts)
+
+
+def quant_quality_rows(release: Release, files: list[UploadFile]) -> list[dict] | None:
+    """The card's GGUF quant table, from the ladder's llama.cpp measurements (OUT/gguf/quality.json)."""
+    path = release.artifact.root / "gguf" / "quality.json"
+    if not path.is_file():
+        return None
+    from .eval.llamacpp import card_rows
+
+    names = {f.source.name: f.path_in_repo for f in files if f.source is not None and f.path_in_repo.endswith(".gguf")}
+    return card_rows(read_json(path, "quality.json"), names) or None
 
 
 def check_gate(release: Release, *, force: bool) -> bool:

@@ -43,7 +43,6 @@ from .plan import FORMATS, Plan, default_out_dir, make_plan, planning_config, re
 RUN_FILE = "run.json"
 LOCK_FILE = ".pizoo-extend.lock"
 KILL_ENV = "PIZOO_TEST_KILL_IN_STAGE"
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TRTLLM_DTYPE = "float16"
 SEED = 0
 EVAL_MODES = ("full", "quick")
@@ -90,8 +89,11 @@ class ExtendOptions:
         unknown = [f for f in self.formats or () if f not in FORMATS]
         if unknown or self.formats == ():
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
-        if self.gguf_dtype not in GGUF_DTYPES:
-            raise PizooError(f"--gguf-dtype {self.gguf_dtype}: use one of {', '.join(GGUF_DTYPES)}")
+        from .export.quantize import parse_gguf_types, plan_ladder
+
+        types = parse_gguf_types(self.gguf_dtype)
+        plan_ladder(types)
+        self.gguf_dtype = ",".join(types)  # canonical: run.json fingerprints and the card's command agree
         if self.tp not in (1, 2, 4, 8):
             raise PizooError(f"--tp {self.tp}: use 1, 2, 4 or 8")
         if self.push is not None:
@@ -270,6 +272,21 @@ class RunLog:
     def fail(self, name: str, error: str, seconds: float) -> None:
         rec = self.data["stages"].setdefault(name, {})
         rec.update(status="failed", error=error, finished=_now(), seconds=round(seconds, 3))
+        self.save()
+
+    # Units: the resumable pieces of a stage (one GGUF file of the ladder), kept across the stage's
+    # reruns (begin() replaces the stage's record, not its units).
+    def unit(self, stage: str, key: str) -> dict[str, Any] | None:
+        return ((self.data.get("units") or {}).get(stage) or {}).get(key)
+
+    def unit_done(self, stage: str, key: str, record: dict[str, Any]) -> None:
+        self.data.setdefault("units", {}).setdefault(stage, {})[key] = record
+        self.save()
+
+    def drop_units(self, stage: str, keep: set[str]) -> None:
+        units = (self.data.get("units") or {}).get(stage) or {}
+        for key in [k for k in units if k not in keep]:
+            del units[key]
         self.save()
 
     def skip(self, name: str, reason: str) -> None:
@@ -483,17 +500,87 @@ def _stage_gguf_inputs(ctx: Context) -> dict[str, Any]:
     return {"model": ctx.digests["calibrate"], "dtype": ctx.opts.gguf_dtype}
 
 
+GGUF_STAGE = "convert-gguf"
+
+
 def run_gguf(ctx: Context) -> StageOutcome:
-    from .export.gguf import export_gguf
+    """The GGUF file(s): the float file by pizoo's exporter, each quant by llama.cpp's quantizer.
+
+    Each file is its own resumable unit (run.json `units`): a rerun after a crash or SIGKILL keeps
+    every file finished before it whose record (fingerprint: the calibrated model, the type, the
+    base type, pizoo's and the quantizer's versions) and sha256 still match."""
+    from .export.quantize import plan_ladder, parse_gguf_types, quantizer_version, write_ladder
 
     folder = ctx.out / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
-    # Given a folder, the exporter names the file the Hub way (SmolLM2-135M-32K-PI-F16.gguf).
-    target = export_gguf(ctx.hf_dir, folder, dtype=ctx.opts.gguf_dtype, overwrite=True, progress=ctx.opts.progress)
-    for stale in folder.glob("*.gguf"):
-        if stale != target:  # an earlier run's file in another dtype: not part of this release
+    types = parse_gguf_types(ctx.opts.gguf_dtype)
+    plan = plan_ladder(types)
+    model = ctx.digests["calibrate"]
+    quantizer = quantizer_version() if plan.quants else None
+
+    def unit_fingerprint(t: str) -> str:
+        made_by = {"base": plan.base, "quantizer": quantizer} if t in plan.quants else {}
+        return fingerprint({"model": model, "type": t, "pizoo": __version__, **made_by})
+
+    def reuse(t: str, path: Path, _base: Path | None) -> bool:
+        rec = ctx.log.unit(GGUF_STAGE, path.name)
+        return bool(rec) and rec.get("fingerprint") == unit_fingerprint(t) and sha256_file(path) == rec.get("sha256")
+
+    def finished(f) -> None:
+        ctx.log.unit_done(GGUF_STAGE, f.path.name, {"fingerprint": unit_fingerprint(f.type),
+                                                    "sha256": sha256_file(f.path), **f.to_dict()})
+
+    files = write_ladder(ctx.hf_dir, folder, types, overwrite=True, progress=ctx.opts.progress, reuse=reuse,
+                         finished=finished, say=ctx.say)
+    keep = {f.path for f in files}
+    for stale in folder.iterdir():
+        if stale.is_file() and stale not in keep:  # an earlier run's file in another dtype, or its quality table
             stale.unlink()
-    return StageOutcome([folder], {"path": str(target), "bytes": target.stat().st_size})
+    units = {p.name for p in keep}
+    result: dict[str, Any] = {"path": str(files[0].path if len(files) == 1 else folder),
+                              "bytes": sum(f.bytes for f in files), "files": [f.to_dict() for f in files]}
+    if plan.quants:
+        result["quality"] = _measure_ladder(ctx, files, plan.base if plan.keep_base else None, folder)
+        units.add(GGUF_QUALITY)
+    ctx.log.drop_units(GGUF_STAGE, keep=units)
+    return StageOutcome([folder], result)
+
+
+GGUF_QUALITY = "quality.json"
+
+
+def ladder_eval_length(opts: ExtendOptions, original_context: int) -> int:
+    """The context the ladder's quality is measured at: the target (--eval full), or the longest
+    length the quick evaluation measures."""
+    if opts.eval == "quick":
+        return max(eval_settings(opts, original_context)["ctx"])
+    return max(opts.eval_ctx) if opts.eval_ctx else opts.ctx
+
+
+def _measure_ladder(ctx: Context, files: list, base: str | None, folder: Path) -> dict[str, Any]:
+    """Every file of the ladder measured in llama.cpp at the evaluation length against the f16/bf16
+    file (OUT/gguf/quality.json, the card's table); a resumable unit keyed by the files' hashes."""
+    from .eval.llamacpp import evaluate_ggufs, ladder_summary
+
+    length = ladder_eval_length(ctx.opts, ctx.original_context)
+    ref = next((f.path for f in files if f.type == base), None)
+    hashes = {f.path.name: (ctx.log.unit(GGUF_STAGE, f.path.name) or {}).get("sha256") for f in files}
+    settings = {"files": hashes, "ctx": length, "data": ctx.opts.data, "reference": ref.name if ref else None,
+                "max_documents": 1 if ctx.opts.eval == "quick" else None}
+    fp = fingerprint(settings)
+    path = folder / GGUF_QUALITY
+    rec = ctx.log.unit(GGUF_STAGE, GGUF_QUALITY)
+    if rec and rec.get("fingerprint") == fp and path.is_file() and sha256_file(path) == rec.get("sha256"):
+        ctx.say("gguf quality: kept (already measured)")
+        return ladder_summary(read_json(path, GGUF_QUALITY))
+    ctx.say(f"gguf quality: measuring {len(files)} files in llama.cpp at {length} tokens")
+    kwargs = {"max_documents": settings["max_documents"]} if settings["max_documents"] else {}
+    reports = evaluate_ggufs([f.path for f in files], ctx=[length], reference=ref, data=ctx.opts.data or None,
+                             echo=ctx.say, **kwargs)
+    report = {"ctx": length, "reference": ref.name if ref else None, "files": reports}
+    atomic_write_json(path, report)
+    ctx.log.unit_done(GGUF_STAGE, GGUF_QUALITY, {"fingerprint": fp, "sha256": sha256_file(path)})
+    return ladder_summary(report)
 
 
 def _stage_trtllm_inputs(ctx: Context) -> dict[str, Any]:

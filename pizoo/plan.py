@@ -551,10 +551,12 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
     ac = bool(mem and mem.activation_checkpointing)
     fpt = train_flops_per_token(cfg, t_len, activation_checkpointing=ac, lora=lora)
     calibrate_s = tokens * fpt / (hw.count * hw.effective_flops) if tokens else 0.0
+    from .export.quantize import ladder_bytes
+
     evaluation = dict(evaluation or {})
     eval_seconds = estimate_eval_seconds(cfg, ctx, hw, evaluation)
     bytes_per_format = {"hf": (4 if cfg.torch_dtype == "float32" else 2) * params,
-                        "gguf": (4 if gguf_dtype == "f32" else 1.07 if gguf_dtype == "q8_0" else 2) * params,
+                        "gguf": ladder_bytes(gguf_dtype, params),
                         "trtllm": 2 * params}
     convert_s = sum(bytes_per_format[f] for f in formats) / EXPORT_BYTES_PER_S
     seconds = {"calibrate": calibrate_s, "evaluate": eval_seconds, "convert": convert_s,

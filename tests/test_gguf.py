@@ -510,8 +510,8 @@ def test_cli_convert_import_inspect(sharp_model, tmp_path):
     r = _cli("import", str(out), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     assert open_checkpoint(tmp_path / "hf").config.rope.type == "llama3"
-    r = _cli("convert", str(src), "--to", "gguf", "--dtype", "q4_0", "--out", str(tmp_path / "x.gguf"))
-    assert r.returncode == 2 and "--dtype" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("convert", str(src), "--to", "gguf", "--dtype", "q4_z", "--out", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "--dtype q4_z" in r.stderr and "Traceback" not in r.stderr
     r = _cli("import", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "missing.gguf" in r.stderr and "Traceback" not in r.stderr
 

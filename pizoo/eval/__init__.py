@@ -8,6 +8,8 @@
 - `cache`: model fingerprints and the result cache under PIZOO_HOME/eval-cache.
 - `report`: eval.json, the plot, the terminal table.
 - `runner`: `evaluate_model`, which puts them together (what `pizoo eval` and `pizoo extend` call).
+- `llamacpp`: a GGUF measured by llama.cpp itself (`pizoo eval --backend llama.cpp`): perplexity, KL
+  divergence and top-1 agreement against the f16/bf16 file, size and bits per weight (the `pizoo[quant]` extra).
 
 The entry points are re-exported here: `from pizoo.eval import evaluate_model`.
 """
