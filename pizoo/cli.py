@@ -38,10 +38,13 @@ def err(msg: str) -> None:
 
 
 def reports_errors(fn: Callable) -> Callable:
-    """Turn PizooError (and Ctrl-C) into a one-line message and the error's exit code."""
+    """Turn PizooError (and Ctrl-C) into a one-line message and the error's exit code. An OSError
+    that escaped the library's own handling (fsutil.writing) still ends in one line naming the path."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .fsutil import os_error_of, write_error
+
         try:
             return fn(*args, **kwargs)
         except PizooError as e:
@@ -50,6 +53,12 @@ def reports_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err("interrupted")
             raise typer.Exit(130) from None
+        except Exception as e:
+            oe = os_error_of(e)
+            if oe is None:
+                raise
+            err(str(write_error(oe.filename or "a file", oe, verb="failed")))
+            raise typer.Exit(PizooError.exit_code) from None
 
     return wrapper
 
@@ -62,14 +71,6 @@ def command(name: str, panel: str, sub: typer.Typer | None = None, **kw: Any) ->
         return target.command(name, rich_help_panel=panel, **kw)(reports_errors(fn))
 
     return deco
-
-
-def refuse_to_replace(out: Path | None, overwrite: bool, is_output: Callable[[Path], bool], what: str) -> None:
-    """--overwrite replaces the whole --out folder: never one that is not an output of this kind (a
-    mistyped --out naming the user's own folder), unless it is empty."""
-    if overwrite and out is not None and out.exists() and not is_output(out) and \
-            not (out.is_dir() and not any(out.iterdir())):
-        raise PizooError(f"{out}: exists and is not {what}, so --overwrite will not replace it; choose another --out")
 
 
 def print_json(obj: Any) -> None:
@@ -137,7 +138,7 @@ def extend_cmd(
     opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
                          formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
-                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
+                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx, "--eval-ctx"), hardware=hardware,
                          progress=sys.stderr.isatty())
     if dry_run:
         plan = plan_extend(opts)
@@ -187,8 +188,11 @@ def calibrate_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
+    from .options import check_context, check_device
     from .train import calibrate, default_output_dir
 
+    check_context(ctx)
+    check_device(device)
     out = out or default_output_dir(model, ctx, recipe)
     result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
                        seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
@@ -288,6 +292,8 @@ def eval_cmd(
 ) -> None:
     """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
     from .evaluate import GateThresholds, evaluate_model, format_report, raise_if_failed
+    from .fsutil import output_lock
+    from .options import check_device
 
     if baseline and no_baseline:
         raise PizooError("--baseline and --no-baseline: give one or the other")
@@ -302,13 +308,14 @@ def eval_cmd(
         if value is not None:
             setattr(thresholds, name, value)
     out = out or Path("pizoo-eval") / Path(model.rstrip("/")).name.removesuffix(".gguf")
-    report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
-                            baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
-                            out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
-                            passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
-                            doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=device, dtype=dtype,
-                            batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
-                            echo=lambda msg: typer.echo(msg, err=True))
+    with output_lock(out):
+        report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
+                                baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
+                                out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
+                                passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
+                                doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=check_device(device),
+                                dtype=dtype, batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
+                                echo=lambda msg: typer.echo(msg, err=True))
     if as_json:
         print_json(report)
     else:
@@ -347,12 +354,10 @@ def convert_cmd(
                              pre=pre, static_length=static_length, overwrite=overwrite, progress=True)
         typer.echo(f"wrote {result}")
     elif to == "trtllm":
-        from .export.trtllm import default_output, export_trtllm, is_trtllm_checkpoint, trtllm_build_command
+        from .export.trtllm import default_output, export_trtllm, trtllm_build_command
 
         if out is None and cached:
             out = default_output(Path(label), dtype or "float16", tp, pp)
-        refuse_to_replace(out or default_output(src, dtype or "float16", tp, pp), overwrite, is_trtllm_checkpoint,
-                          "a TensorRT-LLM checkpoint (config.json + rank0.safetensors)")
         result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
         typer.echo(f"wrote {result}")
         typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
@@ -416,7 +421,6 @@ def import_cmd(
     """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
     from .gguf_import import import_gguf
 
-    refuse_to_replace(out, overwrite, lambda p: (p / "config.json").is_file(), "an HF model folder (config.json)")
     result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {result}")
 
@@ -601,6 +605,9 @@ def zoo_aliases_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-
 
 def main() -> None:
     """Console-script entry point."""
+    from .fsutil import install_fault_hook
+
+    install_fault_hook()
     app()
 
 

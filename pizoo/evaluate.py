@@ -781,8 +781,11 @@ class _Subject:
             torch.cuda.empty_cache()
 
 
-def parse_contexts(text: str | int | Iterable[int] | None) -> list[int] | None:
-    """'2048,4096,8k' / 8192 / [2048, 4096] -> sorted unique ints (None stays None)."""
+def parse_contexts(text: str | int | Iterable[int] | None, option: str = "--ctx") -> list[int] | None:
+    """'2048,4096,8k' / 8192 / [2048, 4096] -> sorted unique ints (None stays None). `option` is the
+    command-line option the text came from, named in the errors."""
+    from .options import check_context
+
     if text is None:
         return None
     if isinstance(text, int):
@@ -796,12 +799,12 @@ def parse_contexts(text: str | int | Iterable[int] | None) -> list[int] | None:
         try:
             v = int(s) if not isinstance(s, str) else (int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s))
         except ValueError:
-            raise PizooError(f"--ctx: '{s}' is not a number; give lengths like 2048,4096,8k") from None
+            raise PizooError(f"{option}: '{s}' is not a number; give lengths like 2048,4096,8k") from None
         if v < 2:
-            raise PizooError(f"--ctx: {v} is too short; a window needs at least 2 tokens")
-        out.append(v)
+            raise PizooError(f"{option}: {v} is too short; a window needs at least 2 tokens")
+        out.append(check_context(v, option))
     if not out:
-        raise PizooError("--ctx: no context lengths given; e.g. --ctx 2048,4096,8192")
+        raise PizooError(f"{option}: no context lengths given; e.g. {option} 2048,4096,8192")
     return sorted(set(out))
 
 
@@ -1162,12 +1165,12 @@ def raise_if_failed(report: Mapping[str, Any], out: str | Path | None = None) ->
 
 def write_report(report: dict[str, Any], out: str | Path, *, plot: bool = True) -> Path:
     """Write out/eval.json (atomically) and out/ppl.png when matplotlib is installed."""
-    from .fsutil import atomic_write_json
+    from .fsutil import atomic_write_json, make_dirs
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     if plot:
         png = plot_perplexity(report, out / "ppl.png")
         if png is None:

@@ -17,6 +17,7 @@ computes exactly what llama.cpp computes), a changed freq_base to rope_theta.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -362,18 +363,18 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                progress: bool = False) -> Path:
-    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic."""
+                progress: bool = False, lock: bool = True) -> Path:
+    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic.
+    `lock`: take the output's lock (False: the caller holds it)."""
     from .checkpoint import write_checkpoint
+    from .fsutil import check_output, output_lock
 
     path = Path(gguf_path)
     if path.is_dir():
         raise PizooError(f"{path}: is a folder; pizoo import takes a .gguf file (an HF folder needs no import)")
     if not path.is_file():
         raise PizooError(f"{path}: no such GGUF file")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+    out = check_output(out_dir, overwrite=overwrite, inputs=[path])
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
     arch = field(reader, "general.architecture")
@@ -382,7 +383,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         raise PizooError(f"{path}: {tok.get_vocab_size()} tokens but token_embd has {cfg.vocab_size} rows")
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", field(reader, "tokenizer.ggml.padding_token_id"))) if v is not None}
-    with tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
+    with output_lock(out) if lock else contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
         tok.save(str(Path(tmp) / "tokenizer.json"))
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
         with torch.inference_mode():

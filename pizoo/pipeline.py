@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import GateFailed, PizooError
-from .fsutil import atomic_dir, atomic_write_json, human_bytes, read_json, sha256_file
+from .fsutil import (atomic_dir, atomic_write_json, check_not_input, human_bytes, output_lock, read_json,
+                     remove_stale_temps, sha256_file)
 from .plan import FORMATS, Plan, default_out_dir, make_plan, planning_config, refuse_if_unfit, render_plan
 
 RUN_FILE = "run.json"
@@ -81,8 +82,11 @@ class ExtendOptions:
     progress: bool = True
 
     def validate(self) -> None:
+        from .options import check_context
+
         if self.ctx < 2:
             raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
+        check_context(self.ctx)
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
@@ -564,21 +568,33 @@ STAGE_SPECS = [
 
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """One `pizoo extend` per output folder at a time (the lock dies with the process, even on SIGKILL)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """One `pizoo extend` per output folder at a time (fsutil.output_lock: it dies with the process,
+    even on SIGKILL). A release folder this run created is removed again when the run stops before
+    anything was made (the model did not resolve, a bad option): no empty folder is left behind."""
+    created = not os.path.lexists(out)
+    with output_lock(out):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PizooError(f"{out}: another pizoo extend is writing this folder; wait for it or use another --out") from None
-        yield
-    finally:
-        os.close(fd)
+            yield
+        except BaseException:
+            if created and out.is_dir() and _holds_only_a_run_log(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything)."""
+def _holds_only_a_run_log(out: Path) -> bool:
+    """Nothing but run.json (and its temporaries): no stage produced anything yet."""
+    for p in out.iterdir():
+        if p.name != RUN_FILE and not re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", p.name):
+            return False
+    log = read_json(out / RUN_FILE, "run log") if (out / RUN_FILE).is_file() else {}
+    return all((rec or {}).get("status") != "done" or name == "resolve"
+               for name, rec in (log.get("stages") or {}).items())
+
+
+def check_out_dir(out: Path, base: str) -> None:
+    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything),
+    or into the base model's own folder."""
+    check_not_input(out, [Path(base).expanduser()] if Path(base).expanduser().exists() else [])
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: is a file; give a folder")
     if out.is_dir() and not (out / RUN_FILE).is_file():
@@ -589,17 +605,15 @@ def check_out_dir(out: Path) -> None:
 
 
 def clean_temporaries(out: Path) -> None:
-    """Remove temporaries a killed run left behind (atomic_file/atomic_dir names: .NAME.*.tmp/.old)."""
+    """Remove temporaries a killed run left behind (fsutil's names, .NAME.XXXXXXXX.tmp/.old, and only
+    those no live process holds: see fsutil.remove_stale_temps)."""
     for folder in (out, out / "gguf", out / "eval"):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+            m = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.(tmp|old)", p.name)
+            if m:
+                remove_stale_temps(folder / m.group(1))
 
 
 def plan_extend(opts: ExtendOptions, *, measure: bool = True) -> Plan:
@@ -737,7 +751,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
         plan = _make_plan(opts, recipe, cfg, where, hw)
         say(render_plan(plan))
         refuse_if_unfit(plan)
-    check_out_dir(out)
+    check_out_dir(out, opts.model)
     killer = _KillHook()
     started = time.perf_counter()
     with locked(out):

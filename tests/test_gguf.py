@@ -422,7 +422,7 @@ def test_import_overwrite_replaces_only_a_model_folder(sharp_model, tmp_path):
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     r = _cli("import", str(gguf), "--out", str(precious), "--overwrite")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "not an HF model folder" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "was not written by pizoo" in r.stderr, r.stderr
     assert (precious / "notes.txt").read_text() == "keep me"
     out = import_gguf(gguf, tmp_path / "hf")
     r = _cli("import", str(gguf), "--out", str(out), "--overwrite")

@@ -987,7 +987,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     """
     from gguf import GGUFWriter
 
-    from ..fsutil import atomic_path
+    from ..fsutil import atomic_path, check_output, output_lock
 
     src = Path(src)
     if dtype not in GGUF_DTYPES:
@@ -997,9 +997,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     where = str(src / "config.json")
     rope = plan_rope(cfg, static_length, where)
     tok_meta = tokenizer_metadata(src, cfg, pre)
-    path = _resolve_out(src, out, cfg, dtype, static_length)
-    if path.exists() and not overwrite:
-        raise PizooError(f"{path}: already exists; pass --overwrite or choose another --out")
+    path = check_output(_resolve_out(src, out, cfg, dtype, static_length), overwrite=overwrite, inputs=[src],
+                        folder=False)
     # llama.cpp's qwen2 graph has no rope_freqs input: such a model goes out as arch llama.
     arch = "qwen2" if cfg.architecture == "qwen2" and rope.rope_freqs is None else "llama"
     if cfg.sliding_window is not None and cfg.sliding_window_layers and cfg.sliding_window < rope.context_length:
@@ -1008,7 +1007,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
                     rope.context_length, arch)
     jobs = _plan_tensors(src_tensors, cfg, dtype, permute=arch == "llama", rope_freqs=rope.rope_freqs)
     files = _SourceFiles()
-    with _sigterm_as_interrupt(), atomic_path(path) as tmp:
+    with output_lock(path), _sigterm_as_interrupt(), atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         try:
             _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lineage(src, cfg))
