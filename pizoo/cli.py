@@ -414,7 +414,7 @@ def inspect_cmd(
 
 @command("import", MODELS)
 def import_cmd(
-    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
+    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama.cpp architecture llama, qwen2, ...; see pizoo.families)."),
     out: Path = typer.Option(..., "--out", help="Output HF folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
@@ -577,7 +577,7 @@ def zoo_du_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-reada
 def zoo_alias_cmd(
     name: str = typer.Argument(..., help="Short name, e.g. my-base."),
     hub_id: str = typer.Argument(..., help="Hub id it stands for, NAMESPACE/NAME."),
-    architecture: Optional[str] = typer.Option(None, "--architecture", help="llama, mistral or qwen2."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="The family's model_type: llama, mistral, qwen2, ..."),
     context: Optional[int] = typer.Option(None, "--context", help="The base's native context in tokens."),
     license: Optional[str] = typer.Option(None, "--license", help="The base's license id (inherited by cards)."),
 ) -> None:

@@ -1,4 +1,4 @@
-"""pizoo's Llama-family transformer (Llama 1/2/3, Mistral, Qwen2) in one readable module.
+"""pizoo's decoder (the Llama block and the feature flags other families set) in one readable module.
 
 Parameter names are Hugging Face's, so a checkpoint's state dict loads without renaming. RoPE comes
 from pizoo.rope (one RotaryEmbedding shared by all layers). Attention is torch SDPA: the flash kernel
@@ -44,6 +44,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
+        if cfg.qk_norm:  # per-head RMSNorm of q and k after the projection, before RoPE (Qwen3)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.window = cfg.layer_window(layer)
 
@@ -52,6 +56,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
         # enable_gqa lets SDPA share each kv head across its query group without copying k/v.
         gqa = self.n_kv != self.n_heads

@@ -35,6 +35,7 @@ from typing import Any
 
 from .config import ModelConfig, RopeConfig
 from .errors import PizooError
+from .families import FAMILIES, family, family_for_gguf
 from .fsutil import human_bytes
 
 GiB = 1024**3
@@ -116,16 +117,14 @@ def known_base(spec: str) -> tuple[str, dict[str, Any]] | None:
 
 def config_from_known(entry: dict[str, Any]) -> ModelConfig:
     heads = entry["num_heads"]
-    arch = entry["architecture"]
-    sliding = entry.get("sliding_window")
+    fam = family(entry["architecture"])
     return ModelConfig(
-        architecture=arch, vocab_size=entry["vocab_size"], hidden_size=entry["hidden_size"],
+        architecture=fam.model_type, vocab_size=entry["vocab_size"], hidden_size=entry["hidden_size"],
         intermediate_size=entry["intermediate_size"], num_layers=entry["num_layers"], num_heads=heads,
         num_kv_heads=entry["num_kv_heads"], head_dim=entry.get("head_dim", entry["hidden_size"] // heads),
         max_position_embeddings=entry["context"], rope=RopeConfig(theta=entry.get("theta", 10000.0)),
-        tie_word_embeddings=entry.get("tie_word_embeddings", False), qkv_bias=arch == "qwen2",
-        sliding_window=sliding, sliding_window_layers=list(range(entry["num_layers"])) if sliding else [],
-        torch_dtype="bfloat16")
+        tie_word_embeddings=entry.get("tie_word_embeddings", False),
+        **fam.known_features(entry, entry["num_layers"]), torch_dtype="bfloat16")
 
 
 def planning_config(spec: str) -> tuple[ModelConfig, str]:
@@ -172,6 +171,8 @@ def gguf_planning_config(path: Path) -> ModelConfig:
     """Shapes from a GGUF file's metadata (memory-mapped header read; no tensor is loaded)."""
     from gguf import GGUFReader
 
+    from .export.gguf import KEY_ARCH
+
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the gguf package raises bare ValueErrors/struct errors on bad files
@@ -188,15 +189,18 @@ def gguf_planning_config(path: Path) -> ModelConfig:
     hidden = int(field_value(p + "embedding_length"))
     heads = int(field_value(p + "attention.head_count"))
     tokens = field_value("tokenizer.ggml.tokens") or []
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    names = {t.name for t in reader.tensors}
+    fam = FAMILIES.get(field_value(KEY_ARCH)) or family_for_gguf(arch, names) or family("llama")
+    features = fam.gguf_features(field_value, names)
     return ModelConfig(
-        architecture=arch if arch in ("llama", "qwen2") else "llama", vocab_size=len(tokens) or 32000,
+        architecture=fam.model_type, vocab_size=len(tokens) or 32000, **features,
         hidden_size=hidden, intermediate_size=int(field_value(p + "feed_forward_length")),
         num_layers=int(field_value(p + "block_count")), num_heads=heads,
-        num_kv_heads=int(field_value(p + "attention.head_count_kv", heads)), head_dim=hidden // heads,
+        num_kv_heads=int(field_value(p + "attention.head_count_kv", heads)),
+        head_dim=int(field_value(p + "attention.key_length", hidden // heads)),
         max_position_embeddings=int(field_value(p + "context_length")),
         rope=RopeConfig(theta=float(field_value(p + "rope.freq_base", 10000.0))),
-        tie_word_embeddings=not has_output, torch_dtype="float32")
+        tie_word_embeddings="output.weight" not in names, torch_dtype="float32")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,11 +349,8 @@ class MemoryEstimate:
 
 
 def layer_params(cfg: ModelConfig) -> int:
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    n = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * i
-    if cfg.qkv_bias or cfg.attention_bias:
-        n += q + 2 * kv
-    return n
+    """Parameters of one decoder layer, from the family's tensor table (layer 0)."""
+    return sum(math.prod(t.shape) for t in cfg.family.layer_tensors(cfg, 0))
 
 
 def activation_elements_per_token_layer(cfg: ModelConfig) -> int:

@@ -433,10 +433,10 @@ class Zoo:
 
 def _check_alias_facts(architecture: str | None, context: int | None) -> None:
     """An alias's facts feed the planner and the cards: refuse what no model can have."""
-    from .config import MODEL_TYPES
+    from .families import FAMILIES
     from .options import check_context
 
-    known = sorted(set(MODEL_TYPES.values()))
+    known = list(FAMILIES)
     if architecture is not None and architecture not in known:
         raise PizooError(f"--architecture {architecture}: not an architecture pizoo knows; use one of {', '.join(known)}")
     if context is not None:

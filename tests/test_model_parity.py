@@ -1,5 +1,5 @@
-"""pizoo's model vs transformers (the oracle): every variant x every RoPE type transformers supports,
-below the original context and at 3x it. Tolerance: max abs logit difference <= 1e-4 (fp32)."""
+"""pizoo's model vs transformers (the oracle): every registered family's tiny variants
+(pizoo.families) x every RoPE type transformers supports, below the original context and at 3x it. Tolerance: max abs logit difference <= 1e-4 (fp32)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from pizoo.config import RopeConfig
 from pizoo.model import load_model
+from pizoo.synthetic import VARIANTS
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,6 +36,11 @@ ROPES = {
 def models(tiny_model_factory):
     def get(variant: str, rope_name: str):
         rope = ROPES[rope_name]
+        half = VARIANTS[variant].get("head_dim", 2 * HALF) // 2
+        if rope is not None and rope.type == "longrope" and half != HALF:  # one factor per frequency
+            rope = RopeConfig(type="longrope", factor=4.0, original_context=ORIGINAL,
+                              short_factor=[1.0 + 0.05 * i for i in range(half)],
+                              long_factor=[1.0 + 0.5 * i for i in range(half)])
         extra = {} if rope is None else {"max_position_embeddings": 4 * ORIGINAL}
         tok = "sentencepiece" if variant == "llama" else "bpe"
         return tiny_model_factory(f"parity-{variant}-{rope_name}", variant=variant, tokenizer=tok, rope=rope, **extra)
@@ -42,7 +48,7 @@ def models(tiny_model_factory):
     return get
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama-gqa-tied", "mistral", "qwen2"])
+@pytest.mark.parametrize("variant", list(VARIANTS))  # every registered family's tiny variants
 @pytest.mark.parametrize("rope_name", list(ROPES))
 def test_logits_match_transformers(models, variant, rope_name):
     path = models(variant, rope_name)

@@ -62,46 +62,6 @@ FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 QUANT_BLOCK = 32  # Q8_0 block size (elements)
 Q8_0_BLOCK_BYTES = 34  # f16 scale + 32 int8
 
-# HF tensor names -> GGUF names (per layer names take the layer number).
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-
-
-def hf_to_gguf_name(name: str) -> str | None:
-    """GGUF name of an HF tensor (None: not a weight llama.cpp needs, e.g. rotary_emb.inv_freq)."""
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def gguf_to_hf_name(name: str) -> str | None:
-    """HF name of a GGUF tensor (None: not part of the HF model, e.g. rope_freqs.weight)."""
-    for hf, gg in GLOBAL_NAMES.items():
-        if gg == name:
-            return hf
-    m = _GGUF_LAYER_RE.match(name)
-    if m:
-        for hf, gg in LAYER_NAMES.items():
-            if gg == m.group(2):
-                return f"model.layers.{m.group(1)}.{hf}"
-    return None
-
-
 def permute_rows(w, n_head: int):
     """HF 'rotate halves' q/k rows -> llama.cpp 'adjacent pairs' order (per head: halves interleaved).
 
@@ -169,11 +129,10 @@ _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # pizoo's own keys (llama.cpp ignores keys it does not know)
 KEY_ROPE = "pizoo.rope"  # JSON of the RopeConfig the file computes
-KEY_ARCH = "pizoo.architecture"  # llama | mistral | qwen2 (the HF architecture)
+KEY_ARCH = "pizoo.architecture"  # the family (pizoo.families), e.g. mistral in an arch-llama file
 KEY_SLIDING = "pizoo.sliding_window"
 KEY_SLIDING_LAYERS = "pizoo.sliding_window_layers"
 KEY_BLOCK = "pizoo.config"  # JSON of the config.json `pizoo` block (lineage, target length)
-KEY_ATTENTION_BIAS = "pizoo.attention_bias"
 
 def float32_value(x: float) -> float:
     """The shortest decimal that reads back as the same float32 (1e-05, not 9.99999974737875e-06)."""
@@ -298,6 +257,14 @@ def pre_signature(spec: dict) -> tuple | None:
     return tuple(out)
 
 
+# tokenizer.ggml.model values: SentencePiece-style BPE (llama.cpp calls it "llama", whatever the
+# model family) and byte-level BPE.
+TOKENIZER_SPM, TOKENIZER_BPE = "llama", "gpt2"
+
+# Pre-tokenizers whose tokenizer.json carries an NFC normaliser that llama.cpp applies as well.
+NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
+
+
 def identify_pre(spec: dict) -> str | None:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, when pizoo knows it."""
     sig = pre_signature(spec)
@@ -305,7 +272,7 @@ def identify_pre(spec: dict) -> str | None:
     norm = spec.get("normalizer")
     if name is None:
         return None
-    if norm is not None and not (name == "qwen2" and norm.get("type") == "NFC"):
+    if norm is not None and not (name in NFC_PRE_TOKENIZERS and norm.get("type") == "NFC"):
         return None  # a normaliser llama.cpp does not apply would change the tokens
     return name
 
@@ -405,7 +372,7 @@ def tokenizer_metadata(folder: Path, cfg: ModelConfig, pre: str | None = None) -
     meta: dict[str, Any] = {"tokenizer.ggml.tokens": token_list, "tokenizer.ggml.token_type": types}
     merges = _merge_pairs(model)
     if sentencepiece:
-        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.model"] = TOKENIZER_SPM
         # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores
         # highest; scoring each piece by minus the rank of the merge that creates it reproduces the
         # BPE merge order. Pieces no merge creates (characters, bytes, specials) score 0.
@@ -415,7 +382,7 @@ def tokenizer_metadata(folder: Path, cfg: ModelConfig, pre: str | None = None) -
         meta["tokenizer.ggml.scores"] = [float(-rank[t] - 1) if t in rank else 0.0 for t in token_list]
         meta["tokenizer.ggml.add_space_prefix"] = _space_prefix(spec)
     else:
-        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.model"] = TOKENIZER_BPE
         name = pre or identify_pre(spec)
         if name is None:
             raise PizooError(
@@ -835,13 +802,15 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
 def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: str, permute: bool,
                   rope_freqs: np.ndarray | None) -> list[_Job]:
     jobs: list[_Job] = []
+    table = {t.hf: t for t in cfg.tensor_table()}
     infos = sorted(src_tensors.values(), key=lambda t: (str(t.file), t.offset))
     for info in infos:
-        gname = hf_to_gguf_name(info.name)
-        if gname is None:
-            continue  # rotary_emb.inv_freq and the like: recomputed by llama.cpp
-        if gname == "output.weight" and cfg.tie_word_embeddings:
-            continue  # tied head: llama.cpp reuses token_embd
+        entry = table.get(info.name)
+        if entry is None or entry.gguf is None:
+            # rotary_emb.inv_freq and the like (recomputed by llama.cpp), or a stored tied head
+            # (llama.cpp reuses token_embd)
+            continue
+        gname = entry.gguf
         if info.dtype not in _ST_FLOAT:
             raise PizooError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}; GGUF export reads "
                              "float tensors")
@@ -853,8 +822,8 @@ def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: s
         else:
             out = dtype
         heads = None
-        if permute and (".attn_q." in gname or ".attn_k." in gname):
-            heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
+        if permute and entry.rotary:
+            heads = cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads
         jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads,
                          src_name=info.name))
     if rope_freqs is not None:
@@ -999,13 +968,15 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     tok_meta = tokenizer_metadata(src, cfg, pre)
     path = check_output(_resolve_out(src, out, cfg, dtype, static_length), overwrite=overwrite, inputs=[src],
                         folder=False)
-    # llama.cpp's qwen2 graph has no rope_freqs input: such a model goes out as arch llama.
-    arch = "qwen2" if cfg.architecture == "qwen2" and rope.rope_freqs is None else "llama"
+    # A family whose llama.cpp graph has no rope_freqs input goes out as its fallback architecture
+    # (Qwen2: llama), or is refused.
+    garch = cfg.family.gguf_arch(cfg, rope.rope_freqs is not None, where)
+    arch = garch.name
     if cfg.sliding_window is not None and cfg.sliding_window_layers and cfg.sliding_window < rope.context_length:
         log.warning("%s: sliding_window=%d is shorter than the context (%d); llama.cpp's %s graph attends to the "
                     "whole context, so outputs differ past the window", where, cfg.sliding_window,
                     rope.context_length, arch)
-    jobs = _plan_tensors(src_tensors, cfg, dtype, permute=arch == "llama", rope_freqs=rope.rope_freqs)
+    jobs = _plan_tensors(src_tensors, cfg, dtype, permute=garch.permute_qk, rope_freqs=rope.rope_freqs)
     files = _SourceFiles()
     with output_lock(path), _sigterm_as_interrupt(), atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, arch)
@@ -1104,8 +1075,8 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
     # pizoo's own record, so import restores exactly what was exported
     w.add_string(KEY_ARCH, cfg.architecture)
     w.add_string(KEY_ROPE, json.dumps(rope_to_dict(rope.computes)))
-    if cfg.attention_bias:
-        w.add_bool(KEY_ATTENTION_BIAS, True)
+    for key, value in cfg.family.gguf_keys(cfg).items():
+        _add_scalar(w, key, value)
     if cfg.sliding_window is not None:
         w.add_uint32(KEY_SLIDING, cfg.sliding_window)
         w.add_array(KEY_SLIDING_LAYERS, [int(x) for x in cfg.sliding_window_layers])
@@ -1118,12 +1089,19 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
             w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
         elif key == "tokenizer.ggml.scores":
             w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
         else:
-            w.add_string(key, value)
+            _add_scalar(w, key, value)
+
+
+def _add_scalar(w, key: str, value: bool | int | float | str) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    else:
+        w.add_string(key, value)
 
 
 # --------------------------------------------------------------------------------------------
