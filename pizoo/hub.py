@@ -77,6 +77,7 @@ def hub_attempts() -> int:
 
 
 _bounded_for: float | None = None
+_library_timeouts: dict[str, float | None] = {}
 
 
 def bound_hub_requests() -> None:
@@ -92,7 +93,10 @@ def bound_hub_requests() -> None:
     limit = hub_timeout()
     for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
         if hasattr(constants, name):
-            setattr(constants, name, min(getattr(constants, name) or limit, limit))
+            # Capped from the library's own value, so a later call with a longer limit (another
+            # PIZOO_HUB_TIMEOUT in the same process) is not held to an earlier, shorter one.
+            own = _library_timeouts.setdefault(name, getattr(constants, name))
+            setattr(constants, name, min(own or limit, limit))
     if _bounded_for == limit:
         return
     try:
