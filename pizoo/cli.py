@@ -131,7 +131,7 @@ def extend_cmd(
                                  "stdout; progress goes to stderr."),
 ) -> None:
     """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
-    from .evaluate import parse_contexts
+    from .eval import parse_contexts
     from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
     from .plan import render_plan
 
@@ -291,9 +291,10 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
 ) -> None:
     """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
-    from .evaluate import GateThresholds, evaluate_model, format_report, raise_if_failed
+    from .eval import evaluate_model, format_report, raise_if_failed
     from .fsutil import output_lock
     from .options import check_device
+    from .recipes import GateThresholds
 
     if baseline and no_baseline:
         raise PizooError("--baseline and --no-baseline: give one or the other")

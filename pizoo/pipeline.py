@@ -426,7 +426,7 @@ def eval_settings(opts: ExtendOptions, original_context: int) -> dict[str, Any]:
 
 
 def run_evaluate(ctx: Context) -> StageOutcome:
-    from .evaluate import evaluate_model
+    from .eval import evaluate_model
 
     settings = eval_settings(ctx.opts, ctx.original_context)
     baseline = ctx.base if settings.pop("baseline") else False

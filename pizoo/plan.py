@@ -533,7 +533,7 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
 
 
 def eval_lengths(original: int, ctx: int, lengths: list[int] | None, gated: bool) -> list[int]:
-    """The context lengths pizoo.evaluate measures: the given ones (plus the original and the target
+    """The context lengths pizoo.eval measures: the given ones (plus the original and the target
     when gated), else the original, its doublings below the target, and the target."""
     if lengths:
         return sorted(set(lengths) | ({original, ctx} if gated else set()))
@@ -545,7 +545,7 @@ def eval_lengths(original: int, ctx: int, lengths: list[int] | None, gated: bool
 
 
 def estimate_eval_seconds(cfg: ModelConfig, ctx: int, hw: Hardware, evaluation: dict[str, Any]) -> float:
-    """Forward passes of the evaluation as pizoo.evaluate runs it: per length c, one document of
+    """Forward passes of the evaluation as pizoo.eval runs it: per length c, one document of
     D = max length tokens in windows of c moving by the stride ((D - c) / stride + 1 windows); the
     baseline at the original length; passkey prompts at `distances` lengths spread over the window,
     `trials` each. One document is assumed when the number is not capped."""

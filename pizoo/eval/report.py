@@ -1,0 +1,139 @@
+"""Output: eval.json, the plot, the terminal table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import PizooError
+
+
+def write_report(report: dict[str, Any], out: str | Path, *, plot: bool = True) -> Path:
+    """Write out/eval.json (atomically) and out/ppl.png when matplotlib is installed."""
+    from ..fsutil import atomic_write_json, make_dirs
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PizooError(f"--out {out}: exists and is not a folder")
+    make_dirs(out)
+    if plot:
+        png = plot_perplexity(report, out / "ppl.png")
+        if png is None:
+            msg = "matplotlib is not installed: no plot (pip install 'pizoo[plot]')"
+            if msg not in report["notes"]:
+                report["notes"].append(msg)
+        else:
+            report["plot"] = png.name
+    path = out / "eval.json"
+    atomic_write_json(path, _json_safe(report))
+    return path
+
+
+def _json_safe(obj: Any) -> Any:
+    """inf/nan are not JSON: write them as strings so every reader can parse eval.json."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
+    """PNG of perplexity against context length, the model vs its baseline; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from ..fsutil import atomic_file
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    name = Path(report["model"]["path"]).name
+
+    def series(results):
+        pts = [(r["ctx"], r["ppl"]) for r in results if isinstance(r["ppl"], (int, float)) and math.isfinite(r["ppl"])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    x, y = series(report["results"])
+    ax.plot(x, y, "o-", label=f"{name} (context {report['model']['context_length']})", color="tab:blue")
+    ys = list(y)
+    base = report.get("baseline")
+    if base:
+        bx, by = series(base["results"])
+        ax.plot(bx, by, "s--", label=f"base: {Path(base['model']['path']).name} (context {base['original_context']})",
+                color="tab:gray")
+        ax.axhline(base["ppl_at_original"], color="tab:gray", linewidth=0.8, linestyle=":")
+        ys += by
+    ax.axvline(report["model"]["original_context"], color="tab:red", linewidth=0.8, linestyle=":",
+               label="original context")
+    ax.set_xscale("log", base=2)
+    if ys and max(ys) / max(min(ys), 1e-9) > 20:
+        ax.set_yscale("log")
+    ax.set_xticks(sorted({r["ctx"] for r in report["results"]} | ({r["ctx"] for r in base["results"]} if base else set())))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v):,}"))
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Sliding-window perplexity")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The terminal table: perplexity per context (with the base's), passkey, the verdict."""
+    lines = []
+    m, d = report["model"], report["data"]
+    lines.append(f"model     {m['path']}  (hash {m['hash'][:12]}, context {m['context_length']}, "
+                 f"original {m['original_context']}, rope {m['rope']['type']})")
+    lines.append(f"data      {', '.join(d['sources'])} [{d['split']}]: {d['documents']} documents x "
+                 f"{d['doc_tokens']} tokens (fingerprint {d['fingerprint'][:12]})")
+    base = report.get("baseline")
+    base_by_ctx = {r["ctx"]: r["ppl"] for r in base["results"]} if base else {}
+    if base:
+        lines.append(f"baseline  {base['model']['path']}  (original context {base['original_context']})")
+    lines.append("")
+    header = f"{'ctx':>8}  {'stride':>6}  {'ppl':>10}  {'base ppl':>10}  {'tokens':>10}  {'docs':>5}  note"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for r in report["results"]:
+        bp = base_by_ctx.get(r["ctx"])
+        note = ", ".join(x for x in ("extrapolation" if r.get("extrapolation") else "",
+                                      "cached" if r.get("cached") else "") if x)
+        lines.append(f"{r['ctx']:>8}  {r['stride']:>6}  {_fmt(r['ppl']):>10}  {_fmt(bp) if bp is not None else '-':>10}"
+                     f"  {r['tokens']:>10}  {r['documents']:>5}  {note}")
+    for c, bp in sorted(base_by_ctx.items()):
+        if c not in {r["ctx"] for r in report["results"]}:
+            lines.append(f"{c:>8}  {'':>6}  {'-':>10}  {_fmt(bp):>10}")
+    pk = report.get("passkey")
+    if pk:
+        lines.append("")
+        lines.append(f"passkey   window {pk['window']}, {pk['trials']} trials per distance, mode {pk['mode']}: "
+                     f"k_max {pk['k_max']}")
+        items = list(pk["accuracy_by_distance"].items())
+        for i in range(0, len(items), 8):
+            lines.append("          " + "  ".join(f"{k}:{v:.2f}" for k, v in items[i:i + 8]))
+    gate = report.get("gate")
+    if gate:
+        lines.append("")
+        lines.append(f"gate      {'PASSED' if gate['passed'] else 'FAILED'}")
+        for r in gate["reasons"]:
+            lines.append(f"  - {r}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if math.isfinite(v) and v < 1e5 else f"{v:.3g}"
