@@ -165,6 +165,9 @@ class ModelConfig:
     attention_bias: bool = False  # llama: q,k,v,o biases
     qkv_bias: bool = False  # qwen2: q,k,v biases only
     qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k, before RoPE
+    rotary_dim: int | None = None  # dims of each head that RoPE rotates (phi-4-mini: 3/4); None: all
+    fused_qkv: bool = False  # phi3: one qkv_proj whose rows are q | k | v
+    fused_gate_up: bool = False  # phi3: one gate_up_proj whose rows are gate | up
     sliding_window: int | None = None
     sliding_window_layers: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
@@ -187,7 +190,8 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.head_dim
+        """The dims of each head that RoPE rotates (the frequency count is half of it)."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def family(self):
@@ -238,6 +242,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json content that transformers v4 and v5 both load with this exact RoPE."""
         d = copy.deepcopy(self.raw)
+        # The RoPE as this family's transformers class reads it (Phi-3: every method as longrope).
+        rope = self.family.hf_rope(self.rope, self.rope_dim, self.context_length)
         for legacy in ("rope_scaling", "rope_parameters", "rope_theta"):
             d.pop(legacy, None)
         d.update({
@@ -262,13 +268,13 @@ class ModelConfig:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
             d["eos_token_id"] = self.eos_token_id
-        theta, scaling = _rope_to_hf(self.rope, self.head_dim)
-        if self.rope.type == "dynamic":
+        theta, scaling = _rope_to_hf(rope, self.rope_dim)
+        if rope.type == "dynamic":
             # transformers' dynamic NTK treats max_position_embeddings as the original length L and
             # scales only past it; the usable (target) length is kept in the pizoo block instead.
             d["max_position_embeddings"] = self.rope.original_context
             d.setdefault("pizoo", {})["target_context"] = self.context_length
-        if self.rope.type == "longrope":
+        if rope.type == "longrope":
             # transformers v4 takes longrope's original length from this top-level key only (without it,
             # L = max_position_embeddings and the long factors are never used below the target); v5 reads
             # it from rope_parameters. Phi-3 writes it the same way.
@@ -276,6 +282,8 @@ class ModelConfig:
         d["rope_theta"] = theta
         d["rope_scaling"] = scaling
         params = {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
+        if self.rotary_dim:
+            d["partial_rotary_factor"] = params["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         d["rope_parameters"] = params
         pizoo_block = dict(d.get("pizoo") or {})
         if self.rope.method in ("ntk", "clex"):
@@ -328,11 +336,19 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         raise PizooError(f"{source}: mlp_bias=true is not supported by pizoo's Llama model")
     rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     partial = d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+    features = fam.features(d, source, num_layers := _get(d, "num_hidden_layers", source, int, minimum=1))
+    if partial not in (None, 1, 1.0) and not fam.partial_rotary:
+        raise PizooError(f"{source}: partial_rotary_factor={partial} (partial rotary) is not modelled for "
+                         f"{fam.model_type}; pizoo rotates part of each head only for {fam.partial_rotary_families()}")
+    rotary_dim = None
     if partial not in (None, 1, 1.0):
-        raise PizooError(f"{source}: partial_rotary_factor={partial} (partial rotary) is not supported; "
-                         "pizoo needs RoPE on the full head dimension")
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial < 1:
+            raise PizooError(f"{source}: partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2:
+            raise PizooError(f"{source}: partial_rotary_factor {partial} x head_dim {head_dim} = {rotary_dim} "
+                             "rotated dims; it must be even and >= 2")
     max_pos = _get(d, "max_position_embeddings", source, int, minimum=1)
-    num_layers = _get(d, "num_hidden_layers", source, int, minimum=1)
     dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
     cfg = ModelConfig(
         architecture=fam.model_type,
@@ -344,10 +360,11 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=max_pos,
-        rope=_parse_rope(d, source, head_dim, max_pos),
+        rope=_parse_rope(d, source, rotary_dim or head_dim, max_pos),
         rms_norm_eps=_get(d, "rms_norm_eps", source, float, default=1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        **fam.features(d, source, num_layers),
+        rotary_dim=rotary_dim,
+        **features,
         torch_dtype=str(dtype).removeprefix("torch."),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
@@ -429,7 +446,7 @@ def _parse_rope(d: dict[str, Any], source: str, head_dim: int, max_pos: int) -> 
         for key in ("short_factor", "long_factor"):
             v = spec.get(key)
             if not isinstance(v, list) or len(v) != head_dim // 2:
-                raise PizooError(f"{where}: '{key}' must be a list of head_dim/2 = {head_dim // 2} numbers")
+                raise PizooError(f"{where}: '{key}' must be a list of rotary dims/2 = {head_dim // 2} numbers")
         if factor is None:
             rope.factor = max_pos / rope.original_context
         if pizoo_block.get("rope_method") == "clex":

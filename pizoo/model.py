@@ -40,22 +40,30 @@ class Attention(nn.Module):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
+        self.qkv_sizes = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+        if cfg.fused_qkv:  # one projection whose output rows are q | k | v (Phi-3)
+            self.qkv_proj = nn.Linear(h, sum(self.qkv_sizes), bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=qkv_bias)
+            self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
+            self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
         if cfg.qk_norm:  # per-head RMSNorm of q and k after the projection, before RoPE (Qwen3)
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.fused_qkv = cfg.qk_norm, cfg.fused_qkv
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.window = cfg.layer_window(layer)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.fused_qkv:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos, sin)
@@ -72,16 +80,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up are one gate_up_proj when fused (Phi-3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        h, inter = cfg.hidden_size, cfg.intermediate_size
+        self.fused = cfg.fused_gate_up
+        if self.fused:
+            self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
+        else:
+            self.gate_proj = nn.Linear(h, inter, bias=False)
+            self.up_proj = nn.Linear(h, inter, bias=False)
+        self.down_proj = nn.Linear(inter, h, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -115,7 +129,7 @@ class LlamaModel(nn.Module):
         self.config = cfg
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.rope_dim)
         self.activation_checkpointing = False
 
     @property

@@ -117,6 +117,15 @@ class ExtendOptions:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
 
 
+def refuse_unwritable_formats(cfg, formats: tuple[str, ...]) -> None:
+    """Refuse a format the family cannot be written as before anything is calibrated."""
+    fam = cfg.family
+    if "gguf" in formats and fam.gguf_refusal:
+        raise PizooError(f"--formats gguf: {fam.gguf_refusal}")
+    if "trtllm" in formats and fam.trtllm_arch is None:
+        raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+
+
 def parse_formats(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip().lower() for p in text.split(",") if p.strip())
     seen: list[str] = []
@@ -748,6 +757,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
     plan = None
     if cfg is not None:
+        refuse_unwritable_formats(cfg, opts.formats)
         plan = _make_plan(opts, recipe, cfg, where, hw)
         say(render_plan(plan))
         refuse_if_unfit(plan)
@@ -804,6 +814,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
+                    refuse_unwritable_formats(_config_of(ctx.base), opts.formats)
                     ctx.plan = plan = _make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw)
                     say(render_plan(plan))
                     refuse_if_unfit(plan)

@@ -243,7 +243,7 @@ def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, 
         if rope.method == "clex":
             from .clex import clex_module_for
 
-            lm.rotary.set_frequency_module(clex_module_for(rope, cfg.head_dim))
+            lm.rotary.set_frequency_module(clex_module_for(rope, cfg.rope_dim))
     lm.activation_checkpointing = activation_checkpointing
     wrapper = CausalLMLoss(lm, loss_chunk)
     if dist_.world > 1:
@@ -260,7 +260,7 @@ def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, 
         from .clex import clex_module_for
 
         torch.manual_seed(seed)
-        init = clex_module_for(rope, cfg.head_dim).state_dict()
+        init = clex_module_for(rope, cfg.rope_dim).state_dict()
         _load_full(wrapper, {f"lm.rotary.learned.{k}": v for k, v in init.items()}, strict=False)
     return wrapper
 
@@ -1089,7 +1089,7 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
     if rope.method == "clex":
         from .clex import bake_clex, clex_module_for
 
-        module = clex_module_for(rope, cfg.head_dim)
+        module = clex_module_for(rope, cfg.rope_dim)
         module.load_state_dict({k.removeprefix("lm.rotary.learned."): v for k, v in clex_state.items()})
         out_rope = bake_clex(module.eval(), rope, ctx)
     out_cfg = cfg.with_rope(out_rope, ctx)

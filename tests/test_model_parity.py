@@ -36,7 +36,8 @@ ROPES = {
 def models(tiny_model_factory):
     def get(variant: str, rope_name: str):
         rope = ROPES[rope_name]
-        half = VARIANTS[variant].get("head_dim", 2 * HALF) // 2
+        v = VARIANTS[variant]
+        half = (v.get("rotary_dim") or v.get("head_dim", 2 * HALF)) // 2  # partial rotary: fewer frequencies
         if rope is not None and rope.type == "longrope" and half != HALF:  # one factor per frequency
             rope = RopeConfig(type="longrope", factor=4.0, original_context=ORIGINAL,
                               short_factor=[1.0 + 0.05 * i for i in range(half)],
@@ -67,13 +68,14 @@ def test_logits_match_transformers(models, variant, rope_name):
 
 def test_scaling_changes_logits_past_original(models):
     """Guard against a parity test that passes because scaling is silently ignored on both sides."""
-    base = load_model(models("llama", "default"))
-    ids = torch.randint(0, base.config.vocab_size, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = base.forward_logits(ids)
-        for name in ("linear", "yarn", "llama3", "ntk", "longrope", "dynamic"):
-            scaled = load_model(models("llama", name))
-            assert (scaled.forward_logits(ids) - ref).abs().max().item() > 1e-5, name
+    for variant in ("llama", "phi3"):  # phi3: partial rotary, every method written as longrope
+        base = load_model(models(variant, "default"))
+        ids = torch.randint(0, base.config.vocab_size, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            ref = base.forward_logits(ids)
+            for name in ("linear", "yarn", "llama3", "ntk", "longrope", "dynamic"):
+                scaled = load_model(models(variant, name))
+                assert (scaled.forward_logits(ids) - ref).abs().max().item() > 1e-5, (variant, name)
 
 
 def test_mistral_sliding_window_matches_transformers(tiny_model_factory):

@@ -87,13 +87,17 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# llama.cpp's name for Qwen2's pre-tokenizer (a tokenizer name that other families' files carry
+# too; it is not a model-family check).
+PRE_QWEN2 = "qwen2"
+
 # Canonical pre-tokenizer signature -> llama.cpp tokenizer.ggml.pre name. A signature lists the
 # pre-tokenizer steps: ("ByteLevel", use_regex), ("Digits", individual_digits), ("Split", regex).
 PRE_SIGNATURES: dict[tuple, str] = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
     (("Split", LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
-    (("Split", QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
+    (("Split", QWEN2_REGEX), ("ByteLevel", False)): PRE_QWEN2,
 }
 # llama.cpp pre-tokenizer names -> the HF pre-tokenizer that splits text the same way (for import),
 # and whether the HF tokenizer normalises to NFC first.
@@ -109,7 +113,7 @@ PRE_TO_HF: dict[str, tuple[tuple, bool]] = {
     "llama-v3": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
     "dbrx": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
     "smaug-bpe": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
-    "qwen2": ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
+    PRE_QWEN2: ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
     "deepseek-r1-qwen": ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
 }
 # Names llama.cpp (as vendored by llama-cpp-python 0.3.36) accepts for tokenizer.ggml.pre; an unknown
@@ -261,8 +265,9 @@ def pre_signature(spec: dict) -> tuple | None:
 # model family) and byte-level BPE.
 TOKENIZER_SPM, TOKENIZER_BPE = "llama", "gpt2"
 
-# Pre-tokenizers whose tokenizer.json carries an NFC normaliser that llama.cpp applies as well.
-NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
+# Pre-tokenizers whose tokenizer.json carries an NFC normaliser that llama.cpp applies as well
+# (the NFC flag of PRE_TO_HF).
+NFC_PRE_TOKENIZERS = frozenset(name for name, (_, nfc) in PRE_TO_HF.items() if nfc)
 
 
 def identify_pre(spec: dict) -> str | None:
@@ -964,6 +969,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     # The folder index is torch-free (pizoo.hf_folder), so a plain export never imports torch.
     cfg, _raw, src_tensors = index_hf_folder(src)
     where = str(src / "config.json")
+    if cfg.family.gguf_refusal:
+        raise PizooError(f"{where}: {cfg.family.gguf_refusal}")
     rope = plan_rope(cfg, static_length, where)
     tok_meta = tokenizer_metadata(src, cfg, pre)
     path = check_output(_resolve_out(src, out, cfg, dtype, static_length), overwrite=overwrite, inputs=[src],

@@ -115,6 +115,8 @@ class Family:
     trtllm_arch: str | None = "LlamaForCausalLM"
     trtllm_refusal: str = ""
     tiny: dict[str, dict[str, Any]] = {}
+    partial_rotary: bool = False  # reads partial_rotary_factor (ModelConfig.rotary_dim)
+    gguf_refusal: str = ""  # set: GGUF export is refused with this reason (and what to use instead)
 
     # --- config.json ---------------------------------------------------------------------
     @classmethod
@@ -126,6 +128,16 @@ class Family:
     def hf_keys(cls, cfg: ModelConfig) -> dict[str, Any]:
         """The family's own config.json keys, written over the preserved originals."""
         return {}
+
+    @classmethod
+    def hf_rope(cls, rope, rope_dim: int, context: int):
+        """The RopeConfig written to config.json (a family whose transformers class reads only some
+        RoPE types writes the others in a form it reads)."""
+        return rope
+
+    @staticmethod
+    def partial_rotary_families() -> str:
+        return ", ".join(f for f, fam in FAMILIES.items() if fam.partial_rotary) or "no family"
 
     @classmethod
     def known_features(cls, entry: dict[str, Any], num_layers: int) -> dict[str, Any]:
@@ -289,4 +301,4 @@ def tiny_variants() -> dict[str, dict[str, Any]]:
 
 
 # The families, in the order they are listed and matched.
-from . import llama, mistral, qwen2, qwen3  # noqa: E402,F401
+from . import llama, mistral, qwen2, qwen3, phi3  # noqa: E402,F401
