@@ -755,16 +755,13 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
         cfg, where = planning_config(opts.model)
     except PizooError:
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
-    plan = None
     if cfg is not None:
         refuse_unwritable_formats(cfg, opts.formats)
-        plan = _make_plan(opts, recipe, cfg, where, hw)
-        say(render_plan(plan))
-        refuse_if_unfit(plan)
     check_out_dir(out, opts.model)
     killer = _KillHook()
     started = time.perf_counter()
-    with locked(out):
+    with locked(out):  # the output checked and held before the plan is shown: a refusal is one line
+        plan = _announce_plan(_make_plan(opts, recipe, cfg, where, hw), say) if cfg is not None else None
         clean_temporaries(out)
         log = RunLog(out, fresh=not opts.resume)
         log.set_meta(command=_command_record(opts), plan=plan.to_dict() if plan else None)
@@ -815,9 +812,8 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
                     refuse_unwritable_formats(_config_of(ctx.base), opts.formats)
-                    ctx.plan = plan = _make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw)
-                    say(render_plan(plan))
-                    refuse_if_unfit(plan)
+                    ctx.plan = plan = _announce_plan(_make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw),
+                                                     say)
                     log.set_meta(plan=plan.to_dict())
             if spec.name == "evaluate" and result.get("gate") == "failed":
                 log.set_meta(summary=summarize(ctx, ran, skipped, time.perf_counter() - started))
@@ -849,6 +845,13 @@ def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) 
                      train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
                      gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
                      evaluation=eval_settings(opts, cfg.original_context))
+
+
+def _announce_plan(plan: Plan, say: Callable[[str], None]) -> Plan:
+    """Show the plan, then refuse it if it does not fit this machine."""
+    say(render_plan(plan))
+    refuse_if_unfit(plan)
+    return plan
 
 
 def _config_of(folder: Path):

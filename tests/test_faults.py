@@ -37,8 +37,9 @@ import pytest
 
 PY = [sys.executable, "-m", "pizoo.cli"]
 CTX = 256
-# Fields whose values are wall-clock measurements: compared with them removed.
-TIMED_KEYS = {"calibration.json": ("duration_s",), "metrics.jsonl": ("elapsed_s", "tokens_per_s")}
+# Fields whose values are wall-clock measurements (at any depth): compared with them removed.
+TIMED_KEYS = {"calibration.json": ("duration_s",), "metrics.jsonl": ("elapsed_s", "tokens_per_s"),
+              "eval.json": ("seconds", "tokens_per_second")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,10 +137,12 @@ def invoke(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
 
 
 def _progress(line: str) -> bool:
-    """Progress on stderr beside the error line: tqdm's bars, extend's "[i/n] stage: running"."""
+    """Progress on stderr beside the error line: extend's "[i/n] stage: running", and tqdm's bars, with a
+    total ("x:  50%|#####     | 2/4 [00:01<00:01, 2.0it/s]") or without ("writing: 0.00B [00:00, ?B/s]")."""
     if re.match(r"\[\d+/\d+\] [a-z-]+: ", line):
         return True
-    return "|" in line and ("it/s" in line or "B/s" in line or "step/s" in line or "%|" in line or "s/" in line)
+    # the rate: "2.0it/s", "?B/s", or its inverse "1.19s/step"
+    return re.search(r"\[\d+:\d\d(<[^,\]]*)?, [^\]]*(/s\b|s/)", line) is not None and not line.startswith("error:")
 
 
 def error_line(proc: Ran) -> str:
@@ -151,22 +154,33 @@ def error_line(proc: Ran) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry below `folder` (hidden ones too): sha256 of files (timing fields removed), 'dir'."""
+    """Every entry below `folder` (hidden ones too): sha256 of files (timing fields removed), 'dir'.
+    The folder's own path, which a written README may name, reads as `<area>`: scenarios in different
+    folders compare equal when they wrote the same thing."""
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_dir():
             out[rel] = "dir"
             continue
-        data = p.read_bytes()
+        data = p.read_bytes().replace(str(folder).encode(), b"<area>")
         keys = TIMED_KEYS.get(p.name)
         if keys and p.name.endswith(".jsonl"):
             rows = [json.loads(x) for x in data.decode().splitlines() if x.strip()]
-            data = json.dumps([{k: v for k, v in r.items() if k not in keys} for r in rows]).encode()
+            data = json.dumps([untimed(r, keys) for r in rows], sort_keys=True).encode()
         elif keys:
-            data = json.dumps({k: v for k, v in json.loads(data).items() if k not in keys}, sort_keys=True).encode()
+            data = json.dumps(untimed(json.loads(data), keys), sort_keys=True).encode()
         out[rel] = hashlib.sha256(data).hexdigest()
     return out
+
+
+def untimed(value, keys: tuple):
+    """`value` without the fields named in `keys`, at any depth."""
+    if isinstance(value, dict):
+        return {k: untimed(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [untimed(v, keys) for v in value]
+    return value
 
 
 @dataclass
@@ -200,6 +214,9 @@ def command_args(name: str, w: dict, out: Path) -> list:
     if name == "eval":
         return ["eval", w["base"], "--ctx", 64, "--no-passkey", "--no-baseline", "--no-gate", "--max-docs", 1,
                 "--data", w["text"], "--device", "cpu", "--no-cache", "--out", out]
+    if name == "extend":
+        return ["extend", w["base"], "--ctx", CTX, "--formats", "hf", "--eval", "quick", "--steps", 4, "--train-len",
+                64, "--data", w["text"], "--out", out]
     raise AssertionError(name)
 
 
@@ -337,8 +354,9 @@ def test_fault_ends_in_one_line_and_loses_nothing(outcomes, command, fault):
     # scenario of this command wrote.
     assert o.rerun.returncode == 0, o.rerun.stderr[-3000:]
     assert not [k for k in o.result if k.split("/")[-1].startswith(".") or "calibrate-state" in k], o.result
-    others = {f: x.result for f, x in runs.items() if x.rerun.returncode == 0}
-    assert all(r == o.result for r in others.values()), (command, fault, sorted(others))
+    differ = {f: sorted(k for k in set(x.result) | set(o.result) if x.result.get(k) != o.result.get(k))
+              for f, x in runs.items() if x.rerun.returncode == 0}
+    assert not any(differ.values()), (command, fault, differ)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +414,7 @@ def test_second_writer_is_refused_naming_the_holder(work, tmp_path):
     line that names the holder; the output area is not touched."""
     from pizoo.fsutil import output_lock
 
-    for name in COMMANDS:
+    for name in COMMANDS + ["extend"]:
         area = tmp_path / name
         area.mkdir()
         out = area / "out"
@@ -541,6 +559,15 @@ def test_failed_calibrate_start_leaves_no_state(work, tiny_llama, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"], list(tmp_path.iterdir())
 
 
+def test_extend_refuses_a_foreign_out_before_showing_its_plan(work, tmp_path):
+    """The --out check comes before the plan: stderr is the one line, not a plan and then the line."""
+    out = tmp_path / "my-folder"
+    before = user_folder(out)
+    line = one_line(invoke(*command_args("extend", work, out), env=work["cli_env"]))
+    assert f"--out {out}: exists and is not a pizoo extend folder" in line, line
+    assert snapshot(out) == before
+
+
 def test_extend_on_a_model_that_does_not_resolve_creates_no_folder(tmp_path):
     out = tmp_path / "release"
     line = one_line(invoke("extend", "./no-such-model", "--ctx", 256, "--out", out, cwd=tmp_path,
@@ -610,11 +637,14 @@ def test_resume_with_a_relative_base_after_an_absolute_one(work, tmp_path):
     the same settings, so it resumes (and finishes)."""
     out = tmp_path / "out"
     args = command_args("calibrate", work, out)
-    killed = run(args, work["env"], fault="kill:8")
+    # The 10th write opens metrics.jsonl for step 2: step 1's checkpoint is complete (writes 1-9 are a
+    # tokenizer temporary, step 1's metrics, and the checkpoint's files and renames).
+    killed = run(args, work["env"], fault="kill:10")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert (tmp_path / "out.calibrate-state").is_dir(), sorted(p.name for p in tmp_path.iterdir())
+    state = tmp_path / "out.calibrate-state"
+    assert (state / "step-0000001").is_dir(), sorted(p.name for p in tmp_path.rglob("*"))
     args[args.index(work["base"])] = os.path.relpath(work["base"], tmp_path)
     resumed = invoke(*args, env=work["cli_env"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "(step 1)" in resumed.stderr, resumed.stderr[-2000:]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
