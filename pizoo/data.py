@@ -107,21 +107,23 @@ def _is_hub_dataset(spec: str) -> bool:
 
 
 def _fetch_hub_dataset(repo_id: str) -> Path:
-    """Download a dataset repo's text files (snapshot_download); a clear error when offline."""
+    """Download a dataset repo's text files (snapshot_download), with the bounded waits and retries of
+    every Hub call (hub.with_retries); any failure is one line naming --data."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import get_token, snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise PizooError(f"--data {repo_id}: huggingface_hub is not installed; pip install huggingface_hub") from None
-    from .hub import bound_hub_requests
+    from .hub import bound_hub_requests, hub_endpoint, with_retries
 
     bound_hub_requests()  # a Hub that never answers must not hang the run
+    endpoint = hub_endpoint()
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset",
-                                      allow_patterns=["*.txt", "*.jsonl", "*.md", "**/*.txt", "**/*.jsonl", "**/*.md"]))
-    except Exception as e:  # network, auth and not-found errors all become one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PizooError(f"--data {repo_id}: cannot download the Hub dataset ({first}); check the repo id and "
-                         "your connection (HF_HUB_OFFLINE), or pass local .txt/.jsonl files") from None
+        return Path(with_retries(
+            lambda: snapshot_download(repo_id, repo_type="dataset", endpoint=endpoint, allow_patterns=[
+                "*.txt", "*.jsonl", "*.md", "**/*.txt", "**/*.jsonl", "**/*.md"]),
+            action="download the dataset", repo_id=repo_id, endpoint=endpoint, token=get_token()))
+    except PizooError as e:  # network, auth and not-found errors: one line, with local files as the way out
+        raise PizooError(f"--data {repo_id}: {e}; or pass local .txt/.jsonl files") from None
 
 
 def _file_refs(path: Path, root: Path | None, source: str) -> list[_DocRef]:

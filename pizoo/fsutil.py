@@ -133,6 +133,23 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def new_dirs(path: str | os.PathLike) -> Iterator[Path]:
+    """make_dirs for a writer that fills `path` itself: when the body fails, the folders this call
+    created are removed again if they are still empty (the body's atomic writers removed their
+    temporaries), so a failed write leaves no empty output folder behind."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]
+    make_dirs(path)
+    try:
+        yield path
+    except BaseException:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 # ------------------------------------------------------------------------------------------------
 # What --overwrite may replace
 

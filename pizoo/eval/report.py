@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PizooError
 
+PLOT_FILE = "ppl.png"
+
 
 def write_report(report: dict[str, Any], out: str | Path, *, plot: bool = True) -> Path:
-    """Write out/eval.json (atomically) and out/ppl.png when matplotlib is installed."""
-    from ..fsutil import atomic_write_json, make_dirs
+    """Write out/eval.json and out/ppl.png (when matplotlib is installed), all or nothing: both are
+    rendered first, ppl.png is renamed into place only once eval.json's bytes are written, and a
+    failure (a full disk, Ctrl-C) leaves neither, nor a folder this call created."""
+    from ..fsutil import atomic_file, new_dirs
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: exists and is not a folder")
-    make_dirs(out)
-    if plot:
-        png = plot_perplexity(report, out / "ppl.png")
-        if png is None:
-            msg = "matplotlib is not installed: no plot (pip install 'pizoo[plot]')"
-            if msg not in report["notes"]:
-                report["notes"].append(msg)
-        else:
-            report["plot"] = png.name
+    png = perplexity_png(report) if plot else None
+    if png is not None:
+        report["plot"] = PLOT_FILE
+    elif plot:
+        msg = "matplotlib is not installed: no plot (pip install 'pizoo[plot]')"
+        if msg not in report["notes"]:
+            report["notes"].append(msg)
     path = out / "eval.json"
-    atomic_write_json(path, _json_safe(report))
+    with new_dirs(out), atomic_file(path, "w") as f:
+        f.write(json.dumps(_json_safe(report), indent=2) + "\n")
+        if png is not None:
+            with atomic_file(out / PLOT_FILE, "wb") as image:
+                image.write(png)
     return path
 
 
@@ -41,7 +49,7 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
+def perplexity_png(report: Mapping[str, Any]) -> bytes | None:
     """PNG of perplexity against context length, the model vs its baseline; None without matplotlib."""
     try:
         import matplotlib
@@ -50,9 +58,6 @@ def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from ..fsutil import atomic_file
-
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     name = Path(report["model"]["path"]).name
 
@@ -83,10 +88,10 @@ def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    return path
+    return image.getvalue()
 
 
 def format_report(report: Mapping[str, Any]) -> str:
