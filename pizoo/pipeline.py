@@ -117,13 +117,35 @@ class ExtendOptions:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
 
 
-def refuse_unwritable_formats(cfg, formats: tuple[str, ...]) -> None:
-    """Refuse a format the family cannot be written as before anything is calibrated."""
+def refuse_unwritable_formats(cfg, formats: tuple[str, ...], recipe: Any, ctx: int) -> None:
+    """Refuse a format the family, or the recipe's scaling of it, cannot be written as, before anything
+    is calibrated (not after hours of it, in the export stage)."""
     fam = cfg.family
     if "gguf" in formats and fam.gguf_refusal:
         raise PizooError(f"--formats gguf: {fam.gguf_refusal}")
+    if "gguf" in formats:
+        _refuse_gguf_scaling(cfg, recipe, ctx)
     if "trtllm" in formats and fam.trtllm_arch is None:
         raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+
+
+def _refuse_gguf_scaling(cfg, recipe: Any, ctx: int) -> None:
+    """The GGUF export's own checks (export.gguf.plan_rope, the family's llama.cpp graph), run on the
+    scaling this recipe will write."""
+    from .export.gguf import plan_rope
+
+    where = f"--recipe {recipe.name} with --formats gguf"
+    if recipe.method == "dynamic":
+        raise PizooError(f"{where}: dynamic NTK scaling has no GGUF form (llama.cpp's RoPE is static); leave gguf "
+                         "out of --formats (then `pizoo convert OUT/hf --to gguf --static-length N` bakes it at N "
+                         "tokens), or choose a static recipe (pi, ntk, yarn)")
+    L = cfg.original_context
+    if not L or ctx <= L:
+        return  # the --ctx check reports this
+    scaled = cfg.with_rope(recipe.rope_config(cfg.rope, ctx / L, L), ctx)
+    # A learned scaling (clex) is baked into per-frequency factors after training.
+    needs_freqs = recipe.method == "clex" or plan_rope(scaled, None, where).rope_freqs is not None
+    cfg.family.gguf_arch(scaled, needs_freqs, where)
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -747,6 +769,7 @@ def extend(opts: ExtendOptions, *, say: Callable[[str], None] = _echo) -> dict[s
 def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: ProcessGroup) -> dict[str, Any]:
     from .plan import detect_hardware
     from .recipes import load_recipe
+    from .zoo import Zoo
 
     out = opts.out_dir
     recipe = load_recipe(opts.recipe)
@@ -756,8 +779,9 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
     except PizooError:
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
     if cfg is not None:
-        refuse_unwritable_formats(cfg, opts.formats)
+        refuse_unwritable_formats(cfg, opts.formats, recipe, opts.ctx)
     check_out_dir(out, opts.model)
+    Zoo().check_writable()  # the register stage writes PIZOO_HOME: refuse now, not after the work
     killer = _KillHook()
     started = time.perf_counter()
     with locked(out):  # the output checked and held before the plan is shown: a refusal is one line
@@ -811,7 +835,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
-                    refuse_unwritable_formats(_config_of(ctx.base), opts.formats)
+                    refuse_unwritable_formats(_config_of(ctx.base), opts.formats, recipe, opts.ctx)
                     ctx.plan = plan = _announce_plan(_make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw),
                                                      say)
                     log.set_meta(plan=plan.to_dict())

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from . import __version__
 from .errors import PizooError
-from .fsutil import atomic_write_json, hold_lock, read_json, sha256_file
+from .fsutil import atomic_write_json, hold_lock, read_json, sha256_file, writing
 from .resolve import HUB_ID, ResolvedModel, pizoo_home
 
 ZOO_VERSION = 1
@@ -286,6 +286,20 @@ class Zoo:
             state = self._read()
             yield state
             atomic_write_json(self.index_path, state)
+
+    def check_writable(self) -> None:
+        """One line now, rather than at the end of a long run that registers its result: PIZOO_HOME
+        (or, while it does not exist, the folder it will be made in) is a file, read-only or not ours
+        to write. Creates nothing."""
+        import errno
+
+        existing = next(p for p in (self.home, *self.home.parents) if os.path.lexists(p))
+        with writing(self.index_path if existing == self.home else self.home):
+            if not existing.is_dir():
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+            if not os.access(existing, os.W_OK):
+                code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+                raise OSError(code, os.strerror(code), str(existing))
 
     # --- entries ----------------------------------------------------------------------------
     def register(self, entry: Manifest, *, free_name: bool = False) -> Manifest:

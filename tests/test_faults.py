@@ -555,22 +555,33 @@ def test_write_into_proc_is_one_line(work):
     assert line.startswith("error: /proc/x.gguf: cannot write (no such file or directory); /proc does not accept"), line
 
 
-def test_pizoo_home_that_is_a_file_is_one_line(tmp_path):
+def test_pizoo_home_that_is_a_file_is_one_line(work, tmp_path):
     home = tmp_path / "home"
     home.write_text("not a folder\n")
     line = one_line(invoke("zoo", "alias", "mine", "org/model", env={"PIZOO_HOME": str(home)}))
     assert str(home) in line and "cannot write" in line, line
-    assert home.read_text() == "not a folder\n"
+    line = one_line(invoke(*command_args("extend", work, tmp_path / "release"), env={"PIZOO_HOME": str(home)}))
+    assert str(home) in line and "cannot write (not a directory)" in line, line
+    assert home.read_text() == "not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
 
 @pytest.mark.skipif(MOUNT_PROBLEM is not None, reason=str(MOUNT_PROBLEM))
-def test_read_only_pizoo_home_is_one_line(tmp_path):
+def test_read_only_pizoo_home(work, tmp_path):
+    """A zoo write fails in one line, and extend (whose last stage registers) refuses before any work;
+    eval, for which PIZOO_HOME is only a cache, completes without caching."""
     home = tmp_path / "home"
     home.mkdir()
+    env = {"PIZOO_HOME": str(home)}
     with read_only(home):
-        line = one_line(invoke("zoo", "alias", "mine", "org/model", env={"PIZOO_HOME": str(home)}))
-    assert str(home) in line and "read-only file system" in line, line
+        line = one_line(invoke("zoo", "alias", "mine", "org/model", env=env))
+        assert str(home) in line and "read-only file system" in line, line
+        line = one_line(invoke(*command_args("extend", work, tmp_path / "release"), env=env))
+        assert str(home) in line and "read-only file system" in line, line
+        ran = invoke(*command_args("eval", work, tmp_path / "eval"), env=env)
+        assert ran.returncode == 0, ran.stderr[-2000:]
     assert list(home.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "home"]
+    assert (tmp_path / "eval" / "eval.json").is_file()
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
@@ -592,6 +603,20 @@ def test_extend_refuses_a_foreign_out_before_showing_its_plan(work, tmp_path):
     line = one_line(invoke(*command_args("extend", work, out), env=work["cli_env"]))
     assert f"--out {out}: exists and is not a pizoo extend folder" in line, line
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("variant,recipe,expected", [
+    ("llama", "dynamic-ntk", "dynamic NTK scaling has no GGUF form"),
+    ("qwen3", "llama3", "'llama3' scaling needs per-frequency factors (a rope_freqs tensor), which llama.cpp's qwen3"),
+])
+def test_extend_refuses_a_format_its_recipe_cannot_be_written_as_before_any_work(work, tiny_model_factory, tmp_path,
+                                                                               variant, recipe, expected):
+    """The GGUF export's refusal of a scaling comes before calibrating, not in the export stage after it."""
+    base = tiny_model_factory(variant, variant=variant, tokenizer="bpe" if variant != "llama" else "sentencepiece")
+    args = command_args("extend", dict(work, base=base), tmp_path / "release")
+    line = one_line(invoke(*args, "--recipe", recipe, env=work["cli_env"]))
+    assert line.startswith(f"error: --recipe {recipe} with --formats gguf: ") and expected in line, line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_extend_on_a_model_that_does_not_resolve_creates_no_folder(tmp_path):

@@ -97,5 +97,7 @@ class EvalCache:
 
         try:
             atomic_write_json(self._path(key), value)
-        except OSError:
-            pass  # the cache is an optimisation; a read-only PIZOO_HOME must not fail the evaluation
+        except (OSError, PizooError):  # the write path reports an OSError as a PizooError line
+            # The cache is an optimisation: a read-only or full PIZOO_HOME must not fail the evaluation
+            # (its temporary is already gone), and is not tried again for every result.
+            self.enabled = False
