@@ -536,12 +536,12 @@ FAULT_ENV = "PIZOO_TEST_FAULT"
 _SIGNALS = {"kill": 9, "int": 2, "term": 15}
 
 
-def install_fault_hook() -> None:
-    """PIZOO_TEST_FAULT=SIGNAL:N (kill, int or term) sends this process the signal at its N-th write:
-    a file opened for writing, or a rename (the moment a finished temporary is published). The
-    fault-injection tests use it to stop every writer at every point that matters; unset, it does
-    nothing."""
-    spec = os.environ.get(FAULT_ENV, "")
+def install_fault_hook(spec: str | None = None) -> None:
+    """PIZOO_TEST_FAULT=SIGNAL:N (kill, int or term; or `spec`) sends this process the signal at its N-th
+    write from now: a file opened for writing, or a rename (the moment a finished temporary is
+    published). The fault-injection tests use it to stop every writer at every point that matters;
+    unset, it does nothing. It fires once (an audit hook stays installed, but only counts after)."""
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
     name, _, nth = spec.partition(":")
     if name not in _SIGNALS or not nth.isdigit():
         return

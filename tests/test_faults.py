@@ -13,8 +13,9 @@ Each scenario checks the exit code; that stderr is one `error:` line (progress a
 traceback; that the output area holds exactly what it held before (or what the run keeps to resume
 from: RESUMABLE); and that a rerun completes with outputs byte-identical to every other scenario's
 rerun of the same command (timing fields and run logs aside). A command's scenarios run together on
-first use (the `outcomes` fixture): the signals in subprocesses, everything else in this process
-(typer's runner), which saves a subprocess's imports; each parametrised test checks one.
+first use (the `outcomes` fixture): SIGKILL in a subprocess, everything else in this process (typer's
+runner; SIGINT is sent to this process), which saves a subprocess's imports; each parametrised test
+checks one.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Ran:
 
 
 def run(args: list, env: dict, fault: str | None = None, timeout: float = 300, cwd: Path | None = None) -> Ran:
-    """The CLI in a subprocess: only for what needs one (a signal at the N-th write)."""
+    """The CLI in a subprocess: only for what needs one (SIGKILL at the N-th write)."""
     proc = subprocess.run(PY + [str(a) for a in args], env=fault_env(env, fault), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
     return Ran(proc.returncode, proc.stderr, proc.stdout)
@@ -260,7 +261,21 @@ def prepare(name: str, fault: str, w: dict) -> tuple[Path, list]:
 
 
 def in_process_fault(name: str, fault: str, w: dict, area: Path, args: list) -> tuple[Ran, dict, dict]:
-    """A read-only or full file system under the area; the command runs in this process."""
+    """A read-only or full file system under the area, or SIGINT at the N-th write (Ctrl-C: a real
+    signal to this process, raising KeyboardInterrupt where the command is); the command runs in this
+    process."""
+    if fault == "sigint":
+        from pizoo.fsutil import install_fault_hook
+
+        before = snapshot(area)
+        # Python's own Ctrl-C handler, whatever the test runner set (xdist workers may ignore SIGINT).
+        handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            install_fault_hook(f"int:{NTH_WRITE[name]}")
+            ran = invoke(*args, env=w["cli_env"])
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        return ran, before, snapshot(area)
     if fault == "read-only":
         before = snapshot(area)
         with read_only(area):
@@ -296,13 +311,14 @@ def work(tmp_path_factory, tiny_model_factory, text_file):
 
 
 SIGNAL_FAULTS = ("sigkill", "sigint")
+SUBPROCESS_FAULTS = ("sigkill",)  # the process dies: it cannot be this one
 
 
 @pytest.fixture(scope="module")
 def outcomes(work):
     """outcomes(command) -> {fault: Outcome}: every fault scenario of one command, run on first use
-    (so `-k gguf` runs only gguf's). The signal faults run as subprocesses, started together;
-    meanwhile the file system faults run in this process; then every rerun runs here."""
+    (so `-k gguf` runs only gguf's). SIGKILL runs as a subprocess; meanwhile the other faults run in
+    this process; then every rerun runs here."""
     done: dict[str, dict[str, Outcome]] = {}
 
     def of(command: str) -> dict[str, Outcome]:
@@ -318,15 +334,13 @@ def run_scenarios(name: str, work: dict) -> dict[str, Outcome]:
     setups = {fault: prepare(name, fault, work) for fault in faults}
     started, found = {}, {}
     for fault, (area, args) in setups.items():
-        if fault in SIGNAL_FAULTS:
-            signal_name = "kill" if fault == "sigkill" else "int"
+        if fault in SUBPROCESS_FAULTS:
             before = snapshot(area)
-            proc = subprocess.Popen(PY + [str(a) for a in args],
-                                    env=fault_env(work["env"], f"{signal_name}:{NTH_WRITE[name]}"),
+            proc = subprocess.Popen(PY + [str(a) for a in args], env=fault_env(work["env"], f"kill:{NTH_WRITE[name]}"),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             started[fault] = (proc, before, time.perf_counter())
     for fault, (area, args) in setups.items():
-        if fault not in SIGNAL_FAULTS:
+        if fault not in SUBPROCESS_FAULTS:
             t0 = time.perf_counter()
             ran, before, after = in_process_fault(name, fault, work, area, args)
             found[fault] = Outcome(ran, before, after, seconds=time.perf_counter() - t0)
