@@ -107,8 +107,9 @@ def extend_cmd(
                                             "shorter sequences spread their positions over the target."),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
                                                "(default: the recipe's)."),
-    formats: str = typer.Option("hf,gguf,trtllm", "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
-                                "(hf is always written: the others are made from it)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
+                                          "(hf is always written: the others are made from it). Default: every "
+                                          "format the model's family can be written as."),
     gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF matrix type: f32, f16, bf16 or q8_0."),
     tp: int = typer.Option(1, "--tp", help="TensorRT-LLM tensor-parallel size (1, 2, 4, 8)."),
     eval_mode: str = typer.Option("full", "--eval", help="full: perplexity and passkey up to the target with the "
@@ -136,7 +137,7 @@ def extend_cmd(
     from .plan import render_plan
 
     opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
-                         formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
+                         formats=parse_formats(formats) if formats is not None else None, gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
                          eval=eval_mode, eval_ctx=parse_contexts(eval_ctx, "--eval-ctx"), hardware=hardware,
                          progress=sys.stderr.isatty())

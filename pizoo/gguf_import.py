@@ -12,7 +12,8 @@ generation_config.json.
 Files pizoo wrote carry `pizoo.*` keys with the exact RoPE config and architecture, so
 import(export(model)) is bit-identical at f32. Other files are read from llama.cpp's keys:
 linear and yarn map to themselves, a rope_freqs tensor to longrope factors (short = long, which
-computes exactly what llama.cpp computes), a changed freq_base to rope_theta.
+computes exactly what llama.cpp computes), LongRoPE's factor tensor pair (phi3) to longrope with
+both sets, a changed freq_base to rope_theta.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 
 from .config import ModelConfig, RopeConfig
 from .errors import PizooError
-from .export.gguf import (KEY_ARCH, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDING_LAYERS, PRE_TO_HF, TOKEN_BYTE,
+from .export.gguf import (KEY_ARCH, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDING_LAYERS, PRE_TO_HF,
+                          ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, ROPE_TENSORS, TOKEN_BYTE,
                           TOKENIZER_BPE, TOKENIZER_SPM,
                           TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field, float32_value,
                           open_gguf, unpermute_rows)
@@ -64,23 +66,42 @@ def find_smollm2_gguf() -> Path | None:
 # Config
 
 
-def _rope_from_keys(reader, arch: str, ctx: int, head_dim: int, path: Path) -> tuple[RopeConfig, dict]:
-    """RoPE of a GGUF without pizoo's record, from llama.cpp's keys (and a rope_freqs tensor)."""
+def _factors(reader, name: str, rope_dim: int, path: Path) -> list[float] | None:
+    """A RoPE tensor's values (rope_dim/2 divisors), or None when the file has none."""
+    t = next((t for t in reader.tensors if t.name == name), None)
+    if t is None:
+        return None
+    values = [float32_value(x) for x in np.asarray(t.data, dtype=np.float32)]
+    if len(values) != rope_dim // 2:
+        raise PizooError(f"{path}: {name} has {len(values)} values but the rotary dim/2 is {rope_dim // 2}")
+    return values
+
+
+def _rope_from_keys(reader, arch: str, ctx: int, rope_dim: int, path: Path) -> tuple[RopeConfig, dict]:
+    """RoPE of a GGUF without pizoo's record, from llama.cpp's keys (and rope_freqs or the factor pair)."""
     p = f"{arch}."
     theta = float32_value(field(reader, p + "rope.freq_base", 10000.0))
     stype = field(reader, p + "rope.scaling.type")
     factor = field(reader, p + "rope.scaling.factor")
     orig = field(reader, p + "rope.scaling.original_context_length")
     attn = field(reader, p + "rope.scaling.attn_factor")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    ext = _factors(reader, ROPE_FREQS, rope_dim, path)
+    long, short = _factors(reader, ROPE_FACTORS_LONG, rope_dim, path), _factors(reader, ROPE_FACTORS_SHORT, rope_dim, path)
     if stype is None:
         stype = "linear" if factor else "none"  # llama.cpp's default when the key is absent
     factor = float32_value(factor) if factor else 1.0
     note: dict[str, Any] = {}
-    if freqs is not None:
-        ext = [float32_value(x) for x in np.asarray(freqs.data, dtype=np.float32)]
-        if len(ext) != head_dim // 2:
-            raise PizooError(f"{path}: rope_freqs.weight has {len(ext)} values but head_dim/2 is {head_dim // 2}")
+    if long is not None or short is not None:
+        if long is None or short is None or ext is not None:
+            raise PizooError(f"{path}: LongRoPE needs both {ROPE_FACTORS_LONG} and {ROPE_FACTORS_SHORT} (and no "
+                             f"{ROPE_FREQS}); the file is incomplete")
+        # llama.cpp multiplies by attn_factor alone (default 1): written explicitly, so HF does not
+        # derive its own from the lengths.
+        L = int(orig or ctx)
+        return RopeConfig(type="longrope", theta=theta, factor=ctx / L, original_context=L, short_factor=short,
+                          long_factor=long, attention_factor=float32_value(attn) if attn else 1.0), \
+            {"rope_source": "rope_factors"}
+    if ext is not None:
         if stype not in ("none", "linear") or (stype == "linear" and factor != 1.0):
             raise PizooError(f"{path}: rope_freqs together with '{stype}' scaling factor {factor} has no HF form; "
                              "pizoo imports rope_freqs alone or with scaling type none")
@@ -128,8 +149,11 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     kv = int(field(reader, p + "attention.head_count_kv", heads))
     head_dim = int(field(reader, p + "attention.key_length",
                          field(reader, p + "rope.dimension_count", hidden // heads)))
-    if head_dim != int(field(reader, p + "rope.dimension_count", head_dim)):
-        raise PizooError(f"{path}: partial rotary embeddings (rope.dimension_count != key_length) are not supported")
+    rope_dim = int(field(reader, p + "rope.dimension_count", head_dim))
+    if rope_dim != head_dim and not fam.partial_rotary:
+        raise PizooError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} != key_length "
+                         f"{head_dim}) are not part of pizoo's {fam.model_type} family; pizoo reads them for "
+                         f"{fam.partial_rotary_families()}")
     if "token_embd.weight" not in names:
         raise PizooError(f"{path}: no token_embd.weight tensor; the file is incomplete")
     vocab = int(names["token_embd.weight"].shape[-1])
@@ -145,7 +169,7 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
         rope = RopeConfig(**json.loads(recorded))
         rope.validate(f"{path}: {KEY_ROPE}")
     else:
-        rope, note = _rope_from_keys(reader, arch, ctx, head_dim, path)
+        rope, note = _rope_from_keys(reader, arch, ctx, rope_dim, path)
         block.update(note)
         if rope.is_scaled:
             block.setdefault("rope_method", rope.method)
@@ -155,6 +179,7 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     cfg = ModelConfig(
         architecture=fam.model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        rotary_dim=rope_dim if rope_dim != head_dim else None,
         max_position_embeddings=ctx, rope=rope,
         rms_norm_eps=float32_value(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
@@ -214,8 +239,8 @@ def _iter_tensors(reader, cfg: ModelConfig, arch: GGUFArch, path: Path) -> Itera
     expected = cfg.expected_shapes()
     seen = set()
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue  # its content is in config.json now
+        if t.name in ROPE_TENSORS:
+            continue  # their content is in config.json now
         entry = table.get(t.name)
         name = entry.hf if entry else None
         if name is None:

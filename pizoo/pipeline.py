@@ -22,6 +22,7 @@ after a kill completes with byte-identical artifacts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -67,7 +68,7 @@ class ExtendOptions:
     data: list[str] | None = None
     steps: int | None = None
     train_len: int | None = None
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] | None = None  # None: every format the model's family can be written as
     gguf_dtype: str = "f16"
     tp: int = 1
     push: str | None = None
@@ -87,8 +88,8 @@ class ExtendOptions:
         if self.ctx < 2:
             raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
         check_context(self.ctx)
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
+        unknown = [f for f in self.formats or () if f not in FORMATS]
+        if unknown or self.formats == ():
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
         if self.gguf_dtype not in GGUF_DTYPES:
             raise PizooError(f"--gguf-dtype {self.gguf_dtype}: use one of {', '.join(GGUF_DTYPES)}")
@@ -117,35 +118,46 @@ class ExtendOptions:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
 
 
-def refuse_unwritable_formats(cfg, formats: tuple[str, ...], recipe: Any, ctx: int) -> None:
-    """Refuse a format the family, or the recipe's scaling of it, cannot be written as, before anything
-    is calibrated (not after hours of it, in the export stage)."""
+def settle_formats(cfg, formats: tuple[str, ...] | None, recipe: Any, ctx: int) -> tuple[str, ...]:
+    """The formats to write: by default every format the family, and the recipe's scaling of it, can
+    be written as; as asked otherwise, refusing one that cannot be written before anything is
+    calibrated (not after hours of it, in the export stage)."""
     fam = cfg.family
-    if "gguf" in formats and fam.gguf_refusal:
-        raise PizooError(f"--formats gguf: {fam.gguf_refusal}")
-    if "gguf" in formats:
-        _refuse_gguf_scaling(cfg, recipe, ctx)
+    gguf_refusal = _gguf_scaling_refusal(cfg, recipe, ctx)
+    if formats is None:
+        return tuple(f for f in FORMATS if (f != "trtllm" or fam.trtllm_arch is not None)
+                     and (f != "gguf" or gguf_refusal is None))
+    if "gguf" in formats and gguf_refusal is not None:
+        raise gguf_refusal
     if "trtllm" in formats and fam.trtllm_arch is None:
         raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+    return formats
 
 
-def _refuse_gguf_scaling(cfg, recipe: Any, ctx: int) -> None:
-    """The GGUF export's own checks (export.gguf.plan_rope, the family's llama.cpp graph), run on the
-    scaling this recipe will write."""
+def _gguf_scaling_refusal(cfg, recipe: Any, ctx: int) -> PizooError | None:
+    """Why the GGUF export would refuse the scaling this recipe writes (its own checks:
+    export.gguf.plan_rope and the family's llama.cpp graph), or None."""
     from .export.gguf import plan_rope
 
     where = f"--recipe {recipe.name} with --formats gguf"
     if recipe.method == "dynamic":
-        raise PizooError(f"{where}: dynamic NTK scaling has no GGUF form (llama.cpp's RoPE is static); leave gguf "
-                         "out of --formats (then `pizoo convert OUT/hf --to gguf --static-length N` bakes it at N "
-                         "tokens), or choose a static recipe (pi, ntk, yarn)")
+        return PizooError(f"{where}: dynamic NTK scaling has no GGUF form (llama.cpp's RoPE is static); leave gguf "
+                          "out of --formats (then `pizoo convert OUT/hf --to gguf --static-length N` bakes it at N "
+                          "tokens), or choose a static recipe (pi, ntk, yarn)")
     L = cfg.original_context
     if not L or ctx <= L:
-        return  # the --ctx check reports this
-    scaled = cfg.with_rope(recipe.rope_config(cfg.rope, ctx / L, L), ctx)
-    # A learned scaling (clex) is baked into per-frequency factors after training.
-    needs_freqs = recipe.method == "clex" or plan_rope(scaled, None, where).rope_freqs is not None
-    cfg.family.gguf_arch(scaled, needs_freqs, where)
+        return None  # the --ctx check reports this
+    rope = recipe.rope_config(cfg.rope, ctx / L, L)
+    if recipe.method == "clex":  # learned, then baked into longrope factors (clex.bake_clex): that form
+        n = cfg.rope_dim // 2
+        rope = dataclasses.replace(rope, type="longrope", attention_factor=1.0, short_factor=[1.0] * n,
+                                   long_factor=[ctx / L] * n)
+    scaled = cfg.with_rope(rope, ctx)
+    try:
+        cfg.family.gguf_arch(scaled, plan_rope(scaled, None, where).needs_rope_freqs, where)
+    except PizooError as e:
+        return e
+    return None
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -361,6 +373,11 @@ class Context:
     @property
     def hf_dir(self) -> Path:
         return self.out / "hf"
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The plan's formats; before a plan exists (a Hub model not downloaded yet), as asked."""
+        return self.plan.formats if self.plan is not None else self.opts.formats or FORMATS
 
     @property
     def original_context(self) -> int:
@@ -586,8 +603,8 @@ STAGE_SPECS = [
     StageSpec("resolve", _stage_resolve_inputs, run_resolve),
     StageSpec("calibrate", _stage_calibrate_inputs, run_calibrate),
     StageSpec("evaluate", _stage_evaluate_inputs, run_evaluate),
-    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.opts.formats),
-    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.opts.formats),
+    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.formats),
+    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.formats),
     StageSpec("register", _stage_register_inputs, run_register, verify=verify_registered),
     StageSpec("push", _stage_push_inputs, run_push, verify=verify_pushed, wanted=lambda ctx: ctx.opts.push is not None),
 ]
@@ -779,7 +796,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
     except PizooError:
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
     if cfg is not None:
-        refuse_unwritable_formats(cfg, opts.formats, recipe, opts.ctx)
+        settle_formats(cfg, opts.formats, recipe, opts.ctx)  # an unwritable format: refused before anything
     check_out_dir(out, opts.model)
     Zoo().check_writable()  # the register stage writes PIZOO_HOME: refuse now, not after the work
     killer = _KillHook()
@@ -835,10 +852,12 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
-                    refuse_unwritable_formats(_config_of(ctx.base), opts.formats, recipe, opts.ctx)
                     ctx.plan = plan = _announce_plan(_make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw),
                                                      say)
                     log.set_meta(plan=plan.to_dict())
+                    # The family's formats are known now: drop the later stages it cannot be written as
+                    # (only stages after this one go, so the loop's position is unaffected).
+                    wanted[:] = [s for s in wanted if s.wanted(ctx)]
             if spec.name == "evaluate" and result.get("gate") == "failed":
                 log.set_meta(summary=summarize(ctx, ran, skipped, time.perf_counter() - started))
                 failing = [r for r in result.get("gate_reasons") or [] if str(r).startswith("FAIL")]
@@ -866,7 +885,9 @@ def drop_unrequested(ctx: Context) -> None:
 
 def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
-                     train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
+                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats, recipe, opts.ctx),
+                     out=opts.out_dir,
+                     push=opts.push,
                      gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
                      evaluation=eval_settings(opts, cfg.original_context))
 
@@ -887,7 +908,7 @@ def _config_of(folder: Path):
 def _command_record(opts: ExtendOptions) -> dict[str, Any]:
     """The options as given (None: the recipe's or pizoo's default), for the card's reproduce command."""
     return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
-            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats),
+            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats) if opts.formats else None,
             "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
             "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx}
 

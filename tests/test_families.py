@@ -58,7 +58,9 @@ def sharp_base(tmp_path_factory):
     vocab, bos, eos = write_tokenizer(tok_dir, "bpe")
 
     def make(family: str) -> Path:
-        path = root / family
+        # Not named after the family: llama.cpp applies Phi-3's vocabulary rule to any GGUF whose name
+        # contains "phi3", and this test vocabulary lacks Phi-3's tokens (refused, tested below).
+        path = root / f"tiny-{FAMILY_NAMES.index(family)}"
         if path.exists():
             return path
         cfg = tiny_config(tiny_variant(family), vocab_size=vocab, bos=bos, eos=eos, max_position_embeddings=ORIGINAL)
@@ -140,15 +142,7 @@ def test_every_recipe_calibrates_to_what_transformers_computes(calibrated, famil
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_family_pipeline_gguf_import_and_trtllm(calibrated, tmp_path, family):
     src = calibrated(family, "yarn")
-    fam = FAMILIES[family]
-
-    if fam.gguf_refusal:
-        with pytest.raises(PizooError) as e:
-            export_gguf(src, tmp_path / "m.gguf", dtype="f32")
-        assert "\n" not in str(e.value) and "--formats hf" in str(e.value)
-        assert not list(tmp_path.iterdir())
-    else:
-        _check_gguf(src, tmp_path, family)
+    _check_gguf(src, tmp_path, family)
     _check_trtllm(src, tmp_path, family)
 
 
@@ -208,7 +202,8 @@ def _hf_ids(folder: Path, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items()
-                                    if not fam.gguf.rope_freqs and fam.gguf_fallback is None and not fam.gguf_refusal])
+                                    if not fam.gguf.rope_freqs and not fam.gguf.rope_factor_pair
+                                    and fam.gguf_fallback is None])
 @pytest.mark.parametrize("recipe", ["llama3", "clex"])
 def test_per_frequency_methods_refused_where_the_graph_has_no_rope_freqs(calibrated, tmp_path, family, recipe):
     src = calibrated(family, recipe)
@@ -239,12 +234,182 @@ def test_no_family_name_is_compared_outside_the_registry():
     assert not hits, hits
 
 
-@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.gguf_refusal or fam.trtllm_arch is None])
-def test_extend_refuses_a_format_the_family_cannot_be_written_as_before_calibrating(sharp_base, tmp_path, family):
+LENIENT_RECIPE = """\
+name = "pi-lenient"
+method = "pi"
+description = "Position Interpolation with a gate a random tiny model passes (tests only)."
+citation = "Chen, Wong, Chen, Tian. arXiv:2306.15595 (2023)"
+
+[train]
+steps = 1
+global_batch = 1
+lr = 1e-4
+
+[gate]
+max_ppl_ratio_target = 100.0
+max_ppl_ratio_original = 100.0
+min_passkey_accuracy = 0.0
+"""
+
+
+@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.trtllm_arch is None])
+def test_extend_writes_the_formats_the_family_has_and_refuses_one_asked_for_that_it_lacks(
+        sharp_base, tmp_path, monkeypatch, family):
+    """By default extend writes every format the family can be written as and runs to the end; a
+    format asked for that the family lacks is refused in one line before anything is written."""
     from pizoo.pipeline import ExtendOptions, extend
 
+    monkeypatch.setenv("PIZOO_HOME", str(tmp_path / "home"))
+    recipe = tmp_path / "pi-lenient.toml"
+    recipe.write_text(LENIENT_RECIPE)
     out = tmp_path / "out"
+    opts = dict(model=str(sharp_base(family)), ctx=EXTENDED, out=out, recipe=str(recipe), train_len=ORIGINAL,
+                eval="quick", eval_ctx=[EXTENDED], progress=False)
     with pytest.raises(PizooError) as e:
-        extend(ExtendOptions(model=str(sharp_base(family)), ctx=EXTENDED, out=out), say=lambda m: None)
-    assert "\n" not in str(e.value) and str(e.value).startswith("--formats ")
+        extend(ExtendOptions(**opts, formats=("hf", "gguf", "trtllm")), say=lambda m: None)
+    assert "\n" not in str(e.value) and str(e.value).startswith("--formats trtllm: ")
     assert not out.exists()
+
+    summary = extend(ExtendOptions(**opts), say=lambda m: None)
+    assert not (out / "trtllm").exists()
+    [gguf_file] = (out / "gguf").glob("*.gguf")
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=EXTENDED, verbose=False)
+    try:
+        assert llama_cpp.llama_model_n_ctx_train(llm.model) == EXTENDED
+    finally:
+        llm.close()
+    assert load_model(out / "hf").config.architecture == family
+    assert summary["stages_run"] == ["resolve", "calibrate", "evaluate", "convert-gguf", "register"]
+
+
+# --------------------------------------------------------------------------------------------
+# LongRoPE's factor pair (llama.cpp's phi3 graph)
+
+PAIR_FAMILIES = [f for f, fam in FAMILIES.items() if fam.gguf.rope_factor_pair]
+
+
+def _llama_cpp_scores(gguf_file: Path, ids: list[int], n_ctx: int) -> tuple[np.ndarray, int]:
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                          n_threads=1, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)], dtype=np.float32), llm.n_ctx()
+    finally:
+        llm.close()
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("recipe", ["pi", "dynamic-ntk", "clex"])
+@pytest.mark.parametrize("family", PAIR_FAMILIES)
+def test_every_recipe_goes_out_as_the_factor_pair_llama_cpp_computes(calibrated, tmp_path, family, recipe):
+    src = calibrated(family, recipe)
+    gguf_file = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    from gguf import GGUFReader
+
+    names = {t.name for t in GGUFReader(gguf_file).tensors}
+    assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names and "rope_freqs.weight" not in names
+    ids = eval_ids(src, 150)
+    got, _ = _llama_cpp_scores(gguf_file, ids, EXTENDED)
+    rel = _rel(got, pizoo_logits(src, ids))
+    print(f"FIGURE {family}/{recipe} llama.cpp@{len(ids)}: relative max diff {rel:.2e}")
+    assert rel <= GGUF_TOL, f"{family}/{recipe}: llama.cpp vs pizoo relative max diff {rel:.2e}"
+
+
+@pytest.mark.parametrize("family", PAIR_FAMILIES)
+def test_llama_cpp_switches_factor_sets_at_the_original_context_and_imports_without_pizoo_keys(
+        sharp_base, tmp_path, family):
+    """Distinct short and long factors, an original context of 256 (llama.cpp pads its context to 256,
+    so the switch is only observable there): llama.cpp with n_ctx = 256 computes what HF computes on
+    a sequence within the original context (short factors), with n_ctx = 1024 what it computes past it
+    (long). A file without pizoo's keys (what llama.cpp's own converter writes) imports to that model."""
+    from pizoo.config import RopeConfig
+    from pizoo.synthetic import random_model
+
+    orig, ext, half = 256, 1024, 6  # rotary dim 12 -> 6 factors
+    gen = torch.Generator().manual_seed(3)
+    short = (1.0 + 0.5 * torch.rand(half, generator=gen)).tolist()
+    long = (1.0 + 6.0 * torch.linspace(0, 1, half) ** 2).tolist()
+    rope = RopeConfig(type="longrope", theta=10000.0, factor=ext / orig, original_context=orig,
+                      short_factor=short, long_factor=long)
+    base = open_checkpoint(sharp_base(family)).config
+    cfg = tiny_config(tiny_variant(family), vocab_size=base.vocab_size, bos=base.bos_token_id,
+                      eos=base.eos_token_id, max_position_embeddings=ext, rope=rope)
+    model = random_model(cfg, seed=5)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[:(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim].mul_(SHARPEN)
+    src = tmp_path / "longrope"
+    write_checkpoint(src, cfg, model.hf_state_dict().items(), copy_files_from=sharp_base(family))
+    gguf_file = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
+
+    ids = eval_ids(src, 400)
+    within, n_ctx = _llama_cpp_scores(gguf_file, ids[:200], orig)
+    assert n_ctx == orig
+    past, _ = _llama_cpp_scores(gguf_file, ids, ext)
+    want_within, want_past = pizoo_logits(src, ids[:200]), pizoo_logits(src, ids)
+    # the check can fail: the two factor sets give different logits over the same 200 tokens
+    assert _rel(want_within, pizoo_logits(src, ids)[:200]) > 0.05
+    for label, got, want in (("short", within, want_within), ("long", past, want_past)):
+        rel = _rel(got, want)
+        print(f"FIGURE {family} longrope {label} factors llama.cpp: relative max diff {rel:.2e}")
+        assert rel <= GGUF_TOL, f"{family} {label} factors: llama.cpp vs pizoo relative max diff {rel:.2e}"
+
+    foreign = _without_pizoo_keys(gguf_file, tmp_path / "foreign.gguf")
+    back = import_gguf(foreign, tmp_path / "back")
+    got_rope = open_checkpoint(back).config.rope
+    assert got_rope.type == "longrope" and got_rope.original_context == orig
+    diff = float(np.abs(pizoo_logits(back, ids) - want_past).max())
+    print(f"FIGURE {family} import without pizoo keys: max abs diff {diff:.2e}")
+    assert diff <= PARITY_TOL
+
+
+def _without_pizoo_keys(src: Path, dst: Path) -> Path:
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith(("GGUF.", "pizoo.")) or key == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_a_name_llama_cpp_reads_as_phi3_without_its_tokens_is_refused(sharp_base, tmp_path):
+    from pizoo.export.gguf import refuse_unloadable_name
+
+    with pytest.raises(PizooError) as e:
+        refuse_unloadable_name("Phi-3-mini 3.8B 16k-pi", ["<|endoftext|>", "a"], "m/config.json")
+    assert "\n" not in str(e.value) and "'</s>'" in str(e.value) and "rename" in str(e.value)
+    refuse_unloadable_name("Phi-3-mini 3.8B 16k-pi", ["</s>", "<unk>", "<s>", "<|endoftext|>"], "m/config.json")
+    refuse_unloadable_name("SmolLM2 135M", ["a"], "m/config.json")
+    import shutil
+
+    named = shutil.copytree(sharp_base(PAIR_FAMILIES[0]), tmp_path / "phi3-tiny")
+    with pytest.raises(PizooError, match="phi3"):
+        export_gguf(named, tmp_path / "m.gguf", dtype="f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("family", PAIR_FAMILIES)
+def test_tied_embeddings_run_in_llama_cpp(tmp_path, family):
+    """Phi-4-mini ties its output head to the embeddings: llama.cpp's graph reuses token_embd."""
+    from pizoo.synthetic import write_tiny_model
+
+    src = write_tiny_model(tmp_path / "tiny-tied", tiny_variant(family), tie_word_embeddings=True)
+    gguf_file = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    ids = eval_ids(src, 60)
+    got, _ = _llama_cpp_scores(gguf_file, ids, 256)
+    rel = _rel(got, pizoo_logits(src, ids))
+    print(f"FIGURE {family} tied llama.cpp: relative max diff {rel:.2e}")
+    assert rel <= GGUF_TOL

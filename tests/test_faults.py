@@ -633,6 +633,16 @@ def test_extend_refuses_a_format_its_recipe_cannot_be_written_as_before_any_work
     assert list(tmp_path.iterdir()) == []
 
 
+def test_default_formats_leave_out_what_the_recipe_cannot_be_written_as(work):
+    from pizoo.config import ModelConfig
+    from pizoo.pipeline import settle_formats
+    from pizoo.recipes import load_recipe
+
+    cfg = ModelConfig.from_file(work["base"] / "config.json")
+    assert settle_formats(cfg, None, load_recipe("pi"), CTX) == ("hf", "gguf", "trtllm")
+    assert settle_formats(cfg, None, load_recipe("dynamic-ntk"), CTX) == ("hf", "trtllm")
+
+
 def test_extend_on_a_model_that_does_not_resolve_creates_no_folder(tmp_path):
     out = tmp_path / "release"
     line = one_line(invoke("extend", "./no-such-model", "--ctx", 256, "--out", out, cwd=tmp_path,

@@ -12,7 +12,7 @@ The class says, in one place:
   tensor-parallel split) that the config check, the GGUF export and import, the TensorRT-LLM rank
   planner and the planner's parameter count all read;
 - `gguf` (`GGUFArch`: llama.cpp architecture name, q/k permutation, whether its graph reads
-  `rope_freqs`) and `gguf_fallback` (an architecture whose graph computes the same network with
+  `rope_freqs` or LongRoPE's factor pair) and `gguf_fallback` (an architecture whose graph computes the same network with
   `rope_freqs`, or None: then per-frequency methods are refused);
 - `trtllm_arch` and `trtllm_fields(cfg)`, or `trtllm_refusal` (why not, and what to use instead);
 - `tiny` (synthetic variants for tests) and `known_features(entry)` (the planner's known bases).
@@ -87,12 +87,14 @@ class Tensor:
 @dataclass(frozen=True)
 class GGUFArch:
     """A llama.cpp architecture as pizoo writes it: its name, whether q/k rows are permuted to
-    'adjacent pairs' order (only the llama graph rotates that way), and whether its graph divides
-    the frequencies by a `rope_freqs` tensor."""
+    'adjacent pairs' order (only the llama graph rotates that way), whether its graph divides
+    the frequencies by a `rope_freqs` tensor, and whether it reads LongRoPE's pair of factor tensors
+    instead (`rope_factors_long/short`, chosen by the context against the original one: phi3)."""
 
     name: str
     permute_qk: bool
     rope_freqs: bool
+    rope_factor_pair: bool = False
 
 
 GGUF_LLAMA = GGUFArch("llama", permute_qk=True, rope_freqs=True)
@@ -116,7 +118,6 @@ class Family:
     trtllm_refusal: str = ""
     tiny: dict[str, dict[str, Any]] = {}
     partial_rotary: bool = False  # reads partial_rotary_factor (ModelConfig.rotary_dim)
-    gguf_refusal: str = ""  # set: GGUF export is refused with this reason (and what to use instead)
 
     # --- config.json ---------------------------------------------------------------------
     @classmethod

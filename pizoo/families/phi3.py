@@ -8,8 +8,9 @@ Phi-3's own longrope form: its per-frequency factors (base / scaled frequency) a
 factor, short = long for the static methods, short = ones (unscaled) for dynamic NTK, whose long
 factors are baked at the target length. CLEX is baked to longrope anyway (pizoo.clex).
 
-GGUF (llama.cpp's `phi3` graph, rope_factors_long/short tensors) and TensorRT-LLM are refused for
-now, naming the format to use.
+GGUF is llama.cpp's `phi3` graph, which reads exactly that form: the two factor tensors
+(`rope_factors_long/short`, long iff llama.cpp's context is past the original one), the attention
+factor and a rotary dim. TensorRT-LLM is refused for now, naming the format to use.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ from . import Family, GGUFArch, Tensor, hf_field, register
 class Phi3(Family):
     model_type = "phi3"
     hf_class = "Phi3ForCausalLM"
-    gguf = GGUFArch("phi3", permute_qk=False, rope_freqs=False)
+    gguf = GGUFArch("phi3", permute_qk=False, rope_freqs=False, rope_factor_pair=True)
     gguf_fallback = None
-    gguf_refusal = ("pizoo does not write Phi-3 as GGUF yet (llama.cpp's phi3 graph with rope_factors_long/short "
-                    "tensors); convert the HF folder with llama.cpp's convert_hf_to_gguf.py (pizoo extend: --formats hf)")
     trtllm_arch = None
     trtllm_refusal = ("pizoo does not write Phi-3 as a TensorRT-LLM checkpoint; serve the HF folder with "
                       "TensorRT-LLM's PyTorch backend (trtllm-serve MODEL_DIR) (pizoo extend: --formats hf)")
@@ -80,5 +79,5 @@ class Phi3(Family):
                 Tensor(p + "mlp.down_proj.weight", (h, inter), b + "ffn_down.weight", layer=i)]
 
     @classmethod
-    def gguf_matches(cls, arch, tensor_names):
-        return False  # importing llama.cpp's phi3 files is not written yet
+    def gguf_features(cls, recorded, tensor_names):
+        return {"fused_qkv": True, "fused_gate_up": True}
