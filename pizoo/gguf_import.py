@@ -161,6 +161,9 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     recorded = field(reader, KEY_ROPE)
     if field(reader, KEY_BLOCK):
         block: dict[str, Any] = json.loads(field(reader, KEY_BLOCK))
+        # Where it came from, which also marks the folder as pizoo's (fsutil.is_pizoo_output), so
+        # `import --overwrite` may replace it even when the model's own block was empty (an unscaled base).
+        block["source_gguf"] = path.name
     else:
         # A file pizoo did not write: keep where it came from, for lineage and file names.
         general = {k: field(reader, f"general.{k}") for k in ("name", "basename", "size_label", "organization")}
