@@ -118,23 +118,43 @@ class ExtendOptions:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
 
 
-def settle_formats(cfg, formats: tuple[str, ...] | None, recipe: Any, ctx: int) -> tuple[str, ...]:
+def settle_formats(cfg, formats: tuple[str, ...] | None, recipe: Any, ctx: int, tp: int = 1) -> tuple[str, ...]:
     """The formats to write: by default every format the family, and the recipe's scaling of it, can
-    be written as; as asked otherwise, refusing one that cannot be written before anything is
-    calibrated (not after hours of it, in the export stage)."""
+    be written as; as asked otherwise, refusing one that cannot be written. Either way before
+    anything is calibrated, not after hours of it in the export stage (a TensorRT-LLM checkpoint's
+    --tp sharding is checked against the model here too)."""
     fam = cfg.family
-    gguf_refusal = _gguf_scaling_refusal(cfg, recipe, ctx)
+    scaled = _written_config(cfg, recipe, ctx)
+    refusals = {"gguf": _gguf_scaling_refusal(scaled, recipe), "trtllm": _trtllm_scaling_refusal(scaled, recipe)}
     if formats is None:
-        return tuple(f for f in FORMATS if (f != "trtllm" or fam.trtllm_arch is not None)
-                     and (f != "gguf" or gguf_refusal is None))
-    if "gguf" in formats and gguf_refusal is not None:
-        raise gguf_refusal
-    if "trtllm" in formats and fam.trtllm_arch is None:
+        formats = tuple(f for f in FORMATS if (f != "trtllm" or fam.trtllm_arch is not None) and refusals.get(f) is None)
+    elif "trtllm" in formats and fam.trtllm_arch is None:
         raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+    refused = next((refusals[f] for f in formats if refusals.get(f) is not None), None)
+    if refused is not None:
+        raise refused
+    if "trtllm" in formats and scaled is not None:
+        from .export.trtllm import check_exportable
+
+        check_exportable(scaled, dtype=TRTLLM_DTYPE, tp=tp, pp=1, where="--formats trtllm")
     return formats
 
 
-def _gguf_scaling_refusal(cfg, recipe: Any, ctx: int) -> PizooError | None:
+def _written_config(cfg, recipe: Any, ctx: int):
+    """The config calibrate will write (a CLEX run's learned frequencies in their baked longrope form,
+    clex.bake_clex), or None when --ctx does not extend the model (its own check reports that)."""
+    L = cfg.original_context
+    if not L or ctx <= L:
+        return None
+    rope = recipe.rope_config(cfg.rope, ctx / L, L)
+    if recipe.method == "clex":
+        n = cfg.rope_dim // 2
+        rope = dataclasses.replace(rope, type="longrope", attention_factor=1.0, short_factor=[1.0] * n,
+                                   long_factor=[ctx / L] * n)
+    return cfg.with_rope(rope, ctx)
+
+
+def _gguf_scaling_refusal(scaled, recipe: Any) -> PizooError | None:
     """Why the GGUF export would refuse the scaling this recipe writes (its own checks:
     export.gguf.plan_rope and the family's llama.cpp graph), or None."""
     from .export.gguf import plan_rope
@@ -144,17 +164,24 @@ def _gguf_scaling_refusal(cfg, recipe: Any, ctx: int) -> PizooError | None:
         return PizooError(f"{where}: dynamic NTK scaling has no GGUF form (llama.cpp's RoPE is static); leave gguf "
                           "out of --formats (then `pizoo convert OUT/hf --to gguf --static-length N` bakes it at N "
                           "tokens), or choose a static recipe (pi, ntk, yarn)")
-    L = cfg.original_context
-    if not L or ctx <= L:
-        return None  # the --ctx check reports this
-    rope = recipe.rope_config(cfg.rope, ctx / L, L)
-    if recipe.method == "clex":  # learned, then baked into longrope factors (clex.bake_clex): that form
-        n = cfg.rope_dim // 2
-        rope = dataclasses.replace(rope, type="longrope", attention_factor=1.0, short_factor=[1.0] * n,
-                                   long_factor=[ctx / L] * n)
-    scaled = cfg.with_rope(rope, ctx)
+    if scaled is None:
+        return None
     try:
-        cfg.family.gguf_arch(scaled, plan_rope(scaled, None, where).needs_rope_freqs, where)
+        scaled.family.gguf_arch(scaled, plan_rope(scaled, None, where).needs_rope_freqs, where)
+    except PizooError as e:
+        return e
+    return None
+
+
+def _trtllm_scaling_refusal(scaled, recipe: Any) -> PizooError | None:
+    """Why the TensorRT-LLM export would refuse the scaling this recipe writes (export.trtllm's own
+    trtllm_rope_fields), or None."""
+    from .export.trtllm import trtllm_rope_fields
+
+    if scaled is None:
+        return None
+    try:
+        trtllm_rope_fields(scaled, f"--recipe {recipe.name} with --formats trtllm")
     except PizooError as e:
         return e
     return None
@@ -796,7 +823,7 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
     except PizooError:
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
     if cfg is not None:
-        settle_formats(cfg, opts.formats, recipe, opts.ctx)  # an unwritable format: refused before anything
+        settle_formats(cfg, opts.formats, recipe, opts.ctx, opts.tp)  # an unwritable format: refused before anything
     check_out_dir(out, opts.model)
     Zoo().check_writable()  # the register stage writes PIZOO_HOME: refuse now, not after the work
     killer = _KillHook()
@@ -885,10 +912,8 @@ def drop_unrequested(ctx: Context) -> None:
 
 def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
-                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats, recipe, opts.ctx),
-                     out=opts.out_dir,
-                     push=opts.push,
-                     gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
+                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats, recipe, opts.ctx, opts.tp),
+                     out=opts.out_dir, push=opts.push, gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
                      evaluation=eval_settings(opts, cfg.original_context))
 
 

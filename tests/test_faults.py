@@ -619,17 +619,22 @@ def test_extend_refuses_a_foreign_out_before_showing_its_plan(work, tmp_path):
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("variant,recipe,expected", [
-    ("llama", "dynamic-ntk", "dynamic NTK scaling has no GGUF form"),
-    ("qwen3", "llama3", "'llama3' scaling needs per-frequency factors (a rope_freqs tensor), which llama.cpp's qwen3"),
+@pytest.mark.parametrize("variant,recipe,formats,expected", [
+    ("llama", "dynamic-ntk", "hf,gguf", "--recipe dynamic-ntk with --formats gguf: dynamic NTK scaling has no GGUF form"),
+    ("qwen3", "llama3", "hf,gguf", "--recipe llama3 with --formats gguf: 'llama3' scaling needs per-frequency factors "
+                                   "(a rope_freqs tensor), which llama.cpp's qwen3"),
+    ("llama", "clex", "hf,trtllm", "--recipe clex with --formats trtllm: CLEX frequencies (baked as longrope factors) "
+                                   "have no faithful TensorRT-LLM form"),
+    ("llama", "pi", "hf,trtllm --tp 8", "--formats trtllm: num_attention_heads 4 is not divisible by --tp 8"),
 ])
-def test_extend_refuses_a_format_its_recipe_cannot_be_written_as_before_any_work(work, tiny_model_factory, tmp_path,
-                                                                               variant, recipe, expected):
-    """The GGUF export's refusal of a scaling comes before calibrating, not in the export stage after it."""
+def test_extend_refuses_a_format_it_cannot_write_before_any_work(work, tiny_model_factory, tmp_path, variant, recipe,
+                                                                 formats, expected):
+    """The exporters' own refusals (a scaling with no GGUF or TensorRT-LLM form, a --tp the heads do not
+    shard over) come before calibrating, not in the export stage after it."""
     base = tiny_model_factory(variant, variant=variant, tokenizer="bpe" if variant != "llama" else "sentencepiece")
     args = command_args("extend", dict(work, base=base), tmp_path / "release")
-    line = one_line(invoke(*args, "--recipe", recipe, env=work["cli_env"]))
-    assert line.startswith(f"error: --recipe {recipe} with --formats gguf: ") and expected in line, line
+    line = one_line(invoke(*args, "--recipe", recipe, "--formats", *formats.split(), env=work["cli_env"]))
+    assert line.startswith(f"error: {expected}"), line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -641,6 +646,7 @@ def test_default_formats_leave_out_what_the_recipe_cannot_be_written_as(work):
     cfg = ModelConfig.from_file(work["base"] / "config.json")
     assert settle_formats(cfg, None, load_recipe("pi"), CTX) == ("hf", "gguf", "trtllm")
     assert settle_formats(cfg, None, load_recipe("dynamic-ntk"), CTX) == ("hf", "trtllm")
+    assert settle_formats(cfg, None, load_recipe("clex"), CTX) == ("hf", "gguf")
 
 
 def test_extend_on_a_model_that_does_not_resolve_creates_no_folder(tmp_path):
