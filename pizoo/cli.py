@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import importlib
+
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import PizooError
@@ -22,9 +25,42 @@ PIPELINE = "Pipeline"
 STEPS = "Pipeline steps"
 MODELS = "Models and checkpoints"
 HUB = "Hub and zoo"
+# click's exceptions, or the copy of click that typer vendors (typer >= 0.29): where BadParameter lives.
+_usage = importlib.import_module(typer.BadParameter.__module__)
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing argument) end like every
+    other bad input: one `error:` line naming the option and where help is, exit 2, instead of
+    click's boxed usage text. Help itself (no arguments, --help) is printed as before."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(_usage, "NoArgsIsHelpError", ()) as e:
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except _usage.ClickException as e:
+            if not standalone_mode:
+                raise
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pizoo"
+            err(f"{e.format_message().rstrip('.')}; see `{where} --help`")
+            sys.exit(e.exit_code)
+        except typer.Abort:  # Ctrl-C while the arguments were read
+            if not standalone_mode:
+                raise
+            err("interrupted")
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) comes back as its code
+
 
 app = typer.Typer(
     name="pizoo",
+    cls=OneLineUsageErrors,
     help="Extend the context window of RoPE language models and ship them: HF, GGUF, TensorRT-LLM, the Hub.",
     no_args_is_help=True,
     add_completion=False,

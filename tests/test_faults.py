@@ -685,6 +685,19 @@ def test_eval_device_tpu_and_extend_options(work, tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
+    (["calibrate", "BASE", "--ctx", "abc"], "error: Invalid value for '--ctx': Input should be a valid integer"),
+    (["eval", "BASE", "--bogus"], "error: No such option: --bogus"),
+    (["convert", "--to", "gguf"], "error: Missing argument 'model'"),
+    (["zoo", "nothing"], "error: No such command 'nothing'"),
+])
+def test_usage_errors_are_one_line_too(work, args, expected):
+    """What the argument parser refuses (a value of the wrong type, an unknown option, a missing
+    argument) ends like every other bad input, with where help is."""
+    line = one_line(invoke(*[work["base"] if a == "BASE" else a for a in args]))
+    assert line.startswith(expected) and line.endswith("--help`"), line
+
+
+@pytest.mark.parametrize("args,expected", [
     (["--architecture", "gptneox"], "--architecture gptneox: not an architecture pizoo knows"),
     (["--context", "-1"], "--context -1: must be a positive number of tokens"),
 ])
