@@ -677,6 +677,8 @@ def test_calibrate_options_are_checked_where_they_are_read(work, tmp_path, args,
 def test_eval_device_tpu_and_extend_options(work, tmp_path):
     assert "--device tpu: unknown device" in one_line(invoke("eval", work["base"], "--device", "tpu", "--out",
                                                              tmp_path / "e"))
+    assert "--batch-tokens 0: must be at least 1" in one_line(invoke("eval", work["base"], "--batch-tokens", 0,
+                                                                     "--out", tmp_path / "e"))
     line = one_line(invoke("extend", work["base"], "--ctx", 256, "--eval-ctx", "abc", "--out", tmp_path / "r"))
     assert line.startswith("error: --eval-ctx: 'abc' is not a number"), line
     line = one_line(invoke("extend", work["base"], "--ctx", 5_000_000_000, "--out", tmp_path / "r"))

@@ -267,7 +267,7 @@ def _measure_baseline(base: _Subject, base_cfg, model: _Subject, corpus: _Corpus
 
 
 def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_documents: int | None,
-                     doc_tokens: int | None) -> None:
+                     doc_tokens: int | None, batch_tokens: int | None) -> None:
     if passkey_mode not in PASSKEY_MODES:
         raise PizooError(f"--passkey-mode {passkey_mode}: use one of {', '.join(PASSKEY_MODES)}")
     if baseline_ctx not in ("original", "all"):
@@ -278,6 +278,8 @@ def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_d
         raise PizooError(f"--max-docs {max_documents}: must be at least 1")
     if doc_tokens is not None and doc_tokens < 2:
         raise PizooError(f"--doc-tokens {doc_tokens}: must be at least 2")
+    if batch_tokens is not None and batch_tokens < 1:  # 0 used to mean the default silently
+        raise PizooError(f"--batch-tokens {batch_tokens}: must be at least 1 (leave it out for the default)")
 
 
 def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None = None, data=None,
@@ -309,7 +311,7 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
     from ..data import default_corpus_note, describe_sources
 
     _check_arguments(stride=stride, passkey_mode=passkey_mode, baseline_ctx=baseline_ctx,
-                     max_documents=max_documents, doc_tokens=doc_tokens)
+                     max_documents=max_documents, doc_tokens=doc_tokens, batch_tokens=batch_tokens)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise PizooError(f"--out {out}: exists and is not a folder")  # before any work, not after it
     log = _Log(echo)
