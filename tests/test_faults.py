@@ -542,6 +542,17 @@ def test_overwrite_never_replaces_a_folder_pizoo_did_not_write(work, tmp_path, c
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("name", ["ppl.png", "eval.json"])
+def test_eval_never_replaces_a_report_file_pizoo_did_not_write(work, tmp_path, name):
+    out = tmp_path / "my-folder"
+    user_folder(out)
+    (out / name).write_text('{"mine": true}\n')  # JSON: a report-shaped file, but not pizoo's
+    before = snapshot(out)
+    line = one_line(invoke(*command_args("eval", work, out), env=work["cli_env"]))
+    assert f"--out {out}: holds {name} that pizoo did not write" in line, line
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("command", ["calibrate", "trtllm"])
 def test_out_equal_to_the_base_is_refused_even_with_overwrite(work, tmp_path, command):
     base = tmp_path / "base"

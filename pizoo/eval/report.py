@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,15 +14,35 @@ from ..errors import PizooError
 PLOT_FILE = "ppl.png"
 
 
+def check_report_folder(out: str | Path) -> Path:
+    """`out` may receive eval.json and ppl.png: a new or existing folder, whose eval.json and ppl.png, if
+    there, are an earlier pizoo report's (its eval.json carries pizoo_version). A file of the user's
+    by either name is never replaced."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PizooError(f"--out {out}: exists and is not a folder")
+    present = [name for name in ("eval.json", PLOT_FILE) if os.path.lexists(out / name)]
+    if present and not _is_pizoo_report(out / "eval.json"):
+        raise PizooError(f"--out {out}: holds {' and '.join(present)} that pizoo did not write (no pizoo eval.json), "
+                         "so eval will not replace them; choose another --out")
+    return out
+
+
+def _is_pizoo_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "pizoo_version" in report and not path.is_symlink()
+
+
 def write_report(report: dict[str, Any], out: str | Path, *, plot: bool = True) -> Path:
     """Write out/eval.json and out/ppl.png (when matplotlib is installed), all or nothing: both are
     rendered first, ppl.png is renamed into place only once eval.json's bytes are written, and a
     failure (a full disk, Ctrl-C) leaves neither, nor a folder this call created."""
     from ..fsutil import atomic_file, new_dirs
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PizooError(f"--out {out}: exists and is not a folder")
+    out = check_report_folder(out)
     png = perplexity_png(report) if plot else None
     if png is not None:
         report["plot"] = PLOT_FILE

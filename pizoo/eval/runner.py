@@ -19,7 +19,7 @@ from .cache import EvalCache, model_fingerprint
 from .gate import apply_gate, raise_if_failed, thresholds_from, validate_thresholds
 from .passkey import PASSKEY_MODES, PasskeyResult, passkey_min_length, passkey_retrieval, spread_passkey_distances
 from .perplexity import DEFAULT_STRIDE, sliding_window_perplexity
-from .report import write_report
+from .report import check_report_folder, write_report
 from .text import TextEncoder, tokens_fingerprint
 
 Echo = Callable[[str], None]
@@ -312,8 +312,8 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
 
     _check_arguments(stride=stride, passkey_mode=passkey_mode, baseline_ctx=baseline_ctx,
                      max_documents=max_documents, doc_tokens=doc_tokens, batch_tokens=batch_tokens)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise PizooError(f"--out {out}: exists and is not a folder")  # before any work, not after it
+    if out is not None:
+        check_report_folder(out)  # before any work, not after it
     log = _Log(echo)
     gate_on = gate is not False
     thresholds = thresholds_from(None if isinstance(gate, bool) else gate)
