@@ -397,6 +397,8 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
             base_context=baseline_report["original_context"] if baseline_report else None,
             passkey=PasskeyResult.from_json(passkey_report) if passkey_report else None)
 
+    if store.unwritable:
+        log.note(f"results not cached: {store.unwritable}")
     report: dict[str, Any] = {
         "pizoo_version": __version__,
         "model": {"path": str(subject.path), "spec": str(model), "source": source, "hash": subject.fingerprint,
