@@ -294,6 +294,8 @@ def _body(facts: CardFacts) -> str:
         if acc:
             out.append("Accuracy by distance: " + ", ".join(f"{d}: {_num(a)}" for d, a in acc.items()) + ".")
         out.append("")
+    out += _task_table(ev.get("tasks"), (ev.get("baseline") or {}).get("tasks")
+                       if isinstance(ev.get("baseline"), dict) else None)
     gate = ev.get("gate")
     if gate:
         out.append(f"Gate: **{'passed' if gate.get('passed') else 'failed'}**"
@@ -360,6 +362,34 @@ def failing_reasons(gate: dict) -> list[str]:
     reasons = [str(r) for r in gate.get("reasons") or []]
     failed = [r.removeprefix("FAIL: ") for r in reasons if r.startswith("FAIL")]
     return failed or reasons
+
+
+def _task_table(tasks: dict | None, base: dict | None) -> list[str]:
+    """Long-context task scores per length (the base's in parentheses) and the effective length."""
+    if not tasks or not tasks.get("tasks"):
+        return []
+    lengths = [str(x) for x in tasks.get("lengths") or []]
+    out = ["Long-context tasks (RULER-style, string-match recall, "
+           f"{_cell(tasks.get('samples'))} samples per task and length"
+           + ("; the base model's score in parentheses" if base else "") + "):", "",
+           "| task | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+    rows = list(tasks["tasks"].items()) + [("mean", {"scores": tasks.get("average") or {}})]
+    for name, entry in rows:
+        theirs = ((base or {}).get("tasks") or {}).get(name, {}).get("scores") if name != "mean" \
+            else (base or {}).get("average")
+        cells = []
+        for length in lengths:
+            cell = _num((entry.get("scores") or {}).get(length))
+            if theirs and length in theirs:
+                cell += f" ({_num(theirs[length])})"
+            cells.append(cell)
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    eff = tasks.get("effective_length")
+    shown = f"{_cell(eff)} tokens" if eff is not None else "not measured (no length at which every task ran)"
+    out += ["", f"Effective length: {shown} (the longest length whose mean "
+            f"score stays at or above {_cell(tasks.get('threshold'))}, RULER's threshold)"
+            + (f"; the base's: {_cell(base.get('effective_length'))}." if base else "."), ""]
+    return out
 
 
 def _baseline_ppl(baseline: Any) -> dict:

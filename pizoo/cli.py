@@ -293,14 +293,20 @@ def eval_cmd(
                                "is the disjoint mode."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Run passkey retrieval (the paper's prompt)."),
     passkey_mode: str = typer.Option("greedy", "--passkey-mode", help="greedy (the key is what greedy decoding "
-                                     "emits) or loglik (mean exact-match likelihood of the key)."),
+                                     "emits, checked in one pass), generate (real decoding with the KV cache) "
+                                     "or loglik (mean exact-match likelihood of the key)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Long-context tasks at every --ctx, comma-separated: "
+                                        "passkey, niah (8 needle tasks), vt, cwe, fwe, single names like "
+                                        "niah_single_1, or ruler (all but passkey). Default: none."),
+    samples: int = typer.Option(5, "--samples", help="Samples per task and length."),
     passkey_trials: int = typer.Option(10, "--passkey-trials", help="Random 5-digit keys per distance."),
     passkey_distances: int = typer.Option(32, "--passkey-distances", help="Distances spread over the window."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Base model to compare with, measured at its "
                                            "original context (default: the base recorded with a calibrated model)."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Measure no baseline (skips the ppl checks)."),
     baseline_ctx: str = typer.Option("original", "--baseline-ctx", help="original: the base at its original "
-                                     "context and shorter ones; all: at every --ctx too (extrapolation)."),
+                                     "context and shorter ones; all: at every --ctx too (extrapolation); listed: only at the --ctx "
+                                     "within its original context (no gate)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the gate thresholds from this recipe."),
     max_ppl_ratio_target: Optional[float] = typer.Option(None, "--max-ppl-ratio-target",
                                                          help="Gate: ppl at the target / base ppl (default 1.10)."),
@@ -327,7 +333,7 @@ def eval_cmd(
                                        "(default: pizoo-eval/<model name>)."),
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
 ) -> None:
-    """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
+    """Perplexity, passkey retrieval, long-context tasks and the publish gate (exit 3 when it fails)."""
     from .eval import evaluate_model, format_report, raise_if_failed
     from .fsutil import output_lock
     from .options import check_device
@@ -353,7 +359,7 @@ def eval_cmd(
                                 passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
                                 doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=check_device(device),
                                 dtype=dtype, batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
-                                echo=lambda msg: typer.echo(msg, err=True))
+                                tasks=tasks, task_samples=samples, echo=lambda msg: typer.echo(msg, err=True))
     if as_json:
         print_json(report)
     else:

@@ -50,10 +50,12 @@ TRTLLM_DTYPE = "float16"
 SEED = 0
 EVAL_MODES = ("full", "quick")
 # --eval quick: a smoke check a 2-core CPU finishes in minutes: perplexity on one held-out document
-# in disjoint windows at short lengths within the original context, and 4 passkey distances x 2
-# keys; no baseline and no gate (long-context quality is what the full evaluation measures).
+# in disjoint windows at short lengths within the original context, 4 passkey distances x 2 keys,
+# and two long-context tasks (2 samples); the base measured at the same lengths beside it; no gate
+# (long-context quality is what the full evaluation measures).
 QUICK_EVAL_LENGTHS = (256, 512, 1024, 2048)
-QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2}
+QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2, "tasks": ["passkey", "niah_single_1"],
+              "task_samples": 2, "baseline_ctx": "listed"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,7 +497,7 @@ def eval_settings(opts: ExtendOptions, original_context: int) -> dict[str, Any]:
     if opts.eval == "quick":
         lengths = opts.eval_ctx or [c for c in QUICK_EVAL_LENGTHS if c <= original_context] or [original_context]
         return {"ctx": sorted(lengths), "stride": max(lengths), "passkey_window": max(lengths), "gate": False,
-                "baseline": False, "seed": opts.seed, **QUICK_EVAL}
+                "baseline": True, "seed": opts.seed, **QUICK_EVAL}
     return {"ctx": sorted(opts.eval_ctx) if opts.eval_ctx else None, "gate": True, "baseline": True,
             "seed": opts.seed}
 
@@ -530,6 +532,10 @@ def eval_facts(report: dict[str, Any]) -> dict[str, Any]:
     if passkey:
         facts["passkey_k_max"] = passkey.get("k_max")
         facts["passkey_window"] = passkey.get("window")
+    for key, block in (("tasks", report.get("tasks")), ("base_tasks", (base or {}).get("tasks"))):
+        if block:
+            facts[key] = {name: entry["scores"] for name, entry in block["tasks"].items()}
+            facts[key.replace("tasks", "effective_length")] = block["effective_length"]
     return facts
 
 
@@ -966,7 +972,8 @@ def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) 
         "target_context": ctx.opts.ctx,
         "out": str(out),
         "gate": ev.get("gate"),
-        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window") if k in ev},
+        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window", "tasks",
+                                       "base_tasks", "effective_length", "base_effective_length") if k in ev},
         "calibration": {k: v for k, v in ctx.results.get("calibrate", {}).items() if k != "path"},
         "artifacts": artifacts,
         "zoo": ctx.results.get("register"),
@@ -980,6 +987,34 @@ def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) 
     return summary
 
 
+def _side_by_side(figures: dict[str, Any]) -> list[str]:
+    """Perplexity and task scores per length, the base's beside the model's: "512: 47.1 (base 45.2)".
+    Consumes the figures it shows."""
+    rows = [("perplexity", figures.pop("perplexity", None), figures.pop("base_perplexity", None), ".4g")]
+    tasks, base_tasks = figures.pop("tasks", None) or {}, figures.pop("base_tasks", None) or {}
+    rows += [(f"task {name}", scores, base_tasks.get(name), ".2f") for name, scores in tasks.items()]
+    lines = []
+    for label, mine, base, fmt in rows:
+        if not mine:
+            continue
+        cells = []
+        for length, value in mine.items():
+            cell = f"{length}: {_number(value, fmt)}"
+            if base and length in base:
+                cell += f" (base {_number(base[length], fmt)})"
+            cells.append(cell)
+        lines.append(f"  {label:<20} " + "  ".join(cells))
+    if "effective_length" in figures:
+        eff, base_eff = figures.pop("effective_length"), figures.pop("base_effective_length", None)
+        shown = eff if eff is not None else "- (no length at which every task ran)"
+        lines.append(f"  {'effective length':<20} {shown}" + (f" (base {base_eff})" if base_eff is not None else ""))
+    return lines
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     lines = []
     if not summary["stages_run"]:
@@ -989,7 +1024,9 @@ def render_summary(summary: dict[str, Any]) -> str:
                  f"{summary['seconds']:.0f} s (ran: {', '.join(summary['stages_run']) or 'nothing'}; "
                  f"skipped: {', '.join(summary['stages_skipped']) or 'nothing'})")
     lines.append(f"  gate: {summary['gate']}")
-    for key, value in summary["figures"].items():
+    figures = dict(summary["figures"])
+    lines += _side_by_side(figures)
+    for key, value in figures.items():
         lines.append(f"  {key}: {json.dumps(value, default=str)}")
     for name, art in summary["artifacts"].items():
         lines.append(f"  {name:<7} {art['path']}  ({human_bytes(art['bytes'])})")

@@ -23,12 +23,14 @@ from typing import Any, Mapping
 from ..errors import GateFailed, PizooError
 from ..recipes import GateThresholds  # the gate's thresholds live with the recipes
 from .passkey import PasskeyResult
+from .tasks import TASKS
 
 
 def apply_gate(thresholds: GateThresholds, *, ppl: Mapping[int, float], target: int, original: int,
                base_ppl: float | None = None, base_context: int | None = None,
-               passkey: PasskeyResult | None = None) -> dict[str, Any]:
-    """The verdict: {passed, reasons, thresholds, checks}; one reason line per check."""
+               passkey: PasskeyResult | None = None, tasks: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The verdict: {passed, reasons, thresholds, checks}; one reason line per check. tasks: the
+    report's `tasks` block (`pizoo.eval.task_eval.summarize`), checked against min_task_score."""
     checks: list[dict[str, Any]] = []
 
     def ratio_check(name: str, ctx: int, limit: float, what: str) -> None:
@@ -71,6 +73,7 @@ def apply_gate(thresholds: GateThresholds, *, ppl: Mapping[int, float], target: 
                            "limit": limit, "floor": floor,
                            "reason": f"{'pass' if ok else 'FAIL'}: passkey accuracy {mean:.2f} on average over "
                                      f"{len(tested)} distances <= {target} ({verdict}){below}"})
+    checks += [_task_check(name, limit, tasks, target) for name, limit in sorted(thresholds.min_task_score.items())]
     if all(c["status"] == "skipped" for c in checks):
         # A publish gate that verified nothing must not pass.
         checks.append({"name": "coverage", "status": "fail",
@@ -79,6 +82,17 @@ def apply_gate(thresholds: GateThresholds, *, ppl: Mapping[int, float], target: 
     passed = not any(c["status"] == "fail" for c in checks)
     return {"passed": passed, "reasons": [c["reason"] for c in checks], "thresholds": asdict(thresholds),
             "checks": checks}
+
+
+def _task_check(name: str, limit: float, tasks: Mapping[str, Any] | None, target: int) -> dict[str, Any]:
+    score = ((tasks or {}).get("tasks", {}).get(name) or {}).get("scores", {}).get(str(target))
+    if score is None:
+        return {"name": f"task:{name}", "status": "skipped",
+                "reason": f"skipped: task {name}: not measured at the target {target}"}
+    ok = score >= limit
+    return {"name": f"task:{name}", "status": "pass" if ok else "fail", "score": score, "limit": limit,
+            "reason": f"{'pass' if ok else 'FAIL'}: task {name} at the target {target}: score {score:.2f} "
+                      f"({'>=' if ok else '<'} {limit:g})"}
 
 
 def thresholds_from(gate: GateThresholds | Mapping | None) -> GateThresholds:
@@ -96,6 +110,11 @@ def validate_thresholds(t: GateThresholds) -> None:
             raise PizooError(f"gate: {name} must be a positive number, got {v!r}")
     if not 0 <= t.min_passkey_accuracy <= 1:
         raise PizooError(f"gate: min_passkey_accuracy must be in [0, 1], got {t.min_passkey_accuracy!r}")
+    for name, v in t.min_task_score.items():
+        if name not in TASKS:
+            raise PizooError(f"gate: min_task_score: unknown task '{name}'; use some of: {', '.join(TASKS)}")
+        if not (isinstance(v, (int, float)) and 0 <= v <= 1):
+            raise PizooError(f"gate: min_task_score {name} must be in [0, 1], got {v!r}")
 
 
 def raise_if_failed(report: Mapping[str, Any], out: str | Path | None = None) -> None:

@@ -8,8 +8,10 @@ back about d tokens; distances are spread evenly over the window, `trials` rando
 each (seeded). Two ways to score a trial (`mode`):
 - "greedy" (default): retrieved iff greedy decoding emits the key's tokens. It is checked in one
   forward pass over prompt + key: at every key position the argmax must be the key's token, which
-  is exactly what greedy decoding would produce (pizoo's model keeps no KV cache, so generating
-  token by token would cost one forward pass per digit).
+  is exactly what greedy decoding would produce, without a pass per digit.
+- "generate": the same verdict by real greedy decoding with the KV cache (`pizoo.eval.generate`):
+  the first len(key) tokens generated must be the key's. It equals "greedy" trial for trial (a
+  test checks it) and shows that the generation path itself retrieves.
 - "loglik": the exact-match likelihood p(key | prompt) = exp(sum of the key tokens' log-probs), the
   probability that sampling at temperature 1 reproduces the key; accuracy is its mean over trials.
 The effective context k_max is the paper's: the largest distance k such that every tested
@@ -31,7 +33,7 @@ from .batching import auto_batch_size, model_device, run_batches
 from .text import TextEncoder
 
 PASSKEY_THRESHOLD = 0.2  # the paper's k_max success rate
-PASSKEY_MODES = ("greedy", "loglik")
+PASSKEY_MODES = ("greedy", "loglik", "generate")
 
 # The passkey prompt of the PI paper (after Mohtashami & Jaggi, landmark attention), verbatim.
 PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -242,6 +244,8 @@ def score_passkey_trials(model, items: Sequence[PasskeyTrial], mode: str = "gree
 
     if mode not in PASSKEY_MODES:
         raise PizooError(f"--passkey-mode {mode}: use one of {', '.join(PASSKEY_MODES)}")
+    if mode == "generate":
+        return _generate_passkey_trials(model, items, batch_tokens=batch_tokens, progress=progress, desc=desc)
     device = model_device(model)
     scores: list[float | None] = [None] * len(items)
     bar = tqdm(total=len(items), desc=desc, unit="trial", disable=not progress, leave=False)
@@ -266,6 +270,31 @@ def score_passkey_trials(model, items: Sequence[PasskeyTrial], mode: str = "gree
     finally:
         bar.close()
     return [float(s) for s in scores]
+
+
+def _generate_passkey_trials(model, items: Sequence[PasskeyTrial], *, batch_tokens: int | None,
+                             progress: bool, desc: str) -> list[float]:
+    """1.0 where greedy decoding (KV cache) writes the key's tokens first, else 0.0."""
+    from tqdm.auto import tqdm
+
+    from .generate import greedy_generate
+
+    scores: list[float] = [0.0] * len(items)
+    bar = tqdm(total=len(items), desc=desc, unit="trial", disable=not progress, leave=False)
+
+    def run(batch: list[tuple[int, PasskeyTrial]]) -> None:
+        longest = max(len(t.answer_ids) for _, t in batch)
+        out = greedy_generate(model, [t.prompt_ids for _, t in batch], longest)
+        for (i, t), tokens in zip(batch, out):
+            scores[i] = float(tokens[:len(t.answer_ids)] == t.answer_ids)
+        bar.update(len(batch))
+
+    try:
+        run_batches(list(enumerate(items)), lambda it: len(it[1].prompt_ids),
+                    lambda n: auto_batch_size(model, n, batch_tokens), run, desc)
+    finally:
+        bar.close()
+    return scores
 
 
 def passkey_retrieval(model, encoder: TextEncoder, window: int, *, distances: int | Sequence[int] = 32,

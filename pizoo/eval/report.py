@@ -71,7 +71,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 def perplexity_png(report: Mapping[str, Any]) -> bytes | None:
-    """PNG of perplexity against context length, the model vs its baseline; None without matplotlib."""
+    """PNG of perplexity against context length, the model vs its baseline, and (when tasks ran) a
+    second panel of task scores against length, base and extended; None without matplotlib."""
     try:
         import matplotlib
 
@@ -79,7 +80,11 @@ def perplexity_png(report: Mapping[str, Any]) -> bytes | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    tasks = report.get("tasks")
+    if tasks:
+        fig, (ax, ax_tasks) = plt.subplots(1, 2, figsize=(12.0, 4.2), dpi=120)
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     name = Path(report["model"]["path"]).name
 
     def series(results):
@@ -94,7 +99,8 @@ def perplexity_png(report: Mapping[str, Any]) -> bytes | None:
         bx, by = series(base["results"])
         ax.plot(bx, by, "s--", label=f"base: {Path(base['model']['path']).name} (context {base['original_context']})",
                 color="tab:gray")
-        ax.axhline(base["ppl_at_original"], color="tab:gray", linewidth=0.8, linestyle=":")
+        if isinstance(base["ppl_at_original"], (int, float)) and math.isfinite(base["ppl_at_original"]):
+            ax.axhline(base["ppl_at_original"], color="tab:gray", linewidth=0.8, linestyle=":")
         ys += by
     ax.axvline(report["model"]["original_context"], color="tab:red", linewidth=0.8, linestyle=":",
                label="original context")
@@ -108,11 +114,45 @@ def perplexity_png(report: Mapping[str, Any]) -> bytes | None:
     ax.set_title("Sliding-window perplexity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if tasks:
+        _plot_tasks(ax_tasks, report, matplotlib)
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png")
     plt.close(fig)
     return image.getvalue()
+
+
+def _plot_tasks(ax, report: Mapping[str, Any], matplotlib) -> None:
+    """Task score against length: the average over the tasks (bold) and each task (thin), the
+    model solid and its base dashed, with RULER's threshold."""
+    name = Path(report["model"]["path"]).name
+    base = (report.get("baseline") or {}).get("tasks")
+    lengths: set[int] = set()
+    for label, block, style, color in ((name, report["tasks"], "-", "tab:blue"), ("base", base, "--", "tab:gray")):
+        if not block:
+            continue
+        for task, entry in block["tasks"].items():
+            pts = sorted((int(k), v) for k, v in entry["scores"].items())
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, linewidth=0.7, alpha=0.35)
+        avg = sorted((int(k), v) for k, v in block["average"].items())
+        if avg:
+            ax.plot([p[0] for p in avg], [p[1] for p in avg], "o" + style, color=color, linewidth=2,
+                    label=f"{label}: mean of {len(block['tasks'])} tasks")
+            lengths |= {p[0] for p in avg}
+    ax.axhline(report["tasks"]["threshold"], color="tab:red", linewidth=0.8, linestyle=":",
+               label=f"threshold {report['tasks']['threshold']:g}")
+    ax.set_xscale("log", base=2)
+    if lengths:
+        ax.set_xticks(sorted(lengths))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{int(v):,}"))
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("score (string-match recall)")
+    ax.set_title("Long-context tasks")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -148,6 +188,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         items = list(pk["accuracy_by_distance"].items())
         for i in range(0, len(items), 8):
             lines.append("          " + "  ".join(f"{k}:{v:.2f}" for k, v in items[i:i + 8]))
+    if report.get("tasks"):
+        lines.append("")
+        lines += format_tasks(report["tasks"], (report.get("baseline") or {}).get("tasks"))
     gate = report.get("gate")
     if gate:
         lines.append("")
@@ -155,6 +198,33 @@ def format_report(report: Mapping[str, Any]) -> str:
         for r in gate["reasons"]:
             lines.append(f"  - {r}")
     return "\n".join(lines)
+
+
+def format_tasks(tasks: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> list[str]:
+    """The task table: one row per task, one column per length, "score (base score)" where the
+    base ran too; the mean and the effective lengths below."""
+    lengths = [int(x) for x in tasks["lengths"]]
+    width = 13 if base else 6
+
+    def row(label: str, mine: Mapping[str, float], theirs: Mapping[str, float] | None) -> str:
+        cells = []
+        for L in lengths:
+            v, b = mine.get(str(L)), (theirs or {}).get(str(L))
+            cell = "-" if v is None else f"{v:.2f}"
+            cells.append(f"{cell} ({b:.2f})" if b is not None else cell)
+        return f"{label:<16}" + "".join(f"{c:>{width + 2}}" for c in cells)
+
+    lines = [f"tasks     {tasks['samples']} samples per task and length; score = string-match recall"
+             + ("; (base) where the base ran" if base else ""),
+             f"{'task':<16}" + "".join(f"{L:>{width + 2}}" for L in lengths)]
+    for name, entry in tasks["tasks"].items():
+        lines.append(row(name, entry["scores"], ((base or {}).get("tasks") or {}).get(name, {}).get("scores")))
+    lines.append(row("mean", tasks["average"], (base or {}).get("average")))
+    eff = tasks["effective_length"]
+    lines.append(f"effective length {eff if eff is not None else '-'} (mean >= {tasks['threshold']:g} at every "
+                 f"length up to it)" + (f"; base {base['effective_length']}" if base else ""))
+    lines += [f"  skipped: {s}" for s in tasks.get("skipped", [])]
+    return lines
 
 
 def _fmt(v: Any) -> str:

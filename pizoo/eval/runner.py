@@ -14,15 +14,19 @@ import torch
 
 from ..errors import PizooError
 from ..recipes import GateThresholds
-from .batching import resolve_device, resolve_dtype
+from .batching import auto_batch_size, resolve_device, resolve_dtype
 from .cache import EvalCache, model_fingerprint
 from .gate import apply_gate, raise_if_failed, thresholds_from, validate_thresholds
 from .passkey import PASSKEY_MODES, PasskeyResult, passkey_min_length, passkey_retrieval, spread_passkey_distances
 from .perplexity import DEFAULT_STRIDE, sliding_window_perplexity
 from .report import check_report_folder, write_report
+from .generate import greedy_generate
+from .task_eval import measure_task, stop_ids_of, summarize
+from .tasks import TASK_THRESHOLD, TASKS_VERSION, HaystackText, parse_tasks
 from .text import TextEncoder, tokens_fingerprint
 
 Echo = Callable[[str], None]
+BASELINE_CTX = ("original", "all", "listed")
 
 
 def _quiet(_: str) -> None:
@@ -235,10 +239,13 @@ def _open_subject(spec: str | Path, full_hash: bool, device: torch.device, dtype
 
 
 def _measure_baseline(base: _Subject, base_cfg, model: _Subject, corpus: _Corpus, token_fp: str,
-                      contexts: list[int], original: int, *, stride: int, all_ctx: bool, store: EvalCache,
-                      batch_tokens: int | None, progress: bool, log: _Log) -> dict[str, Any]:
+                      contexts: list[int], original: int, *, stride: int, which: str, store: EvalCache,
+                      batch_tokens: int | None, progress: bool, log: _Log,
+                      tasks: "_TaskPlan | None" = None) -> dict[str, Any]:
     """The base model's perplexity on the same documents: at its original context (the gate's
-    reference) and at every shorter requested context (all of them with all_ctx)."""
+    reference) and at every shorter requested context (which="original"), at every requested one
+    ("all"), or only at the requested ones up to its original context ("listed"); and the tasks at
+    the requested contexts up to its original one (the lengths it supports)."""
     base_context = base_cfg.original_context
     if base_cfg.rope.is_scaled:
         log.warn(f"baseline {base.spec} itself uses '{base_cfg.rope.method}' RoPE scaling; compare with the "
@@ -253,25 +260,82 @@ def _measure_baseline(base: _Subject, base_cfg, model: _Subject, corpus: _Corpus
         limit = len(corpus.tokens[0])
         tokens = [torch.tensor(base.encoder.document(t)[:limit], dtype=torch.long) for _, t in corpus.texts]
         fp = tokens_fingerprint(tokens)
-    ctxs = sorted({base_context} | {c for c in contexts if all_ctx or c <= base_context})
+    ctxs = sorted(({base_context} if which != "listed" else set())
+                  | {c for c in contexts if which == "all" or c <= base_context})
     results = []
     for c in ctxs:
         r = _measure_ppl(base, tokens, fp, c, min(stride, c), store, batch_tokens, progress)
         r["extrapolation"] = c > base_cfg.context_length
         results.append(r)
         log.echo(f"baseline ppl @ {c}: {r['ppl']:.4f}{' (cached)' if r['cached'] else ''}")
+    tasks_report = None
+    if tasks is not None:
+        supported = [c for c in contexts if c <= base_context]
+        if supported:
+            tasks_report = _measure_tasks(base, tasks, supported, store, batch_tokens, log, who="baseline ")
+        else:
+            log.note(f"baseline: no task length is within its original context ({base_context}); tasks not run")
     base.release()
     return {"model": {"path": str(base.path), "spec": base.spec, "hash": base.fingerprint},
             "original_context": base_context,
-            "ppl_at_original": next(r["ppl"] for r in results if r["ctx"] == base_context), "results": results}
+            "ppl_at_original": next((r["ppl"] for r in results if r["ctx"] == base_context), None),
+            "results": results,
+            "tasks": tasks_report}
+
+
+@dataclass
+class _TaskPlan:
+    """The long-context tasks to run, with the evaluation text as their haystack."""
+
+    names: list[str]
+    samples: int
+    seed: int
+    corpus: _Corpus
+
+    def __post_init__(self):
+        self.text = HaystackText(" ".join(t for _, t in self.corpus.texts))
+
+
+def _measure_tasks(subject: _Subject, plan: _TaskPlan, lengths: list[int], store: EvalCache,
+                   batch_tokens: int | None, log: _Log, who: str = "") -> dict[str, Any]:
+    """Every task at every length (cached one by one), summarised for eval.json."""
+    stops = stop_ids_of(subject.config)
+
+    def generate(prompts, max_new_tokens, done):  # loads the model only when something is not cached
+        return greedy_generate(subject.model, prompts, max_new_tokens, stop_ids=stops, done=done)
+
+    def batch_size(n: int) -> int:
+        return auto_batch_size(subject.model, n, batch_tokens)
+
+    runs = []
+    for name in plan.names:
+        for length in lengths:
+            key = store.key(kind="task", version=TASKS_VERSION, model=subject.fingerprint, task=name, length=length,
+                            samples=plan.samples, seed=plan.seed, text=plan.corpus.fingerprint,
+                            device=subject.device.type, dtype=str(subject.dtype))
+            hit = store.get(key)
+            if hit is None:
+                hit = measure_task(generate, subject.encoder, name, length, samples=plan.samples, seed=plan.seed,
+                                   text=plan.text, batch_size=batch_size)
+                store.put(key, hit)
+                cached = False
+            else:
+                cached = True
+            runs.append({**hit, "cached": cached})
+            if "skipped" in hit:
+                log.note(f"{who}task {hit['skipped']}")
+            else:
+                log.echo(f"{who}task {name} @ {length}: {hit['score']:.2f}{' (cached)' if cached else ''}")
+    summary = summarize(runs, plan.names, TASK_THRESHOLD)
+    return {**summary, "samples": plan.samples, "seed": plan.seed, "runs": runs}
 
 
 def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_documents: int | None,
                      doc_tokens: int | None, batch_tokens: int | None) -> None:
     if passkey_mode not in PASSKEY_MODES:
         raise PizooError(f"--passkey-mode {passkey_mode}: use one of {', '.join(PASSKEY_MODES)}")
-    if baseline_ctx not in ("original", "all"):
-        raise PizooError(f"--baseline-ctx {baseline_ctx}: use original or all")
+    if baseline_ctx not in BASELINE_CTX:
+        raise PizooError(f"--baseline-ctx {baseline_ctx}: use one of {', '.join(BASELINE_CTX)}")
     if stride < 1:
         raise PizooError(f"--stride {stride}: must be at least 1")
     if max_documents is not None and max_documents < 1:
@@ -291,6 +355,7 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
                    baseline_ctx: str = "original", device: str | None = None, dtype: str | None = None,
                    batch_tokens: int | None = None, cache: bool = True, full_hash: bool = False,
                    plot: bool = True, progress: bool = True, raise_on_fail: bool = False,
+                   tasks: str | Iterable[str] | None = None, task_samples: int = 5,
                    echo: Echo | None = None) -> dict[str, Any]:
     """Evaluate a model and apply the gate; the one library entry point. Returns the eval.json dict.
 
@@ -301,11 +366,15 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
     max(ctx) tokens, truncated to doc_tokens (default max(ctx)) and at most max_documents of them,
     are scored at every ctx. baseline: a model spec, None to find the base of a calibrated model
     (calibration.json / config.json pizoo.base_model), False for none; it is measured at its
-    original context (baseline_ctx="all": at every ctx too). gate: GateThresholds or a dict of its
+    original context and the shorter ctx (baseline_ctx="all": at every ctx too; "listed": only at the
+    ctx up to its original context, without the gate). gate: GateThresholds or a dict of its
     fields (None: defaults; False: no gate). passkey_window: the passkey window (default max(ctx)).
     out: folder for eval.json and ppl.png (None: nothing is written but the cache). echo: called
     with progress lines, notes and warnings. raise_on_fail: raise GateFailed (exit code 3) after
-    writing the report when the gate fails.
+    writing the report when the gate fails. tasks: long-context tasks (`pizoo.eval.tasks`: names
+    or the groups niah / ruler) run at every ctx with task_samples samples each; the baseline runs
+    them at the ctx it supports (up to its original context). The gate's min_task_score adds its
+    tasks.
     """
     from .. import __version__
     from ..data import default_corpus_note, describe_sources
@@ -318,6 +387,17 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
     gate_on = gate is not False
     thresholds = thresholds_from(None if isinstance(gate, bool) else gate)
     validate_thresholds(thresholds)
+    if gate_on and baseline_ctx == "listed":
+        raise PizooError("--baseline-ctx listed: the gate needs the base at its original context; "
+                         "use original or all, or --no-gate")
+    task_names = parse_tasks(tasks)
+    if gate_on and thresholds.min_task_score:
+        added = [n for n in thresholds.min_task_score if n not in task_names]
+        if added:
+            task_names = parse_tasks(task_names + added)
+            log.note(f"added task(s) {', '.join(added)} for the gate's min_task_score")
+    if task_names and task_samples < 1:
+        raise PizooError(f"--samples {task_samples}: must be at least 1 (samples per task and length)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     store = EvalCache(enabled=cache)
@@ -355,7 +435,7 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
             raise PizooError(f"--passkey-trials {passkey_trials}: must be at least 1")
 
     # Every context (the baseline's original included) scores the same documents and tokens.
-    longest_ctx = max(contexts + ([base_cfg.original_context] if base_cfg else []))
+    longest_ctx = max(contexts + ([base_cfg.original_context] if base_cfg and baseline_ctx != "listed" else []))
     doc_tokens = doc_tokens or longest_ctx
     if doc_tokens < longest_ctx:
         raise PizooError(f"--doc-tokens {doc_tokens}: must be at least the longest context measured ({longest_ctx})")
@@ -382,20 +462,22 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
                                           store, batch_tokens, progress)
         log.echo(f"passkey @ {window}: k_max {passkey_report['k_max']}"
                  f"{' (cached)' if passkey_report['cached'] else ''}")
+    plan = _TaskPlan(task_names, task_samples, seed, corpus) if task_names else None
+    tasks_report = _measure_tasks(subject, plan, contexts, store, batch_tokens, log) if plan else None
     subject.release()  # free the model before the baseline is loaded
 
     baseline_report = None
     if base is not None:
         baseline_report = _measure_baseline(base, base_cfg, subject, corpus, token_fp, contexts, original,
-                                            stride=stride, all_ctx=baseline_ctx == "all", store=store,
-                                            batch_tokens=batch_tokens, progress=progress, log=log)
+                                            stride=stride, which=baseline_ctx, store=store,
+                                            batch_tokens=batch_tokens, progress=progress, log=log, tasks=plan)
     gate_report = None
     if gate_on:
         gate_report = apply_gate(
             thresholds, ppl={r["ctx"]: r["ppl"] for r in results}, target=target, original=original,
             base_ppl=baseline_report["ppl_at_original"] if baseline_report else None,
             base_context=baseline_report["original_context"] if baseline_report else None,
-            passkey=PasskeyResult.from_json(passkey_report) if passkey_report else None)
+            passkey=PasskeyResult.from_json(passkey_report) if passkey_report else None, tasks=tasks_report)
 
     if store.unwritable:
         log.note(f"results not cached: {store.unwritable}")
@@ -408,9 +490,11 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
                  "documents_read": corpus.read, "documents": len(corpus.tokens), "longest_document": corpus.longest,
                  "doc_tokens": doc_tokens, "tokens_fingerprint": token_fp},
         "settings": {"stride": stride, "device": dev.type, "dtype": str(dt).removeprefix("torch."),
-                     "passkey": passkey, "seed": seed},
+                     "passkey": passkey, "seed": seed, "tasks": task_names,
+                     "task_samples": task_samples if task_names else None},
         "results": results,
         "passkey": passkey_report,
+        "tasks": tasks_report,
         "baseline": baseline_report,
         "gate": gate_report,
         "plot": None,
