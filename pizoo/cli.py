@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import importlib
+
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import PizooError
@@ -22,9 +25,42 @@ PIPELINE = "Pipeline"
 STEPS = "Pipeline steps"
 MODELS = "Models and checkpoints"
 HUB = "Hub and zoo"
+# click's exceptions, or the copy of click that typer vendors (typer >= 0.29): where BadParameter lives.
+_usage = importlib.import_module(typer.BadParameter.__module__)
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing argument) end like every
+    other bad input: one `error:` line naming the option and where help is, exit 2, instead of
+    click's boxed usage text. Help itself (no arguments, --help) is printed as before."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(_usage, "NoArgsIsHelpError", ()) as e:
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except _usage.ClickException as e:
+            if not standalone_mode:
+                raise
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pizoo"
+            err(f"{e.format_message().rstrip('.')}; see `{where} --help`")
+            sys.exit(e.exit_code)
+        except typer.Abort:  # Ctrl-C while the arguments were read
+            if not standalone_mode:
+                raise
+            err("interrupted")
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) comes back as its code
+
 
 app = typer.Typer(
     name="pizoo",
+    cls=OneLineUsageErrors,
     help="Extend the context window of RoPE language models and ship them: HF, GGUF, TensorRT-LLM, the Hub.",
     no_args_is_help=True,
     add_completion=False,
@@ -38,10 +74,13 @@ def err(msg: str) -> None:
 
 
 def reports_errors(fn: Callable) -> Callable:
-    """Turn PizooError (and Ctrl-C) into a one-line message and the error's exit code."""
+    """Turn PizooError (and Ctrl-C) into a one-line message and the error's exit code. An OSError
+    that escaped the library's own handling (fsutil.writing) still ends in one line naming the path."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .fsutil import os_error_of, write_error
+
         try:
             return fn(*args, **kwargs)
         except PizooError as e:
@@ -50,6 +89,12 @@ def reports_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err("interrupted")
             raise typer.Exit(130) from None
+        except Exception as e:
+            oe = os_error_of(e)
+            if oe is None:
+                raise
+            err(str(write_error(oe.filename or "a file", oe, verb="failed")))
+            raise typer.Exit(PizooError.exit_code) from None
 
     return wrapper
 
@@ -62,14 +107,6 @@ def command(name: str, panel: str, sub: typer.Typer | None = None, **kw: Any) ->
         return target.command(name, rich_help_panel=panel, **kw)(reports_errors(fn))
 
     return deco
-
-
-def refuse_to_replace(out: Path | None, overwrite: bool, is_output: Callable[[Path], bool], what: str) -> None:
-    """--overwrite replaces the whole --out folder: never one that is not an output of this kind (a
-    mistyped --out naming the user's own folder), unless it is empty."""
-    if overwrite and out is not None and out.exists() and not is_output(out) and \
-            not (out.is_dir() and not any(out.iterdir())):
-        raise PizooError(f"{out}: exists and is not {what}, so --overwrite will not replace it; choose another --out")
 
 
 def print_json(obj: Any) -> None:
@@ -163,7 +200,7 @@ def extend_cmd(
     opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
                          formats=parse_formats(formats) if formats is not None else None, gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
-                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
+                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx, "--eval-ctx"), hardware=hardware,
                          progress=sys.stderr.isatty(),
                          lora=lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable),
                          offload=offload)
@@ -221,8 +258,11 @@ def calibrate_cmd(
 ) -> None:
     """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
     from .lora import lora_settings
+    from .options import check_context, check_device
     from .train import calibrate, default_output_dir
 
+    check_context(ctx)
+    check_device(device)
     settings = lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable)
     out = out or default_output_dir(model, ctx, recipe)
     result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
@@ -334,6 +374,8 @@ def eval_cmd(
 ) -> None:
     """Perplexity, passkey retrieval, long-context tasks and the publish gate (exit 3 when it fails)."""
     from .eval import evaluate_model, format_report, raise_if_failed
+    from .fsutil import output_lock
+    from .options import check_device
     from .recipes import GateThresholds
 
     if backend == "llama.cpp":
@@ -361,13 +403,14 @@ def eval_cmd(
         if value is not None:
             setattr(thresholds, name, value)
     out = out or Path("pizoo-eval") / Path(model.rstrip("/")).name.removesuffix(".gguf")
-    report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
-                            baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
-                            out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
-                            passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
-                            doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=device, dtype=dtype,
-                            batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
-                            tasks=tasks, task_samples=samples, echo=lambda msg: typer.echo(msg, err=True))
+    with output_lock(out):
+        report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
+                                baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
+                                out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
+                                passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
+                                doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=check_device(device),
+                                dtype=dtype, batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
+                                tasks=tasks, task_samples=samples, echo=lambda msg: typer.echo(msg, err=True))
     if as_json:
         print_json(report)
     else:
@@ -420,12 +463,10 @@ def convert_cmd(
             for f in files:
                 typer.echo(f"wrote {f.path}")
     elif to == "trtllm":
-        from .export.trtllm import default_output, export_trtllm, is_trtllm_checkpoint, trtllm_build_command
+        from .export.trtllm import default_output, export_trtllm, trtllm_build_command
 
         if out is None and cached:
             out = default_output(Path(label), dtype or "float16", tp, pp)
-        refuse_to_replace(out or default_output(src, dtype or "float16", tp, pp), overwrite, is_trtllm_checkpoint,
-                          "a TensorRT-LLM checkpoint (config.json + rank0.safetensors)")
         result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
         typer.echo(f"wrote {result}")
         typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
@@ -489,7 +530,6 @@ def import_cmd(
     """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
     from .gguf_import import import_gguf
 
-    refuse_to_replace(out, overwrite, lambda p: (p / "config.json").is_file(), "an HF model folder (config.json)")
     result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {result}")
 
@@ -674,6 +714,9 @@ def zoo_aliases_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-
 
 def main() -> None:
     """Console-script entry point."""
+    from .fsutil import install_fault_hook
+
+    install_fault_hook()
     app()
 
 

@@ -18,6 +18,7 @@ both sets, a changed freq_base to rope_theta.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -160,6 +161,9 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     recorded = field(reader, KEY_ROPE)
     if field(reader, KEY_BLOCK):
         block: dict[str, Any] = json.loads(field(reader, KEY_BLOCK))
+        # Where it came from, which also marks the folder as pizoo's (fsutil.is_pizoo_output), so
+        # `import --overwrite` may replace it even when the model's own block was empty (an unscaled base).
+        block["source_gguf"] = path.name
     else:
         # A file pizoo did not write: keep where it came from, for lineage and file names.
         general = {k: field(reader, f"general.{k}") for k in ("name", "basename", "size_label", "organization")}
@@ -384,18 +388,18 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                progress: bool = False) -> Path:
-    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic."""
+                progress: bool = False, lock: bool = True) -> Path:
+    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic.
+    `lock`: take the output's lock (False: the caller holds it)."""
     from .checkpoint import write_checkpoint
+    from .fsutil import check_output, output_lock
 
     path = Path(gguf_path)
     if path.is_dir():
         raise PizooError(f"{path}: is a folder; pizoo import takes a .gguf file (an HF folder needs no import)")
     if not path.is_file():
         raise PizooError(f"{path}: no such GGUF file")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+    out = check_output(out_dir, overwrite=overwrite, inputs=[path])
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
     arch = gguf_archs()[field(reader, "general.architecture")]
@@ -404,7 +408,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         raise PizooError(f"{path}: {tok.get_vocab_size()} tokens but token_embd has {cfg.vocab_size} rows")
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", field(reader, "tokenizer.ggml.padding_token_id"))) if v is not None}
-    with tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
+    with output_lock(out) if lock else contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
         tok.save(str(Path(tmp) / "tokenizer.json"))
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
         with torch.inference_mode():

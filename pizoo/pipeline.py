@@ -22,11 +22,12 @@ after a kill completes with byte-identical artifacts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -37,7 +38,8 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import GateFailed, PizooError
-from .fsutil import atomic_dir, atomic_write_json, human_bytes, read_json, sha256_file
+from .fsutil import (atomic_dir, atomic_write_json, check_not_input, human_bytes, output_lock, read_json,
+                     remove_stale_temps, sha256_file)
 from .plan import FORMATS, Plan, default_out_dir, make_plan, planning_config, refuse_if_unfit, render_plan
 
 RUN_FILE = "run.json"
@@ -84,8 +86,11 @@ class ExtendOptions:
     offload: bool = False  # model state in host memory during calibration (FSDP2's CPUOffloadPolicy)
 
     def validate(self) -> None:
+        from .options import check_context
+
         if self.ctx < 2:
             raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
+        check_context(self.ctx)
         unknown = [f for f in self.formats or () if f not in FORMATS]
         if unknown or self.formats == ():
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
@@ -119,15 +124,73 @@ class ExtendOptions:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
 
 
-def settle_formats(cfg, formats: tuple[str, ...] | None) -> tuple[str, ...]:
-    """The formats to write: by default every format the family can be written as; as asked
-    otherwise, refusing one the family cannot be written as before anything is calibrated."""
+def settle_formats(cfg, formats: tuple[str, ...] | None, recipe: Any, ctx: int, tp: int = 1) -> tuple[str, ...]:
+    """The formats to write: by default every format the family, and the recipe's scaling of it, can
+    be written as; as asked otherwise, refusing one that cannot be written. Either way before
+    anything is calibrated, not after hours of it in the export stage (a TensorRT-LLM checkpoint's
+    --tp sharding is checked against the model here too)."""
     fam = cfg.family
+    scaled = _written_config(cfg, recipe, ctx)
+    refusals = {"gguf": _gguf_scaling_refusal(scaled, recipe), "trtllm": _trtllm_scaling_refusal(scaled, recipe)}
     if formats is None:
-        return tuple(f for f in FORMATS if f != "trtllm" or fam.trtllm_arch is not None)
-    if "trtllm" in formats and fam.trtllm_arch is None:
+        formats = tuple(f for f in FORMATS if (f != "trtllm" or fam.trtllm_arch is not None) and refusals.get(f) is None)
+    elif "trtllm" in formats and fam.trtllm_arch is None:
         raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+    refused = next((refusals[f] for f in formats if refusals.get(f) is not None), None)
+    if refused is not None:
+        raise refused
+    if "trtllm" in formats and scaled is not None:
+        from .export.trtllm import check_exportable
+
+        check_exportable(scaled, dtype=TRTLLM_DTYPE, tp=tp, pp=1, where="--formats trtllm")
     return formats
+
+
+def _written_config(cfg, recipe: Any, ctx: int):
+    """The config calibrate will write (a CLEX run's learned frequencies in their baked longrope form,
+    clex.bake_clex), or None when --ctx does not extend the model (its own check reports that)."""
+    L = cfg.original_context
+    if not L or ctx <= L:
+        return None
+    rope = recipe.rope_config(cfg.rope, ctx / L, L)
+    if recipe.method == "clex":
+        n = cfg.rope_dim // 2
+        rope = dataclasses.replace(rope, type="longrope", attention_factor=1.0, short_factor=[1.0] * n,
+                                   long_factor=[ctx / L] * n)
+    return cfg.with_rope(rope, ctx)
+
+
+def _gguf_scaling_refusal(scaled, recipe: Any) -> PizooError | None:
+    """Why the GGUF export would refuse the scaling this recipe writes (its own checks:
+    export.gguf.plan_rope and the family's llama.cpp graph), or None."""
+    from .export.gguf import plan_rope
+
+    where = f"--recipe {recipe.name} with --formats gguf"
+    if recipe.method == "dynamic":
+        return PizooError(f"{where}: dynamic NTK scaling has no GGUF form (llama.cpp's RoPE is static); leave gguf "
+                          "out of --formats (then `pizoo convert OUT/hf --to gguf --static-length N` bakes it at N "
+                          "tokens), or choose a static recipe (pi, ntk, yarn)")
+    if scaled is None:
+        return None
+    try:
+        scaled.family.gguf_arch(scaled, plan_rope(scaled, None, where).needs_rope_freqs, where)
+    except PizooError as e:
+        return e
+    return None
+
+
+def _trtllm_scaling_refusal(scaled, recipe: Any) -> PizooError | None:
+    """Why the TensorRT-LLM export would refuse the scaling this recipe writes (export.trtllm's own
+    trtllm_rope_fields), or None."""
+    from .export.trtllm import trtllm_rope_fields
+
+    if scaled is None:
+        return None
+    try:
+        trtllm_rope_fields(scaled, f"--recipe {recipe.name} with --formats trtllm")
+    except PizooError as e:
+        return e
+    return None
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -676,21 +739,33 @@ STAGE_SPECS = [
 
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """One `pizoo extend` per output folder at a time (the lock dies with the process, even on SIGKILL)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """One `pizoo extend` per output folder at a time (fsutil.output_lock: it dies with the process,
+    even on SIGKILL). A release folder this run created is removed again when the run stops before
+    anything was made (the model did not resolve, a bad option): no empty folder is left behind."""
+    created = not os.path.lexists(out)
+    with output_lock(out):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PizooError(f"{out}: another pizoo extend is writing this folder; wait for it or use another --out") from None
-        yield
-    finally:
-        os.close(fd)
+            yield
+        except BaseException:
+            if created and out.is_dir() and _holds_only_a_run_log(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything)."""
+def _holds_only_a_run_log(out: Path) -> bool:
+    """Nothing but run.json (and its temporaries): no stage produced anything yet."""
+    for p in out.iterdir():
+        if p.name != RUN_FILE and not re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", p.name):
+            return False
+    log = read_json(out / RUN_FILE, "run log") if (out / RUN_FILE).is_file() else {}
+    return all((rec or {}).get("status") != "done" or name == "resolve"
+               for name, rec in (log.get("stages") or {}).items())
+
+
+def check_out_dir(out: Path, base: str) -> None:
+    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything),
+    or into the base model's own folder."""
+    check_not_input(out, [Path(base).expanduser()] if Path(base).expanduser().exists() else [])
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: is a file; give a folder")
     if out.is_dir() and not (out / RUN_FILE).is_file():
@@ -701,17 +776,15 @@ def check_out_dir(out: Path) -> None:
 
 
 def clean_temporaries(out: Path) -> None:
-    """Remove temporaries a killed run left behind (atomic_file/atomic_dir names: .NAME.*.tmp/.old)."""
+    """Remove temporaries a killed run left behind (fsutil's names, .NAME.XXXXXXXX.tmp/.old, and only
+    those no live process holds: see fsutil.remove_stale_temps)."""
     for folder in (out, out / "gguf", out / "eval"):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+            m = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.(tmp|old)", p.name)
+            if m:
+                remove_stale_temps(folder / m.group(1))
 
 
 def plan_extend(opts: ExtendOptions, *, measure: bool = True) -> Plan:
@@ -836,6 +909,7 @@ def extend(opts: ExtendOptions, *, say: Callable[[str], None] = _echo) -> dict[s
 def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: ProcessGroup) -> dict[str, Any]:
     from .plan import detect_hardware
     from .recipes import load_recipe
+    from .zoo import Zoo
 
     out = opts.out_dir
     recipe = load_recipe(opts.recipe)
@@ -844,15 +918,14 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
         cfg, where = planning_config(opts.model)
     except PizooError:
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
-    plan = None
     if cfg is not None:
-        plan = _make_plan(opts, recipe, cfg, where, hw)
-        say(render_plan(plan))
-        refuse_if_unfit(plan)
-    check_out_dir(out)
+        settle_formats(cfg, opts.formats, recipe, opts.ctx, opts.tp)  # an unwritable format: refused before anything
+    check_out_dir(out, opts.model)
+    Zoo().check_writable()  # the register stage writes PIZOO_HOME: refuse now, not after the work
     killer = _KillHook()
     started = time.perf_counter()
-    with locked(out):
+    with locked(out):  # the output checked and held before the plan is shown: a refusal is one line
+        plan = _announce_plan(_make_plan(opts, recipe, cfg, where, hw), say) if cfg is not None else None
         clean_temporaries(out)
         log = RunLog(out, fresh=not opts.resume)
         log.set_meta(command=_command_record(opts), plan=plan.to_dict() if plan else None)
@@ -902,9 +975,8 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
-                    ctx.plan = plan = _make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw)
-                    say(render_plan(plan))
-                    refuse_if_unfit(plan)
+                    ctx.plan = plan = _announce_plan(_make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw),
+                                                     say)
                     log.set_meta(plan=plan.to_dict())
                     # The family's formats are known now: drop the later stages it cannot be written as
                     # (only stages after this one go, so the loop's position is unaffected).
@@ -936,10 +1008,16 @@ def drop_unrequested(ctx: Context) -> None:
 
 def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
-                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats), out=opts.out_dir,
-                     push=opts.push,
-                     gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
+                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats, recipe, opts.ctx, opts.tp),
+                     out=opts.out_dir, push=opts.push, gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
                      evaluation=eval_settings(opts, cfg.original_context), lora=opts.lora, offload=opts.offload)
+
+
+def _announce_plan(plan: Plan, say: Callable[[str], None]) -> Plan:
+    """Show the plan, then refuse it if it does not fit this machine."""
+    say(render_plan(plan))
+    refuse_if_unfit(plan)
+    return plan
 
 
 def _config_of(folder: Path):

@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -58,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import __version__
 from .errors import Interrupted, PizooError
-from .fsutil import atomic_dir, atomic_write_json, read_json, sha256_file
+from .fsutil import atomic_dir, atomic_write_json, check_output, output_lock, read_json, sha256_file, writing
 
 STATE_SUFFIX = ".calibrate-state"
 MANIFEST_FILE = "manifest.json"  # present only in sharded (torchrun) training checkpoints
@@ -143,6 +144,9 @@ class _Dist:
 def _init_distributed(device: str | None, offload: bool = False) -> tuple[_Dist, torch.device]:
     """The process group: torchrun's, or (offload without torchrun) a one-process group, since
     FSDP2 and its CPU offload need one; none for a plain single-process run."""
+    from .options import check_device
+
+    device = check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if world <= 1 and not offload:
@@ -431,6 +435,14 @@ def _drop_older_checkpoints(state_dir: Path, keep: Path) -> None:
     for old in state_dir.glob("step-*"):
         if old != keep and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds_no_checkpoint(state_dir: Path) -> bool:
+    """A state folder a failed or killed start left: pizoo's own entries only (metrics.jsonl and step
+    folders) and no complete checkpoint to resume from."""
+    names = [p.name for p in state_dir.iterdir()]
+    ours = all(n == "metrics.jsonl" or re.fullmatch(r"\.?step-\d+(\.tmp|\.old)?", n) for n in names)
+    return ours and _latest_checkpoint(state_dir) is None
 
 
 def _remove_unfinished_saves(state_dir: Path) -> None:
@@ -895,12 +907,16 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
     from .lora import for_run
 
     lora = for_run(lora, rec, cfg)  # the family's projections; rank and targets checked
-    if out.exists() and not out.is_dir():
-        raise PizooError(f"--out {out}: is a file, not a folder; choose another --out (a file is never replaced)")
-    if out.exists() and not overwrite:
-        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+    check_output(out, overwrite=overwrite, inputs=[resolved.path])
 
-    dist_, dev = _init_distributed(device, offload)
+    held = contextlib.ExitStack()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 writes; the lock is its
+        held.enter_context(output_lock(out))
+    try:
+        dist_, dev = _init_distributed(device, offload)
+    except BaseException:
+        held.close()
+        raise
     try:
         gb = int(rec.global_batch if global_batch is None else global_batch)
         if gb % (micro_batch * dist_.world):
@@ -913,7 +929,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if dist_.is_main and data is None and n_steps > 0:
             log(f"note: {default_corpus_note()}")
         fingerprint = data_fingerprint(data, "train") if n_steps > 0 else None
-        run_args = _run_args(base=str(resolved.path), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
+        run_args = _run_args(base=str(resolved.path.resolve()), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
                              seed=seed, global_batch=gb, lr=peak_lr, data_fingerprint=fingerprint,
                              max_grad_norm=max_grad_norm, lora=lora.to_dict() if lora is not None else None)
 
@@ -932,8 +948,8 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
                                 lr=peak_lr, betas=rec.betas, eps=1e-8)
 
         start_step, losses, tokens_done = 0, [], 0
-        if dist_.is_main and not resume and state_dir.exists():
-            shutil.rmtree(state_dir)
+        if dist_.is_main and state_dir.exists() and (not resume or _holds_no_checkpoint(state_dir)):
+            shutil.rmtree(state_dir)  # ours (the output lock is held) and nothing in it to resume from
         if dist_.is_main and state_dir.exists():
             _remove_unfinished_saves(state_dir)
         dist_.barrier()
@@ -962,24 +978,30 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
                 log(f"resuming from {latest} (step {start_step}{resharded})")
 
         metrics_path = state_dir / "metrics.jsonl"
-        if dist_.is_main and n_steps > 0:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(metrics_path, start_step)
+        last_saved = start_step if latest is not None else None
+
+        def discard_unsaved() -> None:
+            if dist_.is_main and last_saved is None:
+                shutil.rmtree(state_dir, ignore_errors=True)  # metrics of unsaved steps only: nothing to resume
+
+        with _on_error(discard_unsaved), writing(state_dir):  # a failed start leaves no state folder
+            if dist_.is_main and n_steps > 0:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                _truncate_metrics(metrics_path, start_step)
+            stream = None
+            if n_steps > start_step:
+                stream = PackedSequences(resolved.path, data, T + 1, seed=seed, split="train", bos=cfg.bos_token_id,
+                                         eos=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None,
+                                         start=start_step * gb)
 
         amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda"
                else contextlib.nullcontext())
-        stream = None
-        if n_steps > start_step:
-            stream = PackedSequences(resolved.path, data, T + 1, seed=seed, split="train", bos=cfg.bos_token_id,
-                                     eos=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None,
-                                     start=start_step * gb)
         bar = None
         if progress and dist_.is_main and n_steps > start_step:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_steps, initial=start_step, desc=f"calibrate {rec.name} -> {ctx}", unit="step",
                        dynamic_ncols=True)
-        last_saved = start_step if latest is not None else None
 
         def save(step_done: int) -> None:
             nonlocal last_saved
@@ -991,11 +1013,10 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         def failed() -> None:
             if bar is not None:
                 bar.close()  # the error goes on a line of its own, after the bar
-            if dist_.is_main and last_saved is None:
-                shutil.rmtree(state_dir, ignore_errors=True)  # metrics of unsaved steps only: nothing to resume
+            discard_unsaved()
 
         wrapper.train()
-        with _StopRequest() as stop, _on_error(failed):
+        with _StopRequest() as stop, _on_error(failed), writing(state_dir):
             for step in range(start_step, n_steps):
                 t_step = time.time()
                 cur_lr = lr_at(step, peak=peak_lr, warmup=warmup, total=n_steps, start=rec.warmup_start,
@@ -1080,6 +1101,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             import torch.distributed as dist
 
             dist.destroy_process_group()
+        held.close()
 
 
 def _recipe_settings(rec) -> dict:

@@ -73,6 +73,7 @@ class EvalCache:
 
         self.root = Path(root) if root is not None else pizoo_home() / "eval-cache"
         self.enabled = enabled
+        self.unwritable: str | None = None  # why results could not be stored (read-only, full), once
 
     @staticmethod
     def key(**parts: Any) -> str:
@@ -97,5 +98,7 @@ class EvalCache:
 
         try:
             atomic_write_json(self._path(key), value)
-        except OSError:
-            pass  # the cache is an optimisation; a read-only PIZOO_HOME must not fail the evaluation
+        except (OSError, PizooError) as e:  # the write path reports an OSError as a PizooError line
+            # The cache is an optimisation: a read-only or full PIZOO_HOME must not fail the evaluation
+            # (its temporary is already gone), and is not tried again for every result.
+            self.enabled, self.unwritable = False, str(e).split("; ")[0]

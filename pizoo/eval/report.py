@@ -2,31 +2,60 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import PizooError
 
+PLOT_FILE = "ppl.png"
 
-def write_report(report: dict[str, Any], out: str | Path, *, plot: bool = True) -> Path:
-    """Write out/eval.json (atomically) and out/ppl.png when matplotlib is installed."""
-    from ..fsutil import atomic_write_json
 
+def check_report_folder(out: str | Path) -> Path:
+    """`out` may receive eval.json and ppl.png: a new or existing folder, whose eval.json and ppl.png, if
+    there, are an earlier pizoo report's (its eval.json carries pizoo_version). A file of the user's
+    by either name is never replaced."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if plot:
-        png = plot_perplexity(report, out / "ppl.png")
-        if png is None:
-            msg = "matplotlib is not installed: no plot (pip install 'pizoo[plot]')"
-            if msg not in report["notes"]:
-                report["notes"].append(msg)
-        else:
-            report["plot"] = png.name
+    present = [name for name in ("eval.json", PLOT_FILE) if os.path.lexists(out / name)]
+    if present and not _is_pizoo_report(out / "eval.json"):
+        raise PizooError(f"--out {out}: holds {' and '.join(present)} that pizoo did not write (no pizoo eval.json), "
+                         "so eval will not replace them; choose another --out")
+    return out
+
+
+def _is_pizoo_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "pizoo_version" in report and not path.is_symlink()
+
+
+def write_report(report: dict[str, Any], out: str | Path, *, plot: bool = True) -> Path:
+    """Write out/eval.json and out/ppl.png (when matplotlib is installed), all or nothing: both are
+    rendered first, ppl.png is renamed into place only once eval.json's bytes are written, and a
+    failure (a full disk, Ctrl-C) leaves neither, nor a folder this call created."""
+    from ..fsutil import atomic_file, new_dirs
+
+    out = check_report_folder(out)
+    png = perplexity_png(report) if plot else None
+    if png is not None:
+        report["plot"] = PLOT_FILE
+    elif plot:
+        msg = "matplotlib is not installed: no plot (pip install 'pizoo[plot]')"
+        if msg not in report["notes"]:
+            report["notes"].append(msg)
     path = out / "eval.json"
-    atomic_write_json(path, _json_safe(report))
+    with new_dirs(out), atomic_file(path, "w") as f:
+        f.write(json.dumps(_json_safe(report), indent=2) + "\n")
+        if png is not None:
+            with atomic_file(out / PLOT_FILE, "wb") as image:
+                image.write(png)
     return path
 
 
@@ -41,7 +70,7 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
+def perplexity_png(report: Mapping[str, Any]) -> bytes | None:
     """PNG of perplexity against context length, the model vs its baseline, and (when tasks ran) a
     second panel of task scores against length, base and extended; None without matplotlib."""
     try:
@@ -51,9 +80,6 @@ def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from ..fsutil import atomic_file
-
-    path = Path(path)
     tasks = report.get("tasks")
     if tasks:
         fig, (ax, ax_tasks) = plt.subplots(1, 2, figsize=(12.0, 4.2), dpi=120)
@@ -91,10 +117,10 @@ def plot_perplexity(report: Mapping[str, Any], path: str | Path) -> Path | None:
     if tasks:
         _plot_tasks(ax_tasks, report, matplotlib)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
+    image = io.BytesIO()
+    fig.savefig(image, format="png")
     plt.close(fig)
-    return path
+    return image.getvalue()
 
 
 def _plot_tasks(ax, report: Mapping[str, Any], matplotlib) -> None:

@@ -19,7 +19,7 @@ from .cache import EvalCache, model_fingerprint
 from .gate import apply_gate, raise_if_failed, thresholds_from, validate_thresholds
 from .passkey import PASSKEY_MODES, PasskeyResult, passkey_min_length, passkey_retrieval, spread_passkey_distances
 from .perplexity import DEFAULT_STRIDE, sliding_window_perplexity
-from .report import write_report
+from .report import check_report_folder, write_report
 from .generate import greedy_generate
 from .task_eval import measure_task, stop_ids_of, summarize
 from .tasks import TASK_THRESHOLD, TASKS_VERSION, HaystackText, parse_tasks
@@ -72,8 +72,11 @@ class _Subject:
             torch.cuda.empty_cache()
 
 
-def parse_contexts(text: str | int | Iterable[int] | None) -> list[int] | None:
-    """'2048,4096,8k' / 8192 / [2048, 4096] -> sorted unique ints (None stays None)."""
+def parse_contexts(text: str | int | Iterable[int] | None, option: str = "--ctx") -> list[int] | None:
+    """'2048,4096,8k' / 8192 / [2048, 4096] -> sorted unique ints (None stays None). `option` is the
+    command-line option the text came from, named in the errors."""
+    from ..options import check_context
+
     if text is None:
         return None
     if isinstance(text, int):
@@ -87,12 +90,12 @@ def parse_contexts(text: str | int | Iterable[int] | None) -> list[int] | None:
         try:
             v = int(s) if not isinstance(s, str) else (int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s))
         except ValueError:
-            raise PizooError(f"--ctx: '{s}' is not a number; give lengths like 2048,4096,8k") from None
+            raise PizooError(f"{option}: '{s}' is not a number; give lengths like 2048,4096,8k") from None
         if v < 2:
-            raise PizooError(f"--ctx: {v} is too short; a window needs at least 2 tokens")
-        out.append(v)
+            raise PizooError(f"{option}: {v} is too short; a window needs at least 2 tokens")
+        out.append(check_context(v, option))
     if not out:
-        raise PizooError("--ctx: no context lengths given; e.g. --ctx 2048,4096,8192")
+        raise PizooError(f"{option}: no context lengths given; e.g. {option} 2048,4096,8192")
     return sorted(set(out))
 
 
@@ -328,7 +331,7 @@ def _measure_tasks(subject: _Subject, plan: _TaskPlan, lengths: list[int], store
 
 
 def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_documents: int | None,
-                     doc_tokens: int | None) -> None:
+                     doc_tokens: int | None, batch_tokens: int | None) -> None:
     if passkey_mode not in PASSKEY_MODES:
         raise PizooError(f"--passkey-mode {passkey_mode}: use one of {', '.join(PASSKEY_MODES)}")
     if baseline_ctx not in BASELINE_CTX:
@@ -339,6 +342,8 @@ def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_d
         raise PizooError(f"--max-docs {max_documents}: must be at least 1")
     if doc_tokens is not None and doc_tokens < 2:
         raise PizooError(f"--doc-tokens {doc_tokens}: must be at least 2")
+    if batch_tokens is not None and batch_tokens < 1:  # 0 used to mean the default silently
+        raise PizooError(f"--batch-tokens {batch_tokens}: must be at least 1 (leave it out for the default)")
 
 
 def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None = None, data=None,
@@ -375,9 +380,9 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
     from ..data import default_corpus_note, describe_sources
 
     _check_arguments(stride=stride, passkey_mode=passkey_mode, baseline_ctx=baseline_ctx,
-                     max_documents=max_documents, doc_tokens=doc_tokens)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise PizooError(f"--out {out}: exists and is not a folder")  # before any work, not after it
+                     max_documents=max_documents, doc_tokens=doc_tokens, batch_tokens=batch_tokens)
+    if out is not None:
+        check_report_folder(out)  # before any work, not after it
     log = _Log(echo)
     gate_on = gate is not False
     thresholds = thresholds_from(None if isinstance(gate, bool) else gate)
@@ -474,6 +479,8 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
             base_context=baseline_report["original_context"] if baseline_report else None,
             passkey=PasskeyResult.from_json(passkey_report) if passkey_report else None, tasks=tasks_report)
 
+    if store.unwritable:
+        log.note(f"results not cached: {store.unwritable}")
     report: dict[str, Any] = {
         "pizoo_version": __version__,
         "model": {"path": str(subject.path), "spec": str(model), "source": source, "hash": subject.fingerprint,

@@ -1015,7 +1015,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     """
     from gguf import GGUFWriter
 
-    from ..fsutil import atomic_path
+    from ..fsutil import atomic_path, check_output, output_lock
 
     src = Path(src)
     if dtype not in GGUF_DTYPES:
@@ -1027,9 +1027,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     tok_meta = tokenizer_metadata(src, cfg, pre)
     lin = lineage(src, cfg)
     refuse_unloadable_name(general_name(lin), tok_meta["tokenizer.ggml.tokens"], where)
-    path = _resolve_out(src, out, cfg, dtype, static_length)
-    if path.exists() and not overwrite:
-        raise PizooError(f"{path}: already exists; pass --overwrite or choose another --out")
+    path = check_output(_resolve_out(src, out, cfg, dtype, static_length), overwrite=overwrite, inputs=[src],
+                        folder=False)
     # A family whose llama.cpp graph has no rope_freqs input goes out as its fallback architecture
     # (Qwen2: llama), or is refused.
     garch = cfg.family.gguf_arch(cfg, rope.needs_rope_freqs, where)
@@ -1040,7 +1039,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
                     rope.context_length, arch)
     jobs = _plan_tensors(src_tensors, cfg, dtype, permute=garch.permute_qk, rope_tensors=rope.tensors)
     files = _SourceFiles()
-    with _sigterm_as_interrupt(), atomic_path(path) as tmp:
+    with output_lock(path), _sigterm_as_interrupt(), atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         try:
             _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lin)

@@ -42,7 +42,7 @@ from ..config import ModelConfig, ntk_theta
 from ..describe import register_format
 from ..errors import PizooError
 from ..families import Tensor
-from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output, output_lock, read_json
 
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4)
@@ -349,13 +349,14 @@ def export_trtllm(src: str | Path, out: str | Path | None = None, *, dtype: str 
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
     check_exportable(cfg, dtype=dtype, tp=tp, pp=pp, where=str(src / "config.json"))
-    out = Path(out) if out is not None else default_output(src, dtype, tp, pp)
+    out = check_output(Path(out) if out is not None else default_output(src, dtype, tp, pp), overwrite=overwrite,
+                       inputs=[src])
     torch_dtype = DTYPES[dtype]
     world = tp * pp
     plans = [rank_plan(cfg, tp, pp, r) for r in range(world)]
     item = torch.empty((), dtype=torch_dtype).element_size()
     total = sum(math.prod(e.shape) * item for plan in plans for e in plan)
-    with atomic_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
+    with output_lock(out), atomic_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
         reader = _SliceReader(ckpt, stack)
         bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=f"trtllm tp{tp} pp{pp}",
                                        disable=not progress, leave=False))
