@@ -144,9 +144,10 @@ def invoke(*args, env: dict | None = None, cwd: Path | None = None) -> Ran:
 
 def _progress(line: str) -> bool:
     """Progress on stderr beside the error line: extend's plan (a "plan: " line, then indented rows),
-    its "[i/n] stage: running", evaluation notes and results; tqdm's bars, with a total
+    its "[i/n] stage: running", evaluation notes and results, the GGUF ladder's "gguf TYPE: FILE (size,
+    time)"; tqdm's bars, with a total
     ("x:  50%|#####     | 2/4 [00:01<00:01, 2.0it/s]") or without ("writing: 0.00B [00:00, ?B/s]")."""
-    if re.match(r"\[\d+/\d+\] [a-z-]+: |plan: .+ -> \d+ tokens$|\s{2,}\S|(note|data|ppl @ \d+|passkey @ \d+|task \S+ @ \d+): ",
+    if re.match(r"\[\d+/\d+\] [a-z-]+: |plan: .+ -> \d+ tokens$|\s{2,}\S|(note|data|ppl @ \d+|passkey @ \d+|task \S+ @ \d+): |gguf \S+: \S+\.gguf \(",
                 line):
         return True
     # the rate: "2.0it/s", "?B/s", or its inverse "1.19s/step"

@@ -295,23 +295,26 @@ Reuse = Callable[[str, Path, "Path | None"], bool]
 
 @contextlib.contextmanager
 def _scratch_file(path: Path):
-    """A temporary sibling of `path` (fsutil's .NAME.XXXXXXXX.tmp pattern, so a killed run's leftover is
-    swept by the next writer of `path`), always removed at the end."""
+    """A path for a temporary intermediate, inside a temporary sibling folder of `path` (fsutil's
+    .NAME.XXXXXXXX.tmp pattern, held with a flock, so a killed run's leftover is swept by the next
+    writer of `path`); the file does not exist yet, so the writer creates it as new. Always removed
+    at the end."""
     import fcntl
+    import shutil
     import tempfile
 
     from ..fsutil import remove_stale_temps
 
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd = os.open(tmp, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield Path(tmp)
+        yield Path(tmp) / path.name
     finally:
         os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ladder_paths(src: Path, out: Path, types: tuple[str, ...], static_length: int | None = None) -> dict[str, Path]:
