@@ -125,16 +125,11 @@ def pizoo_logits(folder: Path, ids: list[int]) -> np.ndarray:
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_every_recipe_calibrates_to_what_transformers_computes(calibrated, family, recipe):
-    out = calibrated(family, recipe)
-    ours = load_model(out)
-    assert ours.config.architecture == family and ours.config.context_length == EXTENDED
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                               attn_implementation="sdpa").eval()
-    gen = torch.Generator().manual_seed(1)
-    for length in (ORIGINAL // 2, 3 * ORIGINAL):
-        ids = torch.randint(0, ours.config.vocab_size, (1, length), generator=gen)
-        with torch.no_grad():
-            diff = (ours.forward_logits(ids) - theirs(ids).logits).abs().max().item()
+    from test_model_parity import max_diffs_vs_transformers
+
+    config, diffs = max_diffs_vs_transformers(calibrated(family, recipe), (ORIGINAL // 2, 3 * ORIGINAL), batch=1)
+    assert config.architecture == family and config.context_length == EXTENDED
+    for length, diff in diffs.items():
         print(f"FIGURE {family}/{recipe} transformers@{length}: max abs diff {diff:.2e}")
         assert diff <= PARITY_TOL, f"{family}/{recipe} at {length} tokens: max abs diff {diff}"
 

@@ -49,20 +49,26 @@ def models(tiny_model_factory):
     return get
 
 
+def max_diffs_vs_transformers(folder, lengths, batch: int):
+    """pizoo's config and, per length, the max abs logit difference between pizoo and transformers
+    (fp32, SDPA) on seeded random ids of `batch` sequences."""
+    ours = load_model(folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                               attn_implementation="sdpa").eval()
+    gen = torch.Generator().manual_seed(1)
+    diffs = {}
+    for length in lengths:
+        ids = torch.randint(0, ours.config.vocab_size, (batch, length), generator=gen)
+        with torch.no_grad():
+            diffs[length] = (ours.forward_logits(ids) - theirs(ids).logits).abs().max().item()
+    return ours.config, diffs
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))  # every registered family's tiny variants
 @pytest.mark.parametrize("rope_name", list(ROPES))
 def test_logits_match_transformers(models, variant, rope_name):
-    path = models(variant, rope_name)
-    ours = load_model(path)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                               attn_implementation="sdpa").eval()
-    gen = torch.Generator().manual_seed(1)
-    for length in (ORIGINAL // 2, 3 * ORIGINAL):
-        ids = torch.randint(0, ours.config.vocab_size, (2, length), generator=gen)
-        with torch.no_grad():
-            a = ours.forward_logits(ids)
-            b = theirs(ids).logits
-        diff = (a - b).abs().max().item()
+    _, diffs = max_diffs_vs_transformers(models(variant, rope_name), (ORIGINAL // 2, 3 * ORIGINAL), batch=2)
+    for length, diff in diffs.items():
         assert diff <= TOL, f"{variant}/{rope_name} at {length} tokens: max abs diff {diff}"
 
 

@@ -248,7 +248,7 @@ def _plan_factor_pair(cfg: ModelConfig, ctx: int) -> RopeExport:
     if rope.type == "none":
         return RopeExport(ctx, rope.theta, "none", None, None, None, {}, rope)
     if rope.type != "longrope":
-        raise PizooError(f"{cfg.family.gguf.name}: '{rope.type}' has no LongRoPE form")  # a family bug, not input
+        raise RuntimeError(f"{cfg.family.model_type}.hf_rope gave '{rope.type}', not longrope")  # a family bug
     from ..rope import longrope_attention_factor
 
     attn = longrope_attention_factor(rope)
