@@ -207,11 +207,26 @@ def count_records(df: DataFile, text_field: str) -> int:
     return sum(1 for _, line in _lines(df) if line.strip())
 
 
+# A text file with more undecodable bytes than this (or any NUL byte) is binary data, not text:
+# training on it would teach the model noise, so it is refused rather than silently "replaced".
+MAX_INVALID_UTF8 = 0.001
+
+
+def decode_text(path: str, raw: bytes) -> str:
+    """A text file's bytes as text; a PizooError naming the file when they are binary, not UTF-8 text."""
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in raw or bad > MAX_INVALID_UTF8 * max(len(raw), 1):
+        what = "NUL bytes" if b"\0" in raw else f"{bad} bytes that are not UTF-8"
+        raise PizooError(f"{path}: not a text file ({what}); give UTF-8 text (.txt) or records (.jsonl, .parquet) "
+                         "in --data")
+    return text
+
+
 def iter_texts(df: DataFile, text_field: str) -> Iterator[str]:
     """The texts of a file's documents in file order, streamed."""
     if df.format == "text":
-        data = b"".join(_byte_chunks(df))
-        yield data.decode("utf-8", errors="replace")
+        yield decode_text(df.path, b"".join(_byte_chunks(df)))
     elif df.format == "parquet":
         yield from _parquet_texts(df, text_field)
     else:
@@ -240,7 +255,7 @@ def _usable(path: str, pattern: str | None) -> bool:
     return pattern is None or fnmatch.fnmatch(path, pattern)
 
 
-def _hub_error(repo_id: str, e: Exception) -> PizooError:
+def _hub_error(repo_id: str, e: Exception, revision: str | None = None) -> PizooError:
     from huggingface_hub.errors import (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
@@ -251,7 +266,7 @@ def _hub_error(repo_id: str, e: Exception) -> PizooError:
         return PizooError(f"--data {repo_id}: no such Hub dataset (or it is private: log in with `hf auth login`); "
                           "check the repo id")
     if isinstance(e, RevisionNotFoundError):
-        return PizooError(f"--data {repo_id}: no such revision; check --data-revision")
+        return PizooError(f"--data {repo_id}: no revision '{revision}'; check --data-revision")
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     return PizooError(f"--data {repo_id}: cannot download the Hub dataset ({first}); check the repo id and your "
                       "connection (HF_HUB_OFFLINE), or pass local files")
@@ -274,6 +289,31 @@ def _cached_files(repo_id: str, revision: str | None, pattern: str | None) -> tu
                      "connect once to download it, or pass local files")
 
 
+def _hub_call(call, repo_id: str, endpoint: str, action: str, revision: str | None):
+    """Run `call()` (Hub requests) with the bounded waits and network retries of every Hub call
+    (hub.with_retries); what fails ends as one line naming --data."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+
+    from .hub import with_retries
+
+    answered: list[Exception] = []  # an answer, not a network failure: worded for --data, never retried
+
+    def guarded():
+        try:
+            return call()
+        except (OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError) as e:
+            answered.append(e)
+            raise
+
+    try:
+        return with_retries(guarded, action=action, repo_id=repo_id, endpoint=endpoint, token=get_token())
+    except PizooError as e:
+        if answered:
+            raise _hub_error(repo_id, answered[-1], revision) from None
+        raise PizooError(f"--data {repo_id}: {e}; or pass local files") from None
+
+
 @functools.lru_cache(maxsize=16)
 def hub_dataset_files(repo_id: str, revision: str | None = None, pattern: str | None = None) -> tuple[tuple[str, str], ...]:
     """(path in repo, local file) of the data files of a Hub dataset, downloaded into the Hub cache.
@@ -281,34 +321,39 @@ def hub_dataset_files(repo_id: str, revision: str | None = None, pattern: str | 
     The revision asked for (default main) is searched first; with no usable file there and no
     explicit revision, the Hub's automatic Parquet conversion (refs/convert/parquet) is used. Only
     the usable files (matching `pattern`) are downloaded; hf_hub_download resumes partial files.
+    Every request has a bounded wait (hub.bound_hub_requests) and network failures are retried.
     """
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RevisionNotFoundError
 
-    from .hub import hub_endpoint, hub_offline
+    from .hub import bound_hub_requests, hub_endpoint, hub_offline
 
     if hub_offline():
         return _cached_files(repo_id, revision, pattern)
+    bound_hub_requests()  # a Hub that never answers must not hang the run
     endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint)
-    try:
-        for rev in [revision] if revision else ["main", CONVERTED_PARQUET_REVISION]:
-            try:
-                files = api.list_repo_files(repo_id, repo_type="dataset", revision=rev)
-            except RevisionNotFoundError:
-                if revision:
-                    raise PizooError(f"--data {repo_id}: no revision '{revision}'; check --data-revision") from None
-                continue
-            usable = sorted(p for p in files if _usable(p, pattern))
-            if not usable:
-                continue
-            # By revision name, so the cache records the ref and an offline run finds the files again.
-            return tuple((p, hf_hub_download(repo_id, p, repo_type="dataset", revision=rev, endpoint=endpoint))
-                         for p in usable)
-    except PizooError:
-        raise
-    except Exception as e:  # network, auth and not-found errors all become one line
-        raise _hub_error(repo_id, e) from None
+
+    def listing(rev: str) -> list[str] | None:
+        try:
+            # dataset_info's siblings, not list_repo_files: the tree listing retries on its own
+            # (http_backoff, minutes) where every other Hub call of pizoo is bounded by with_retries.
+            return [s.rfilename for s in api.dataset_info(repo_id, revision=rev).siblings or []]
+        except RevisionNotFoundError:
+            if revision:
+                raise
+            return None  # no such branch (a dataset without a Parquet conversion): try the next
+
+    for rev in [revision] if revision else ["main", CONVERTED_PARQUET_REVISION]:
+        files = _hub_call(lambda: listing(rev), repo_id, endpoint, "list the files of the dataset", rev)
+        usable = sorted(p for p in files or [] if _usable(p, pattern))
+        if not usable:
+            continue
+        # By revision name, so the cache records the ref and an offline run finds the files again.
+        return tuple((p, _hub_call(lambda: hf_hub_download(repo_id, p, repo_type="dataset", revision=rev,
+                                                           endpoint=endpoint),
+                                   repo_id, endpoint, "download the dataset", rev))
+                     for p in usable)
     where = f"revision {revision}" if revision else f"main nor {CONVERTED_PARQUET_REVISION}"
     what = f" matching --data-files {pattern}" if pattern else ""
     raise PizooError(f"--data {repo_id}: no usable data file{what} in {where}; pizoo reads {SUPPORTED} "

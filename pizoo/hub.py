@@ -10,6 +10,10 @@ is missing when it is run again. A model whose evaluation gate failed or never r
 pull: snapshot_download (resumable: partial files stay in the zoo's downloads/ folder) into the
 zoo, then one rename into models/ and a zoo entry.
 
+Every request is bounded: a Hub that accepts the connection but never answers is given up on after
+PIZOO_HUB_TIMEOUT seconds without progress (default 60), the call is retried PIZOO_HUB_RETRIES times
+in all (default 3, with a short backoff), and then pizoo stops with one line.
+
 The endpoint comes from HF_ENDPOINT, the token from the argument, HF_TOKEN or the saved login,
 all read at call time. The token is only handed to huggingface_hub: it is never printed, logged,
 written into a card or a manifest, and any error text is scrubbed of it.
@@ -21,6 +25,7 @@ import json
 import os
 import shlex
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +34,116 @@ from . import __version__
 from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, failing_reasons, method_of,
                    read_card_license, render_card, reproduce_command)
 from .errors import GateFailed, PizooError
-from .fsutil import read_json, replace_dir
+from .fsutil import output_lock, read_json, replace_dir
 from .resolve import HUB_ID
 from .zoo import Artifact, Zoo, alias_info, default_name, locate_artifact
 
+PULL_WAIT_S = 3600.0  # another process downloading the same repo: wait for it rather than fetch twice
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN"
 _TRUE = {"1", "true", "yes", "on"}
 
 
 # --------------------------------------------------------------------------------------------
 # Environment
+
+
+TIMEOUT_ENV = "PIZOO_HUB_TIMEOUT"
+RETRIES_ENV = "PIZOO_HUB_RETRIES"
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_ATTEMPTS = 3
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise PizooError(f"{name}={text}: not a number") from None
+    if value < minimum:
+        raise PizooError(f"{name}={text}: must be at least {minimum:g}")
+    return value
+
+
+def hub_timeout() -> float:
+    """Seconds any Hub request may wait without progress (connect, each read, each write)."""
+    return _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, 0.1)
+
+
+def hub_attempts() -> int:
+    """How many times a Hub call that got no answer (timeout, connection error) is tried in all."""
+    return int(_env_number(RETRIES_ENV, DEFAULT_ATTEMPTS, 1))
+
+
+_bounded_for: float | None = None
+_library_timeouts: dict[str, float | None] = {}
+
+
+def bound_hub_requests() -> None:
+    """Give every huggingface_hub request a bounded wait (hub_timeout()).
+
+    The client's shared HTTP session has no timeout of its own, and most API calls pass none, so a
+    Hub that accepts the connection and never answers would block forever. The session's transport is
+    wrapped so that each request's unset timeouts get ours; the download timeouts the library reads
+    from its constants (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) are capped by it too."""
+    global _bounded_for
+    from huggingface_hub import constants
+
+    limit = hub_timeout()
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        if hasattr(constants, name):
+            # Capped from the library's own value, so a later call with a longer limit (another
+            # PIZOO_HUB_TIMEOUT in the same process) is not held to an earlier, shorter one.
+            own = _library_timeouts.setdefault(name, getattr(constants, name))
+            setattr(constants, name, min(own or limit, limit))
+    if _bounded_for == limit:
+        return
+    try:
+        from huggingface_hub.utils import _http as hf_http
+    except ImportError:  # pragma: no cover - an old requests-based client: the constants above apply
+        return
+    httpx = getattr(hf_http, "httpx2", None) or getattr(hf_http, "httpx", None)
+    if httpx is None or not hasattr(hf_http, "set_client_factory"):  # pragma: no cover - old client
+        return
+
+    class BoundedTransport(httpx.BaseTransport):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def handle_request(self, request):
+            given = dict(request.extensions.get("timeout") or {})
+            request.extensions = {**request.extensions,
+                                  "timeout": {k: limit if given.get(k) is None else given[k]
+                                              for k in ("connect", "read", "write", "pool")}}
+            return self.inner.handle_request(request)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    def factory():
+        client = hf_http.default_client_factory()
+        client._transport = BoundedTransport(client._transport)
+        client._mounts = {k: BoundedTransport(v) if v is not None else v for k, v in client._mounts.items()}
+        return client
+
+    hf_http.set_client_factory(factory)
+    _bounded_for = limit
+
+
+def with_retries(call, *, action: str, repo_id: str, endpoint: str, token: str | None):
+    """Run `call()` (Hub requests), retrying what got no answer; any failure ends as one PizooError
+    line (hub_failure)."""
+    attempts = hub_attempts()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as e:
+            if attempt < attempts and _is_network_error(e):
+                time.sleep(min(2.0 ** (attempt - 1), 10.0))
+                continue
+            raise hub_failure(e, action=action, repo_id=repo_id, endpoint=endpoint, token=token,
+                              attempts=attempt) from None
 
 
 def hub_endpoint() -> str:
@@ -275,8 +380,20 @@ def card_for(release: Release, repo_id: str, files: list[UploadFile], *, forced:
         trtllm_build=trtllm_build_line(release),
         plot=next((f.path_in_repo for f in files if f.path_in_repo.startswith("eval/") and f.path_in_repo.endswith(".png")), None),
         license=inherited_license(release), forced=forced,
-        reproduce=reproduce_command(release.calibration, release.run, release.config))
+        reproduce=reproduce_command(release.calibration, release.run, release.config),
+        quant_quality=quant_quality_rows(release, files))
     return render_card(facts)
+
+
+def quant_quality_rows(release: Release, files: list[UploadFile]) -> list[dict] | None:
+    """The card's GGUF quant table, from the ladder's llama.cpp measurements (OUT/gguf/quality.json)."""
+    path = release.artifact.root / "gguf" / "quality.json"
+    if not path.is_file():
+        return None
+    from .eval.llamacpp import card_rows
+
+    names = {f.source.name: f.path_in_repo for f in files if f.source is not None and f.path_in_repo.endswith(".gguf")}
+    return card_rows(read_json(path, "quality.json"), names) or None
 
 
 def check_gate(release: Release, *, force: bool) -> bool:
@@ -327,9 +444,10 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     token = token or get_token()
     if not token:
         raise PizooError(f"no Hugging Face token to push with; {LOGIN_HINT}")
+    bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
-    action = "push to"
-    try:
+
+    def send():
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -339,13 +457,15 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
                                   path_or_fileobj=f.content if f.content is not None else str(f.source))
                for f in files]
-        summary = _commit_summary(release)
-        info = api.create_commit(repo_id, ops, commit_message=summary,
+        info = api.create_commit(repo_id, ops, commit_message=_commit_summary(release),
                                  commit_description=f"Published with pizoo {__version__}."
                                  + (" Forced past a failed or missing evaluation gate." if forced else ""),
                                  revision=revision, create_pr=create_pr)
-    except Exception as e:  # every client failure becomes one line; nothing is recorded as published
-        raise hub_failure(e, action=action, repo_id=repo_id, endpoint=endpoint, token=token) from None
+        return head, info
+
+    # Every client failure becomes one line; nothing is recorded as published. A retry re-sends only
+    # what the Hub does not hold yet (the LFS batch skips stored objects).
+    head, info = with_retries(send, action="push to", repo_id=repo_id, endpoint=endpoint, token=token)
 
     url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision and revision != "main" and not create_pr else "")
     entry = Zoo().record_publication(release.artifact.root, {
@@ -415,21 +535,27 @@ def pull(repo_id: str, revision: str | None = None, *, token: str | None = None)
     endpoint = hub_endpoint()
     slug = hub_id.replace("/", "--") + (f"@{revision.replace('/', '--')}" if revision and revision != "main" else "")
     staging = zoo.home / "downloads" / slug
-    try:
-        api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
-        commit = api.repo_info(hub_id, revision=revision).sha
+    bound_hub_requests()
+    api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
+    retrying = dict(action="pull", repo_id=hub_id, endpoint=endpoint, token=token)
+    commit = with_retries(lambda: api.repo_info(hub_id, revision=revision).sha, **retrying)
+    hit = zoo.find_by_hub(hub_id, revision)
+    if hit is not None and hit["hub"].get("commit") == commit and _files_present(hit):
+        return _hf_dir(hit)
+    final = zoo.home / "models" / slug
+    # One pull of a repo at a time (a second one waits, then finds it in the zoo).
+    with output_lock(staging, wait=PULL_WAIT_S):
         hit = zoo.find_by_hub(hub_id, revision)
         if hit is not None and hit["hub"].get("commit") == commit and _files_present(hit):
             return _hf_dir(hit)
-        snapshot_download(hub_id, revision=commit, local_dir=staging, cache_dir=zoo.home / "downloads" / ".hf-cache",
-                          endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
-    except Exception as e:
-        raise hub_failure(e, action="pull", repo_id=hub_id, endpoint=endpoint, token=token) from None
-    shutil.rmtree(staging / ".cache", ignore_errors=True)  # download bookkeeping, not model files
-    final = zoo.home / "models" / slug
-    replace_dir(staging, final)
-    hub = {"repo_id": hub_id, "revision": revision or "main", "commit": commit, "endpoint": endpoint}
-    entry = zoo.register_folder(final, name=default_name(final, hub), source="hub", hub=hub)
+        with_retries(lambda: snapshot_download(hub_id, revision=commit, local_dir=staging,
+                                               cache_dir=zoo.home / "downloads" / ".hf-cache", endpoint=endpoint,
+                                               token=token, library_name="pizoo", library_version=__version__),
+                     **retrying)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # download bookkeeping, not model files
+        replace_dir(staging, final)
+        hub = {"repo_id": hub_id, "revision": revision or "main", "commit": commit, "endpoint": endpoint}
+        entry = zoo.register_folder(final, name=default_name(final, hub), source="hub", hub=hub)
     return _hf_dir(entry)
 
 
@@ -467,7 +593,16 @@ def _network_errors() -> tuple[type, ...]:
     return tuple(types)
 
 
-def hub_failure(exc: BaseException, *, action: str, repo_id: str, endpoint: str, token: str | None) -> PizooError:
+def _is_network_error(exc: BaseException) -> bool:
+    return any(isinstance(e, _network_errors()) for e in _chain(exc))
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in _chain(exc))
+
+
+def hub_failure(exc: BaseException, *, action: str, repo_id: str, endpoint: str, token: str | None,
+                attempts: int = 1) -> PizooError:
     """One line for what went wrong talking to the Hub, with the fix; the token is scrubbed out."""
     from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -493,9 +628,13 @@ def hub_failure(exc: BaseException, *, action: str, repo_id: str, endpoint: str,
             message = f"{repo_id}: repository not found on the Hub at {endpoint} (or private and the token cannot see it)"
         else:
             message = f"cannot {action} {repo_id}: the Hub at {endpoint} answered {status}{detail}"
-    if message is None and any(isinstance(e, _network_errors()) for e in chain):
-        message = (f"cannot reach the Hub at {endpoint} to {action} {repo_id}; check the network or HF_ENDPOINT and "
-                   "retry (a retried push uploads only what is missing)")
+    if message is None and _is_network_error(exc):
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        how = (f"no answer within {hub_timeout():g} s, {tries}" if _is_timeout(exc) else f"no connection, {tries}")
+        resume = "a retried push uploads only what is missing" if action.startswith("push") else \
+            "a retried pull resumes the partial download"
+        message = (f"cannot reach the Hub at {endpoint} to {action} {repo_id} ({how}); check the network or "
+                   f"HF_ENDPOINT and retry ({resume}; {TIMEOUT_ENV} sets the wait)")
     if message is None and any(isinstance(e, HFValidationError) for e in chain):
         message = f"repo id '{repo_id}': rejected by huggingface_hub ({str(chain[-1]).splitlines()[0]})"
     if message is None:
