@@ -362,9 +362,13 @@ def eval_cmd(
     model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
     ctx: Optional[str] = typer.Option(None, "--ctx", help="Context lengths, comma-separated (e.g. 2048,4096,8k). "
                                       "Default: the original context, its doublings and the target."),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="Text to score: .txt, .jsonl (text field), folder, "
-                                             "glob or Hub dataset id; repeatable. Default: the offline corpus."),
-    split: str = typer.Option("heldout", "--split", help="Which documents: heldout (never trained on), train or all."),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="Text to score. " + DATA_HELP),
+    text_field: str = text_field_option(),
+    data_revision: Optional[str] = data_revision_option(),
+    data_files: Optional[str] = data_files_option(),
+    split: Optional[str] = typer.Option(None, "--split", help="Which documents: heldout (never trained on), train "
+                                        "or all. Default: heldout for the default corpus and the model's own "
+                                        "calibration data (calibration.json), all for other --data."),
     stride: int = typer.Option(256, "--stride", help="Window step (PI/YaRN: 256); --stride equal to the window "
                                "is the disjoint mode."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Run passkey retrieval (the paper's prompt)."),
@@ -394,8 +398,8 @@ def eval_cmd(
                                                          "up to the target, half of it at each (default 0.9)."),
     no_gate: bool = typer.Option(False, "--no-gate", help="Measure only; apply no gate (exit 0)."),
     max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most this many documents."),
-    doc_tokens: Optional[int] = typer.Option(None, "--doc-tokens", help="Tokens scored per document "
-                                             "(default: the longest --ctx)."),
+    doc_tokens: Optional[int] = typer.Option(None, "--doc-tokens", help="Tokens scored per document (default: "
+                                             "the longest --ctx; with one --ctx, whole documents)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the passkeys."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32|bfloat16|float16 (default: bf16 on GPU, "
@@ -415,15 +419,19 @@ def eval_cmd(
                                              "the file's token distributions are compared with."),
 ) -> None:
     """Perplexity, passkey retrieval, long-context tasks and the publish gate (exit 3 when it fails)."""
+    from .data import cli_data_spec
     from .eval import evaluate_model, format_report, raise_if_failed
     from .fsutil import output_lock
     from .options import check_device
     from .recipes import GateThresholds
 
+    spec = cli_data_spec(data, text_field, data_revision, data_files)
+
     if backend == "llama.cpp":
         from .eval.llamacpp import run_eval_command
 
-        run_eval_command(Path(model), ctx=ctx, reference=reference, data=data or None, split=split,
+        run_eval_command(Path(model), ctx=ctx, reference=reference, data=spec,
+                         split=split or ("heldout" if spec is None else "all"),
                          max_documents=max_docs, doc_tokens=doc_tokens, out=out, as_json=as_json,
                          echo=lambda msg: typer.echo(msg, err=True), emit=typer.echo)
         return
@@ -446,7 +454,7 @@ def eval_cmd(
             setattr(thresholds, name, value)
     out = out or Path("pizoo-eval") / Path(model.rstrip("/")).name.removesuffix(".gguf")
     with output_lock(out):
-        report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
+        report = evaluate_model(model, ctx=ctx, data=spec, split=split, stride=stride, passkey=passkey,
                                 baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
                                 out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
                                 passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,

@@ -552,8 +552,9 @@ def run_evaluate(ctx: Context) -> StageOutcome:
     with atomic_dir(eval_dir, overwrite=True) as tmp:
         # The gate verdict is read from the report (raise_on_fail stays off) so that a failed
         # gate still leaves its eval.json and plot for the user to read.
-        report = evaluate_model(ctx.hf_dir, data=ctx.opts.data_spec(), baseline=baseline, gate=gate, stride=stride,
-                                out=tmp, progress=ctx.opts.progress, echo=ctx.say, **settings)
+        # The held-out split of the calibration data: documents the calibration never saw.
+        report = evaluate_model(ctx.hf_dir, data=ctx.opts.data_spec(), split="heldout", baseline=baseline, gate=gate,
+                                stride=stride, out=tmp, progress=ctx.opts.progress, echo=ctx.say, **settings)
     return StageOutcome([eval_dir], eval_facts(report))
 
 

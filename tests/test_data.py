@@ -160,6 +160,32 @@ def test_length_filter_and_upsampling_counts_match_the_log_and_calibration_json(
     assert (f"{len(kept):,} documents, {stats['tokens']:,} tokens; dropped {len(lengths) - len(kept):,} shorter "
             f"than {min_tokens:,} tokens" in line) and f"{len(long):,} longer than {train_len:,} tokens repeated x3" in line
 
+    # Ctrl-C part way (at the 12th write: the state is saved at the next step), then the same command
+    # again: resumed from the Parquet stream's position, the weights and the counts are the uninterrupted run's.
+    import signal
+
+    from pizoo.errors import Interrupted
+    from pizoo.fsutil import install_fault_hook
+    from pizoo.train import state_dir_for
+
+    resumed = tmp_path / "resumed"
+    args = dict(ctx=256, recipe="pi", data=[path], steps=steps, train_len=train_len, global_batch=4, lr=1e-4,
+                progress=False, min_doc_tokens=min_tokens, upsample_long=factor)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        install_fault_hook("int:12")
+        with pytest.raises(Interrupted):
+            calibrate(str(model), resumed, log=lambda m: None, **args)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    at = json.loads(sorted(state_dir_for(resumed).glob("step-*/trainer.json"))[-1].read_text())["step"]
+    assert 0 < at < steps and not resumed.exists()
+    again: list[str] = []
+    calibrate(str(model), resumed, log=again.append, **args)
+    assert any(f"resuming from" in x and f"(step {at}" in x for x in again), again
+    assert (resumed / "model.safetensors").read_bytes() == (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert json.loads((resumed / "calibration.json").read_text())["data"] == data
+
 
 def test_text_field_and_mixed_sources(model, tmp_path, texts):
     """--text-field names the column; files, folders and globs of different formats mix in one --data."""
@@ -291,5 +317,11 @@ def test_hub_dataset_main_and_its_parquet_conversion_branch(hub_datasets, tmp_pa
         (("org/missing",), r"^--data org/missing: no such Hub dataset"),
     ]:
         assert re.search(pattern, read(*args)["error"]), args
+    # offline, never downloaded: one line that says what to do, and no request
+    before = len(hub_datasets.state.requests)
+    assert re.search(r"^--data org/unusable: offline \(HF_HUB_OFFLINE\) and the dataset is not in the Hub cache; "
+                     r"connect once to download it, or pass local files$",
+                     read("org/unusable", HF_HUB_OFFLINE="1")["error"])
+    assert len(hub_datasets.state.requests) == before
     offline = read("org/never-cached", HF_HUB_OFFLINE="1")["error"]
     assert offline.startswith("--data org/never-cached: offline (HF_HUB_OFFLINE) and the dataset is not in the Hub cache")

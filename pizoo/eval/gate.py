@@ -28,15 +28,21 @@ from .tasks import TASKS
 
 def apply_gate(thresholds: GateThresholds, *, ppl: Mapping[int, float], target: int, original: int,
                base_ppl: float | None = None, base_context: int | None = None,
-               passkey: PasskeyResult | None = None, tasks: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               passkey: PasskeyResult | None = None, tasks: Mapping[str, Any] | None = None,
+               unmeasured: Mapping[int, str] | None = None, baseline_reason: str | None = None) -> dict[str, Any]:
     """The verdict: {passed, reasons, thresholds, checks}; one reason line per check. tasks: the
-    report's `tasks` block (`pizoo.eval.task_eval.summarize`), checked against min_task_score."""
+    report's `tasks` block (`pizoo.eval.task_eval.summarize`), checked against min_task_score.
+    unmeasured: why a gate context was not measured (ctx -> reason, e.g. the data is too short);
+    baseline_reason: why the baseline was not measured, when it was given."""
     checks: list[dict[str, Any]] = []
 
     def ratio_check(name: str, ctx: int, limit: float, what: str) -> None:
+        if ctx not in ppl and ctx in (unmeasured or {}):  # the data cannot support this length
+            checks.append({"name": name, "status": "skipped", "reason": f"skipped: {what}: {unmeasured[ctx]}"})
+            return
         if base_ppl is None:
-            checks.append({"name": name, "status": "skipped", "reason": f"skipped: {what}: no baseline measured "
-                           "(pass --baseline BASE)"})
+            why = baseline_reason or "no baseline measured (pass --baseline BASE)"
+            checks.append({"name": name, "status": "skipped", "reason": f"skipped: {what}: {why}"})
             return
         if ctx not in ppl:
             checks.append({"name": name, "status": "skipped", "reason": f"skipped: {what}: ctx {ctx} not measured"})

@@ -11,8 +11,10 @@ so every token is still scored once (lm-evaluation-harness's rolling windows do 
 plain loop would leave each window's first token unscored.
 
 Following PI (proof-pile: documents of >= 32768 tokens, truncated to 32768), `evaluate_model`
-scores the same token stream at every context length: the documents with at least max(ctx) tokens,
-truncated to `doc_tokens` (default max(ctx)).
+scores the same token stream at every context length when it measures several: the documents
+with at least max(ctx) tokens, truncated to `doc_tokens` (default max(ctx)). At one context it
+scores every document whole, as HF's perplexity guide does (`min_tokens=2`): a document shorter
+than the window is one window of its own length.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class PerplexityResult:
     windows: int
     forward_tokens: int  # tokens run through the model (the cost)
     seconds: float
+    short_documents: int = 0  # scored, but shorter than ctx: one window of their own length
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,8 +97,10 @@ class PerplexityResult:
 @torch.inference_mode()
 def sliding_window_perplexity(model, token_docs: Sequence[Sequence[int] | torch.Tensor], ctx: int,
                               stride: int = DEFAULT_STRIDE, *, batch_tokens: int | None = None,
-                              chunk: int = 1024, progress: bool = False) -> PerplexityResult:
-    """Sliding-window perplexity of `model` (a pizoo LlamaModel) over the documents of >= ctx tokens.
+                              chunk: int = 1024, progress: bool = False,
+                              min_tokens: int | None = None) -> PerplexityResult:
+    """Sliding-window perplexity of `model` (a pizoo LlamaModel) over the documents of >= min_tokens
+    tokens (default ctx: every window full; 2 scores shorter documents in one window each).
 
     Windows of equal length are batched (`batch_tokens` tokens per forward pass; on GPU by default
     a share of free memory). The head and log-softmax run `chunk` positions at a time
@@ -107,9 +112,10 @@ def sliding_window_perplexity(model, token_docs: Sequence[Sequence[int] | torch.
 
     docs = [torch.as_tensor(d, dtype=torch.long) for d in token_docs]
     longest = max((len(d) for d in docs), default=0)
-    eligible = [i for i, d in enumerate(docs) if len(d) >= ctx]
+    need = ctx if min_tokens is None else max(2, min_tokens)
+    eligible = [i for i, d in enumerate(docs) if len(d) >= need]
     if not eligible:
-        raise PizooError(f"no document has at least {ctx} tokens (the longest has {longest}); "
+        raise PizooError(f"no document has at least {need} tokens (the longest has {longest}); "
                          "use a smaller --ctx or longer documents (--data)")
     windows = [w for i in eligible for w in window_plan(len(docs[i]), ctx, stride, doc=i)]
     device = model_device(model)
@@ -142,4 +148,5 @@ def sliding_window_perplexity(model, token_docs: Sequence[Sequence[int] | torch.
     ppl = math.exp(nll / n) if nll / n < 700 else math.inf
     return PerplexityResult(ctx=ctx, stride=stride, ppl=ppl, nll=nll, tokens=n, documents=len(eligible),
                             skipped_documents=len(docs) - len(eligible), windows=len(windows),
-                            forward_tokens=totals["forward"], seconds=round(seconds, 3))
+                            forward_tokens=totals["forward"], seconds=round(seconds, 3),
+                            short_documents=sum(1 for i in eligible if len(docs[i]) < ctx))

@@ -161,8 +161,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     m, d = report["model"], report["data"]
     lines.append(f"model     {m['path']}  (hash {m['hash'][:12]}, context {m['context_length']}, "
                  f"original {m['original_context']}, rope {m['rope']['type']})")
-    lines.append(f"data      {', '.join(d['sources'])} [{d['split']}]: {d['documents']} documents x "
-                 f"{d['doc_tokens']} tokens (fingerprint {d['fingerprint'][:12]})")
+    scored = d.get("protocol_note") or f"{d['documents']} documents x {d['doc_tokens']} tokens"
+    lines.append(f"data      {', '.join(d['sources'])} [{d['split']}]: {scored} (fingerprint {d['fingerprint'][:12]})")
     base = report.get("baseline")
     base_by_ctx = {r["ctx"]: r["ppl"] for r in base["results"]} if base else {}
     if base:

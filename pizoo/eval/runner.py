@@ -141,6 +141,10 @@ def find_base_model(folder: str | Path) -> str | None:
     return None
 
 
+PROTOCOL_WHOLE = "whole"  # one context: every document scored whole with sliding windows (HF's guide)
+PROTOCOL_SAME_TOKENS = "same-tokens"  # several: the same tokens at every length (PI/YaRN)
+
+
 @dataclass
 class _Corpus:
     texts: list[tuple[str, str]]  # (id, text) of the selected documents
@@ -148,44 +152,72 @@ class _Corpus:
     fingerprint: str  # over the ids and texts read
     read: int
     longest: int
+    protocol: str = PROTOCOL_SAME_TOKENS
+    min_tokens: int = 2  # documents shorter than this were left out
+    doc_tokens: int | None = None  # each document cut to this many tokens (None: whole)
 
 
-def _select_documents(encoder: TextEncoder, data, split: str, min_tokens: int, doc_tokens: int,
-                      max_documents: int | None) -> _Corpus:
-    """Documents with >= min_tokens tokens, truncated to doc_tokens; stops after max_documents."""
-    from ..data import fingerprint_update, iter_documents
+def _read_documents(encoder: TextEncoder, data, split: str) -> tuple[list[tuple[str, str, list[int]]], str]:
+    """Every document of the split, tokenized: ([(id, text, tokens)], fingerprint over ids and texts)."""
+    from ..data import describe_sources, fingerprint_update, iter_documents
 
     h = hashlib.sha256()
-    texts, tokens, read, longest = [], [], 0, 0
+    docs = []
     for doc in iter_documents(data, split=split):
-        read += 1
         fingerprint_update(h, doc)  # the same fingerprint as data_fingerprint over the documents read
-        ids = encoder.document(doc.text)
-        longest = max(longest, len(ids))
+        docs.append((doc.id, doc.text, encoder.document(doc.text)))
+    if not docs:
+        raise PizooError(f"--data {', '.join(describe_sources(data))}: no {split} documents")
+    return docs, h.hexdigest()
+
+
+def _select_documents(docs: list[tuple[str, str, list[int]]], fingerprint: str, *, protocol: str, min_tokens: int,
+                      doc_tokens: int | None, max_documents: int | None) -> _Corpus:
+    """The documents with >= min_tokens tokens, cut to doc_tokens (None: whole), at most max_documents."""
+    texts, tokens = [], []
+    for doc_id, text, ids in docs:
         if len(ids) >= min_tokens:
-            texts.append((doc.id, doc.text))
-            tokens.append(torch.tensor(ids[:doc_tokens], dtype=torch.long))
+            texts.append((doc_id, text))
+            tokens.append(torch.tensor(ids[:doc_tokens] if doc_tokens else ids, dtype=torch.long))
             if max_documents is not None and len(tokens) >= max_documents:
                 break
-    if read == 0:
-        from ..data import describe_sources
-
-        raise PizooError(f"--data {', '.join(describe_sources(data))}: no {split} documents")
+    longest = max(len(ids) for _, _, ids in docs)
     if not tokens:
-        raise PizooError(f"no document has at least {min_tokens} tokens (the longest of {read} has {longest}); "
+        raise PizooError(f"no document has at least {min_tokens} tokens (the longest of {len(docs)} has {longest}); "
                          "use a smaller --ctx or longer documents (--data)")
-    return _Corpus(texts, tokens, h.hexdigest(), read, longest)
+    return _Corpus(texts, tokens, fingerprint, len(docs), longest, protocol, min_tokens, doc_tokens)
+
+
+def default_split(model_folder: Path | None, data) -> tuple[str, str | None]:
+    """The split `pizoo eval` scores when --split is not given, and a note saying why.
+
+    The held-out split (documents calibration never saw) only where a model could have trained on
+    the data: the default corpus, or the model's own calibration data (calibration.json records its
+    train-split fingerprint). Data given for evaluation is scored whole (all)."""
+    from ..data import as_spec, data_fingerprint
+    from ..fsutil import read_json
+
+    if as_spec(data).sources is None:
+        return "heldout", None
+    cal = Path(model_folder) / "calibration.json" if model_folder is not None else None
+    recorded = None
+    if cal is not None and cal.is_file():
+        recorded = ((read_json(cal, "calibration.json").get("data") or {}).get("fingerprint"))
+    if recorded and data_fingerprint(data, "train") == recorded:
+        return "heldout", ("the data is this model's calibration data (calibration.json): scoring its held-out "
+                           "documents; --split all scores everything")
+    return "all", None
 
 
 def _measure_ppl(subject: _Subject, tokens: list[torch.Tensor], token_fp: str, ctx: int, stride: int,
-                 cache: EvalCache, batch_tokens: int | None, progress: bool) -> dict[str, Any]:
+                 cache: EvalCache, batch_tokens: int | None, progress: bool, whole: bool = False) -> dict[str, Any]:
     key = cache.key(kind="ppl", model=subject.fingerprint, tokens=token_fp, ctx=ctx, stride=stride,
-                    device=subject.device.type, dtype=str(subject.dtype))
+                    device=subject.device.type, dtype=str(subject.dtype), **({"whole": True} if whole else {}))
     hit = cache.get(key)
     if hit is not None:
         return {**hit, "cached": True}
     res = sliding_window_perplexity(subject.model, tokens, ctx, stride, batch_tokens=batch_tokens,
-                                    progress=progress).to_json()
+                                    progress=progress, min_tokens=2 if whole else None).to_json()
     cache.put(key, res)
     return {**res, "cached": False}
 
@@ -213,6 +245,8 @@ class _Log:
         self.warnings: list[str] = []
 
     def note(self, msg: str) -> None:
+        if msg in self.notes:  # each note once, however many places reach it
+            return
         self.notes.append(msg)
         self.echo(f"note: {msg}")
 
@@ -257,14 +291,15 @@ def _measure_baseline(base: _Subject, base_cfg, model: _Subject, corpus: _Corpus
     else:
         log.warn("the baseline's tokenizer differs from the model's; perplexities are per token of different "
                  "tokenizations and compare only roughly")
-        limit = len(corpus.tokens[0])
+        limit = corpus.doc_tokens
         tokens = [torch.tensor(base.encoder.document(t)[:limit], dtype=torch.long) for _, t in corpus.texts]
         fp = tokens_fingerprint(tokens)
     ctxs = sorted(({base_context} if which != "listed" else set())
                   | {c for c in contexts if which == "all" or c <= base_context})
     results = []
     for c in ctxs:
-        r = _measure_ppl(base, tokens, fp, c, min(stride, c), store, batch_tokens, progress)
+        r = _measure_ppl(base, tokens, fp, c, min(stride, c), store, batch_tokens, progress,
+                         whole=corpus.protocol == PROTOCOL_WHOLE)
         r["extrapolation"] = c > base_cfg.context_length
         results.append(r)
         log.echo(f"baseline ppl @ {c}: {r['ppl']:.4f}{' (cached)' if r['cached'] else ''}")
@@ -330,6 +365,59 @@ def _measure_tasks(subject: _Subject, plan: _TaskPlan, lengths: list[int], store
     return {**summary, "samples": plan.samples, "seed": plan.seed, "runs": runs}
 
 
+@dataclass
+class _ContextPlan:
+    contexts: list[int]  # measured
+    gate_skips: dict[int, str]  # gate contexts the data cannot support -> why (skipped gate checks)
+    baseline_skipped: str | None = None  # why the baseline's perplexity is not measured
+
+
+def _plan_contexts(requested: list[int], docs: list[tuple[str, str, list[int]]], split: str, *, target: int,
+                   original: int, gate_on: bool, base_context: int | None, log: _Log) -> _ContextPlan:
+    """Which lengths to measure: the requested ones the documents reach, and the gate's (the model's
+    original and target context) when a document is that long; what is left out is said once."""
+    longest = max(len(ids) for _, _, ids in docs)
+    where = f"the longest {'' if split == 'all' else split + ' '}document of {len(docs)} has {longest} tokens"
+    measured = list(requested)
+    if len(requested) > 1:  # several lengths share the same tokens: a length no document reaches is left out
+        too_long = [c for c in requested if c > longest]
+        if len(too_long) == len(requested):
+            raise PizooError(f"no document reaches any of the lengths {', '.join(map(str, requested))} ({where}); "
+                             "pass a smaller --ctx, one --ctx (documents are then scored whole), or longer documents "
+                             "(--data)")
+        if too_long:
+            log.note(f"ctx {', '.join(map(str, too_long))} not measured: {where}")
+            measured = [c for c in requested if c <= longest]
+    gate_skips: dict[int, str] = {}
+    if gate_on:
+        wanted = [c for c in sorted({original, target}) if c not in measured]
+        gate_skips = {c: f"ctx {c} not measured: {where}" for c in wanted if c > longest}
+        added = [c for c in wanted if c not in gate_skips]
+        if added:
+            measured += added
+            log.note(f"the gate also measures ctx {', '.join(map(str, added))} (the model's original/target "
+                     "context); --no-gate measures only the listed lengths")
+        if gate_skips:
+            log.note(f"the gate's ctx {', '.join(map(str, gate_skips))} not measured ({where}): those gate checks "
+                     "are reported as skipped")
+    baseline_skipped = None
+    if base_context is not None and base_context > longest:
+        baseline_skipped = f"the baseline's original context {base_context} is not measured: {where}"
+        log.note(f"{baseline_skipped}; the gate's perplexity checks are skipped")
+    return _ContextPlan(sorted(set(measured)), gate_skips, baseline_skipped)
+
+
+def _protocol_line(corpus: _Corpus, split: str, ctx: int, stride: int) -> str:
+    """How the documents are scored, for the log and the report."""
+    n, tokens = len(corpus.tokens), sum(len(t) for t in corpus.tokens)
+    if corpus.protocol == PROTOCOL_WHOLE:
+        cut = f", each cut to its first {corpus.doc_tokens} tokens" if corpus.doc_tokens else ""
+        return (f"{n} of {corpus.read} {split} documents scored whole ({tokens} tokens{cut}) with windows of "
+                f"{ctx} tokens moving by {min(stride, ctx)}")
+    return (f"{n} of {corpus.read} {split} documents have >= {corpus.min_tokens} tokens; the same first "
+            f"{corpus.doc_tokens} tokens of each are scored at every length (the PI/YaRN protocol)")
+
+
 def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_documents: int | None,
                      doc_tokens: int | None, batch_tokens: int | None) -> None:
     if passkey_mode not in PASSKEY_MODES:
@@ -347,7 +435,7 @@ def _check_arguments(*, stride: int, passkey_mode: str, baseline_ctx: str, max_d
 
 
 def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None = None, data=None,
-                   split: str = "heldout", stride: int = DEFAULT_STRIDE, passkey: bool = True,
+                   split: str | None = None, stride: int = DEFAULT_STRIDE, passkey: bool = True,
                    baseline: str | Path | bool | None = None, gate: GateThresholds | Mapping | bool | None = None,
                    out: str | Path | None = None, passkey_mode: str = "greedy", passkey_trials: int = 10,
                    passkey_distances: int = 32, passkey_window: int | None = None, seed: int = 0,
@@ -361,10 +449,14 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
 
     model: HF folder, .gguf file (imported), zoo name or Hub id. ctx: lengths (default: the
     original context, its doublings, the target); with the gate on, the original and target
-    contexts are always measured. data: `pizoo.data` sources (None: the default offline corpus),
-    `split` heldout by default so training text is never scored. The documents with at least
-    max(ctx) tokens, truncated to doc_tokens (default max(ctx)) and at most max_documents of them,
-    are scored at every ctx. baseline: a model spec, None to find the base of a calibrated model
+    contexts are measured too when a document is that long (else the gate reports those checks as
+    skipped, with the reason), and a requested length longer than every document is left out with
+    a note. data: anything `pizoo.data.as_spec` takes (None: the default offline corpus). split
+    (None: `default_split`): heldout for the default corpus and the model's own calibration data,
+    all for other data. One measured length scores every document whole with sliding windows (HF's
+    perplexity guide; a document shorter than the window is one window); several score the same
+    tokens at every length (PI/YaRN): the documents with at least max(ctx) tokens, truncated to
+    doc_tokens (default max(ctx)). At most max_documents documents are scored. baseline: a model spec, None to find the base of a calibrated model
     (calibration.json / config.json pizoo.base_model), False for none; it is measured at its
     original context and the shorter ctx (baseline_ctx="all": at every ctx too; "listed": only at the
     ctx up to its original context, without the gate). gate: GateThresholds or a dict of its
@@ -377,7 +469,7 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
     tasks.
     """
     from .. import __version__
-    from ..data import default_corpus_note, describe_sources
+    from ..data import as_spec, default_corpus_note, describe_sources
 
     _check_arguments(stride=stride, passkey_mode=passkey_mode, baseline_ctx=baseline_ctx,
                      max_documents=max_documents, doc_tokens=doc_tokens, batch_tokens=batch_tokens)
@@ -404,18 +496,7 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
 
     subject, cfg, source = _open_subject(model, full_hash, dev, dt)
     target, original = cfg.context_length, cfg.original_context
-    contexts = parse_contexts(ctx) or default_contexts(original, target)
-    if gate_on:
-        missing = [c for c in (original, target) if c not in contexts]
-        if missing:
-            contexts = sorted(set(contexts) | set(missing))
-            log.note(f"added ctx {', '.join(map(str, missing))} (the model's original/target context) for the gate; "
-                     "pass --no-gate to measure only the listed lengths")
-    for c in contexts:
-        if c > target:
-            kind = f"'{cfg.rope.method}' scaling up to {target}" if cfg.rope.is_scaled else "no RoPE scaling"
-            log.warn(f"ctx {c} is beyond the model's context of {target} ({kind}): this is extrapolation; "
-                     "measuring it anyway (the papers' baseline)")
+    requested = parse_contexts(ctx) or default_contexts(original, target)
 
     # The baseline is resolved and validated before any long work, so a bad one fails fast.
     base = base_cfg = None
@@ -428,22 +509,46 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
     elif gate_on:
         log.note("no baseline: the gate's perplexity checks are skipped (pass --baseline BASE)")
 
+    if split is None:
+        split, why = default_split(subject.path, data)
+        if why:
+            log.note(why)
+    docs, data_fp = _read_documents(subject.encoder, data, split)
+    ctx_plan = _plan_contexts(requested, docs, split, target=target, original=original, gate_on=gate_on,
+                          base_context=base_cfg.original_context if base_cfg is not None and baseline_ctx != "listed"
+                          else None, log=log)
+    contexts = ctx_plan.contexts
+    if ctx_plan.baseline_skipped:
+        base = base_cfg = None
+    for c in contexts:
+        if c > target:
+            kind = f"'{cfg.rope.method}' scaling up to {target}" if cfg.rope.is_scaled else "no RoPE scaling"
+            log.warn(f"ctx {c} is beyond the model's context of {target} ({kind}): this is extrapolation; "
+                     "measuring it anyway (the papers' baseline)")
+
     window = passkey_window or max(contexts)
     if passkey:  # fail before the perplexity work if the passkey settings cannot run
         spread_passkey_distances(window, passkey_distances, passkey_min_length(subject.encoder))
         if passkey_trials < 1:
             raise PizooError(f"--passkey-trials {passkey_trials}: must be at least 1")
 
-    # Every context (the baseline's original included) scores the same documents and tokens.
-    longest_ctx = max(contexts + ([base_cfg.original_context] if base_cfg and baseline_ctx != "listed" else []))
-    doc_tokens = doc_tokens or longest_ctx
-    if doc_tokens < longest_ctx:
-        raise PizooError(f"--doc-tokens {doc_tokens}: must be at least the longest context measured ({longest_ctx})")
-    corpus = _select_documents(subject.encoder, data, split, longest_ctx, doc_tokens, max_documents)
+    whole = len(contexts) == 1
+    if whole:  # one length: every document, whole, as HF's perplexity guide scores a text
+        corpus = _select_documents(docs, data_fp, protocol=PROTOCOL_WHOLE, min_tokens=2, doc_tokens=doc_tokens,
+                                   max_documents=max_documents)
+    else:  # several: the same tokens at every length (PI/YaRN), the baseline's original context included
+        longest_ctx = max(contexts + ([base_cfg.original_context] if base_cfg is not None and baseline_ctx != "listed"
+                                      else []))
+        doc_tokens = doc_tokens or longest_ctx
+        if doc_tokens < longest_ctx:
+            raise PizooError(f"--doc-tokens {doc_tokens}: must be at least the longest context measured "
+                             f"({longest_ctx})")
+        corpus = _select_documents(docs, data_fp, protocol=PROTOCOL_SAME_TOKENS, min_tokens=longest_ctx,
+                                   doc_tokens=doc_tokens, max_documents=max_documents)
+    del docs
     token_fp = tokens_fingerprint(corpus.tokens)
-    log.echo(f"data: {len(corpus.tokens)} of {corpus.read} {split} documents have >= {longest_ctx} tokens; "
-             f"scoring the first {doc_tokens} tokens of each")
-    if data is None:
+    log.echo(f"data: {_protocol_line(corpus, split, contexts[0], stride)}")
+    if as_spec(data).sources is None:
         log.note(default_corpus_note().replace("a real calibration", "a real evaluation"))
 
     results = []
@@ -451,10 +556,12 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
         s = min(stride, c)
         if s != stride:
             log.note(f"ctx {c}: stride {stride} is longer than the window; using the disjoint mode (stride {c})")
-        r = _measure_ppl(subject, corpus.tokens, token_fp, c, s, store, batch_tokens, progress)
+        r = _measure_ppl(subject, corpus.tokens, token_fp, c, s, store, batch_tokens, progress, whole=whole)
         r["extrapolation"] = c > target
         results.append(r)
-        log.echo(f"ppl @ {c}: {r['ppl']:.4f} ({r['tokens']} tokens, {r['documents']} documents"
+        short = (f"; {r['short_documents']} shorter than the window, each scored in one window"
+                 if r.get("short_documents") else "")
+        log.echo(f"ppl @ {c}: {r['ppl']:.4f} ({r['tokens']} tokens, {r['documents']} documents{short}"
                  f"{', cached' if r['cached'] else ''})")
     passkey_report = None
     if passkey:
@@ -477,6 +584,7 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
             thresholds, ppl={r["ctx"]: r["ppl"] for r in results}, target=target, original=original,
             base_ppl=baseline_report["ppl_at_original"] if baseline_report else None,
             base_context=baseline_report["original_context"] if baseline_report else None,
+            unmeasured=ctx_plan.gate_skips, baseline_reason=ctx_plan.baseline_skipped,
             passkey=PasskeyResult.from_json(passkey_report) if passkey_report else None, tasks=tasks_report)
 
     if store.unwritable:
@@ -488,7 +596,8 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
                   "original_context": original, "rope": cfg.rope.describe()},
         "data": {"sources": describe_sources(data), "split": split, "fingerprint": corpus.fingerprint,
                  "documents_read": corpus.read, "documents": len(corpus.tokens), "longest_document": corpus.longest,
-                 "doc_tokens": doc_tokens, "tokens_fingerprint": token_fp},
+                 "doc_tokens": corpus.doc_tokens, "tokens_fingerprint": token_fp, "protocol": corpus.protocol,
+                 "protocol_note": _protocol_line(corpus, split, contexts[0], stride)},
         "settings": {"stride": stride, "device": dev.type, "dtype": str(dt).removeprefix("torch."),
                      "passkey": passkey, "seed": seed, "tasks": task_names,
                      "task_samples": task_samples if task_names else None},
