@@ -60,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 from . import __version__
 from .errors import Interrupted, PizooError
 from .fsutil import atomic_dir, atomic_write_json, check_output, output_lock, read_json, sha256_file, writing
+from .model import softcap
 
 STATE_SUFFIX = ".calibrate-state"
 MANIFEST_FILE = "manifest.json"  # present only in sharded (torchrun) training checkpoints
@@ -218,8 +219,9 @@ def sorted_random_positions(length: int, span: int, gen: torch.Generator) -> tor
 # The loss module (FSDP root): forward + chunked cross-entropy in one module call
 
 
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    # the final-logit soft cap (Gemma 2) as the model's own head applies it
+    return F.cross_entropy(softcap(F.linear(hidden, weight).float(), cap), targets, reduction="sum")
 
 
 class CausalLMLoss(nn.Module):
@@ -238,10 +240,10 @@ class CausalLMLoss(nn.Module):
         hidden = self.lm(input_ids, position_ids)
         h = hidden.reshape(-1, hidden.shape[-1])
         t = targets.reshape(-1)
-        w = self.lm.head_weight
+        w, cap = self.lm.head_weight, self.lm.config.final_logit_softcap
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.chunk):
-            total = total + checkpoint(_ce_sum, h[s:s + self.chunk], w, t[s:s + self.chunk], use_reentrant=False)
+            total = total + checkpoint(_ce_sum, h[s:s + self.chunk], w, t[s:s + self.chunk], cap, use_reentrant=False)
         return total / t.numel()
 
 
@@ -333,9 +335,9 @@ def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
 def _load_base_weights(wrapper: nn.Module, ckpt) -> None:
     from .lora import is_lora_param
 
-    _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_tensors()), strict=False)
+    _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_model_tensors()), strict=False)
     expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.") and not is_lora_param(n)}
-    loaded = {f"lm.{n}" for n in ckpt.tensors}
+    loaded = {f"lm.{ckpt.config.family.model_name(n)}" for n in ckpt.tensors}
     missing = sorted(expected - loaded)
     if missing:
         raise PizooError(f"{ckpt.path}: no weights for '{missing[0][3:]}'; the base checkpoint is incomplete")
@@ -1091,6 +1093,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             from .lora import merged_tensors
 
             weights = merged_tensors(weights, lora, adapter)
+        weights = ((cfg.family.hf_name(k), v) for k, v in weights)  # the checkpoint's own names
         if dist_.is_main:
             _write_output(out, ckpt, cfg, rope, ctx, rec, weights, clex_state, dev, resolved=resolved, data=data,
                           as_spec=as_spec, fingerprint=fingerprint, stream=stream, steps=n_steps,

@@ -53,6 +53,10 @@ def hf_field(d: dict, key: str, source: str, kind: type | tuple, *, default: Any
     return v
 
 
+# pizoo's activation names (ModelConfig.hidden_act) -> transformers' (config.json hidden_act)
+HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
 # --------------------------------------------------------------------------------------------
 # The tensor table
 
@@ -73,6 +77,9 @@ class Tensor:
     `trt` names the TensorRT-LLM tensor ("{i}" is the layer number within its pipeline stage);
     several HF tensors with one `trt` name are concatenated on dim 0 in table order (q|k|v).
     `rotary` is "q" or "k" for the projections whose rows llama.cpp's llama graph wants permuted.
+    `gguf_offset` is added to the values in the GGUF file (llama.cpp stores Gemma's (1 + w) norms
+    with the one added; import subtracts it). `qkv_per_head`: a fused q/k/v tensor whose rows go per
+    head [q_h | k_h | v_h] (GPT-NeoX), which llama.cpp and TensorRT-LLM want as Q|K|V blocks.
     """
 
     hf: str
@@ -82,6 +89,8 @@ class Tensor:
     split: str = "replicate"
     layer: int | None = None
     rotary: str | None = None
+    gguf_offset: float = 0.0
+    qkv_per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,12 +98,14 @@ class GGUFArch:
     """A llama.cpp architecture as pizoo writes it: its name, whether q/k rows are permuted to
     'adjacent pairs' order (only the llama graph rotates that way), whether its graph divides
     the frequencies by a `rope_freqs` tensor, and whether it reads LongRoPE's pair of factor tensors
-    instead (`rope_factors_long/short`, chosen by the context against the original one: phi3)."""
+    instead (`rope_factors_long/short`, chosen by the context against the original one: phi3), and
+    whether it applies sliding windows (gemma2/gemma3) or attends to the whole context."""
 
     name: str
     permute_qk: bool
     rope_freqs: bool
     rope_factor_pair: bool = False
+    sliding_window: bool = False
 
 
 GGUF_LLAMA = GGUFArch("llama", permute_qk=True, rope_freqs=True)
@@ -118,12 +129,49 @@ class Family:
     trtllm_refusal: str = ""
     tiny: dict[str, dict[str, Any]] = {}
     partial_rotary: bool = False  # reads partial_rotary_factor (ModelConfig.rotary_dim)
+    lora_refusal: str = ""  # why --lora is refused for this family ("" : it is not)
+
+    # --- names ---------------------------------------------------------------------------
+    @classmethod
+    def hf_name(cls, name: str) -> str:
+        """The checkpoint's name of one of pizoo's model parameters (the same for Llama-named families)."""
+        return name
+
+    @classmethod
+    def model_name(cls, name: str) -> str:
+        """pizoo's model parameter name of one of the checkpoint's tensors (inverse of hf_name)."""
+        return name
 
     # --- config.json ---------------------------------------------------------------------
     @classmethod
     def features(cls, d: dict[str, Any], source: str, num_layers: int) -> dict[str, Any]:
         """ModelConfig feature fields read from config.json (family keys only)."""
         return {}
+
+    @classmethod
+    def activation(cls, d: dict[str, Any], source: str) -> str:
+        """The MLP activation (ModelConfig.hidden_act) from config.json."""
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise PizooError(f"{source}: hidden_act '{act}' is not supported for {cls.model_type}; its SwiGLU MLP "
+                             "uses silu")
+        return "silu"
+
+    @classmethod
+    def window_layers(cls, num_layers: int) -> list[int]:
+        """The layers a sliding window applies to when config.json does not list them: every layer."""
+        return list(range(num_layers))
+
+    @classmethod
+    def hf_view(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """config.json as pizoo's parser reads it: the family's own key names mapped to the common
+        ones (GPT-NeoX's rotary_pct), the global layers' RoPE keys at the top level (Gemma 3)."""
+        return d
+
+    @classmethod
+    def hf_rope_layout(cls, cfg: ModelConfig, d: dict[str, Any]) -> None:
+        """Rearrange the RoPE keys written to config.json `d` where the family's class reads them
+        in another layout (Gemma 3: one rope_parameters entry per layer type)."""
 
     @classmethod
     def hf_keys(cls, cfg: ModelConfig) -> dict[str, Any]:
@@ -302,4 +350,4 @@ def tiny_variants() -> dict[str, dict[str, Any]]:
 
 
 # The families, in the order they are listed and matched.
-from . import llama, mistral, qwen2, qwen3, phi3  # noqa: E402,F401
+from . import llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, gptneox  # noqa: E402,F401
