@@ -35,8 +35,8 @@ from .export.gguf import (KEY_ARCH, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDIN
                           ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, ROPE_TENSORS, TOKEN_BYTE,
                           TOKENIZER_BPE, TOKENIZER_SPM,
                           TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field, float32_value,
-                          open_gguf, qkv_per_head, unpermute_rows)
-from .families import FAMILIES, GGUFArch, family_for_gguf, gguf_archs
+                          open_gguf, unpermute_rows)
+from .families import FAMILIES, GGUFArch, family_for_gguf, gguf_archs, qkv_per_head
 _TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
 LLAMA_CPP_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})

@@ -142,6 +142,9 @@ def test_family_pipeline_gguf_import_and_trtllm(calibrated, tmp_path, family):
     src = calibrated(family, "yarn")
     _check_gguf(src, tmp_path, family)
     _check_trtllm(src, tmp_path, family)
+    rope_types = FAMILIES[family].trtllm_rope_types
+    if rope_types is not None:  # a family whose TensorRT-LLM model takes only some methods: one it takes
+        _check_trtllm(calibrated(family, "ntk" if "ntk" in rope_types else rope_types[0]), tmp_path / "t2", family)
 
 
 def _check_gguf(src: Path, tmp_path: Path, family: str) -> None:
@@ -181,9 +184,10 @@ def _check_gguf(src: Path, tmp_path: Path, family: str) -> None:
 
 
 def _check_trtllm(src: Path, tmp_path: Path, family: str) -> None:
-    # TensorRT-LLM, or a one-line refusal naming what to use.
+    # TensorRT-LLM, or a one-line refusal naming what to use (the family, or this RoPE method for it).
     fam = FAMILIES[family]
-    if fam.trtllm_arch is None:
+    rope_type = open_checkpoint(src).config.rope.type
+    if fam.trtllm_arch is None or (fam.trtllm_rope_types is not None and rope_type not in fam.trtllm_rope_types):
         with pytest.raises(PizooError) as e:
             export_trtllm(src, tmp_path / "trt", dtype="float32", tp=2)
         assert "\n" not in str(e.value) and ("--to gguf" in str(e.value) or "--formats hf" in str(e.value))

@@ -54,6 +54,7 @@ import numpy as np
 
 from ..config import ModelConfig, RopeConfig, ntk_theta, rope_to_dict
 from ..errors import PizooError
+from ..families import qkv_blocks
 from ..hf_folder import TensorInfo, index_hf_folder
 
 log = logging.getLogger("pizoo.gguf")
@@ -80,23 +81,6 @@ def permute_rows(w, n_head: int):
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-
-
-def qkv_blocks(w, n_head: int):
-    """Fused q/k/v rows per head [n_head, 3, head_dim, ...] (GPT-NeoX) -> Q|K|V blocks [3, n_head,
-    head_dim, ...] (llama.cpp, TensorRT-LLM); numpy or torch, weight or bias."""
-    shape = tuple(w.shape)
-    grouped = w.reshape(n_head, 3, shape[0] // (3 * n_head), *shape[1:])
-    out = grouped.swapaxes(0, 1) if isinstance(w, np.ndarray) else grouped.transpose(0, 1)
-    return out.reshape(shape)
-
-
-def qkv_per_head(w, n_head: int):
-    """Inverse of `qkv_blocks`."""
-    shape = tuple(w.shape)
-    grouped = w.reshape(3, n_head, shape[0] // (3 * n_head), *shape[1:])
-    out = grouped.swapaxes(0, 1) if isinstance(w, np.ndarray) else grouped.transpose(0, 1)
-    return out.reshape(shape)
 
 
 def unpermute_rows(w, n_head: int):
