@@ -63,6 +63,40 @@ def find_smollm2_gguf() -> Path | None:
 # Config
 
 
+# general.* keys that say who a model is (llama.cpp's convert_hf_to_gguf writes them from the card).
+IDENTITY_KEYS = ("name", "basename", "size_label", "finetune", "organization", "license", "source.url",
+                 "source.huggingface.repository", "base_model.count")
+
+
+def gguf_file_type_label(reader) -> str | None:
+    """general.file_type as llama.cpp names it (F16, Q8_0, Q4_1, ...), None when absent."""
+    import gguf
+
+    value = field(reader, "general.file_type")
+    if value is None:
+        return None
+    try:
+        name = gguf.LlamaFileType(int(value)).name
+    except ValueError:
+        return f"type{value}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def gguf_general(reader) -> dict[str, Any]:
+    """The identity keys of a GGUF's general.* metadata (without the prefix), and its file type."""
+    out: dict[str, Any] = {}
+    for key in reader.fields:
+        short = key.removeprefix("general.")
+        if short in IDENTITY_KEYS or (short.startswith("base_model.") and short.count(".") == 2):
+            value = field(reader, key)
+            if isinstance(value, (str, int)):
+                out[short] = value
+    file_type = gguf_file_type_label(reader)
+    if file_type:
+        out["file_type"] = file_type
+    return out
+
+
 def _rope_from_keys(reader, arch: str, ctx: int, head_dim: int, path: Path) -> tuple[RopeConfig, dict]:
     """RoPE of a GGUF without pizoo's record, from llama.cpp's keys (and a rope_freqs tensor)."""
     p = f"{arch}."
@@ -141,9 +175,8 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     if field(reader, KEY_BLOCK):
         block: dict[str, Any] = json.loads(field(reader, KEY_BLOCK))
     else:
-        # A file pizoo did not write: keep where it came from, for lineage and file names.
-        general = {k: field(reader, f"general.{k}") for k in ("name", "basename", "size_label", "organization")}
-        block = {"source_gguf": path.name, "gguf_general": {k: v for k, v in general.items() if v is not None}}
+        # A file pizoo did not write: keep who it says the model is (pizoo.lineage reads this).
+        block = {"source_gguf": path.name, "gguf_general": gguf_general(reader)}
     if recorded:
         rope = RopeConfig(**json.loads(recorded))
         rope.validate(f"{path}: {KEY_ROPE}")

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, failing_reasons, method_of,
-                   read_card_license, render_card, reproduce_command)
+from .card import (CardFacts, context_of, failing_reasons, method_of, read_card_license, render_card,
+                   reproduce_command)
 from .errors import GateFailed, PizooError
 from .fsutil import read_json, replace_dir
-from .resolve import HUB_ID
-from .zoo import Artifact, Zoo, alias_info, default_name, locate_artifact
+from .lineage import HUB_ID, Identity, base_identity, local_roots
+from .zoo import Artifact, Zoo, alias_info, default_name, license_for, locate_artifact, pizoo_home
 
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN"
 _TRUE = {"1", "true", "yes", "on"}
@@ -132,38 +132,27 @@ def read_release(folder: str | os.PathLike) -> Release:
 
 def gguf_file_type(path: Path) -> str | None:
     """The GGUF's general.file_type as a label (F32, F16, BF16, Q8_0, ...), None when absent."""
-    import gguf
+    from .export.gguf import open_gguf
+    from .gguf_import import gguf_file_type_label
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise PizooError(f"{path}: not a readable GGUF file ({e}); re-export it with `pizoo convert --to gguf`") from None
-    fld = reader.fields.get("general.file_type")
-    if fld is None:
-        return None
-    value = int(fld.parts[fld.data[0]][0])
-    try:
-        name = gguf.LlamaFileType(value).name
-    except ValueError:
-        return f"type{value}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return gguf_file_type_label(open_gguf(path))
 
 
-def gguf_repo_name(release: Release, gguf_path: Path, repo_id: str) -> str:
-    """The convention on the Hub: BASE-CTXK-METHOD-TYPE.gguf, e.g. SmolLM2-135M-32K-PI-Q8_0.gguf."""
-    base = base_id_of(release.config, release.calibration)
-    stem = (base or repo_id).rstrip("/").split("/")[-1]
-    parts = [stem]
-    ctx = context_of(release.config, release.calibration)
-    if ctx:
-        parts.append(context_label(int(ctx)))
-    method = method_of(release.config, release.calibration)
-    if method:
-        parts.append(METHOD_LABELS.get(str(method), str(method).upper()))
-    kind = gguf_file_type(gguf_path)
-    if kind:
-        parts.append(kind)
-    return "-".join(parts) + ".gguf"
+def gguf_repo_name(release: Release, gguf_path: Path, repo_id: str | None = None) -> str:
+    """The GGUF's one name, locally and on the Hub: the name the exporter gives it
+    (pizoo.export.gguf.default_file_name), e.g. SmolLM2-135M-Instruct-32K-PI-Q8_0.gguf. (`repo_id`
+    no longer matters: the name comes from the base's public identity.)"""
+    from .config import ModelConfig
+    from .export.gguf import default_file_name, field, open_gguf
+
+    art = release.artifact
+    cfg = ModelConfig.from_file(art.hf_dir / "config.json")
+    kind = gguf_file_type(gguf_path) or "F32"
+    static = None
+    if cfg.rope.type == "dynamic":  # baked at the length the file declares
+        reader = open_gguf(gguf_path)
+        static = field(reader, f"{field(reader, 'general.architecture')}.context_length")
+    return default_file_name(art.hf_dir, cfg, kind, static)
 
 
 def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
@@ -177,7 +166,7 @@ def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
             continue  # the generated card replaces any README; eval files go under eval/
         files.append(UploadFile(rel, path.stat().st_size, path))
     for path in art.gguf_files:
-        files.append(UploadFile(gguf_repo_name(release, path, repo_id), path.stat().st_size, path))
+        files.append(UploadFile(gguf_repo_name(release, path), path.stat().st_size, path))
     for path in art.trtllm_files():
         files.append(UploadFile(f"trtllm/{path.relative_to(art.trtllm_dir).as_posix()}", path.stat().st_size, path))
     for path in art.eval_files():
@@ -218,7 +207,22 @@ def publishable_json(path: Path) -> bytes | None:
         return value
 
     data = scrub(data)
+    base = data.get("base_model") if path.name == "calibration.json" and isinstance(data, dict) else None
+    if isinstance(base, dict):
+        # The base is published by its identity and sha256: where it lay here, and a spec that was a
+        # path, are this machine's business.
+        for key in ("path", "spec"):
+            if key in base and (key == "path" or _names_a_local_path(base[key])):
+                del base[key]
+                changed = True
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode() if changed else None
+
+
+def _names_a_local_path(spec: Any) -> bool:
+    if not isinstance(spec, str):
+        return False
+    path = Path(spec).expanduser()
+    return path.is_absolute() or spec.startswith(("~", ".")) or path.exists() or ("/" in spec and not HUB_ID.match(spec))
 
 
 # pizoo's own JSON records, which hold local paths; every other file (tokenizer.json above all,
@@ -233,10 +237,27 @@ def _without_local_paths(f: UploadFile) -> UploadFile:
     return f if content is None else UploadFile(f.path_in_repo, len(content), f.source, content)
 
 
+def release_base(release: Release) -> Identity:
+    return base_identity(release.config, release.calibration)
+
+
+def check_nothing_local(release: Release, files: list[UploadFile]) -> None:
+    """Refuse (one error line naming the file and key) when any file of the commit holds one of the
+    user's folders: home, PIZOO_HOME, the working folder or the release folder (pizoo.privacy)."""
+    from .privacy import check_publishable
+
+    roots = local_roots(release.artifact.root, pizoo_home())
+    check_publishable([(f.path_in_repo, f.source, f.content) for f in files], roots)
+
+
 def inherited_license(release: Release) -> str | None:
-    """The base's license: its local card, its zoo copy's card, the shipped alias data, in that order."""
+    """The base's license: its recorded identity, its local card, its zoo copy's card, the aliases'
+    data, in that order."""
+    ident = release_base(release)
+    if ident.license:
+        return ident.license
     base = (release.calibration or {}).get("base_model") or {}
-    base_id = base_id_of(release.config, release.calibration)
+    base_id = ident.hub_id
     cards = []
     if base.get("path"):
         cards.append(Path(base["path"]) / "README.md")
@@ -248,12 +269,7 @@ def inherited_license(release: Release) -> str | None:
         lic = read_card_license(card)
         if lic:
             return lic
-    aliases = Zoo().aliases()
-    for info in aliases.values():
-        if base_id and info.get("hub_id") == base_id and info.get("license"):
-            return info["license"]
-    info = alias_info(base["spec"]) if base.get("spec") else None
-    return info.get("license") if info else None
+    return license_for(base_id)
 
 
 def trtllm_build_line(release: Release) -> str | None:
@@ -274,7 +290,7 @@ def card_for(release: Release, repo_id: str, files: list[UploadFile], *, forced:
         gguf_files=[f.path_in_repo for f in files if f.path_in_repo.endswith(".gguf")],
         trtllm_build=trtllm_build_line(release),
         plot=next((f.path_in_repo for f in files if f.path_in_repo.startswith("eval/") and f.path_in_repo.endswith(".png")), None),
-        license=inherited_license(release), forced=forced,
+        license=inherited_license(release), forced=forced, base=release_base(release),
         reproduce=reproduce_command(release.calibration, release.run, release.config))
     return render_card(facts)
 
@@ -315,6 +331,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     files = plan_upload(release, repo_id)
     card = card_for(release, repo_id, files, forced=forced)
     files.append(UploadFile("README.md", len(card.encode()), None, card.encode()))
+    check_nothing_local(release, files)
     if dry_run:
         return PushResult(url=None, commit=None, files=files, card=card, dry_run=True, forced=forced)
 

