@@ -106,14 +106,14 @@ def user(hub, tmp_path, monkeypatch):
 
 
 def extend_and_push(user: dict, model: str, repo: str, formats: tuple[str, ...] = ("hf", "gguf")) -> dict:
-    """`pizoo extend MODEL --steps 1 --global-batch 1 --train-len 64 --eval quick` into the working
-    folder, then `pizoo push --force`."""
+    """`pizoo extend MODEL --steps 1 --global-batch 1 --train-len 64 --eval quick --eval-ctx 256` into the
+    working folder, then `pizoo push --force`."""
     from pizoo.hub import push
     from pizoo.pipeline import ExtendOptions, extend
 
     out = user["work"] / "release"
-    extend(ExtendOptions(model=model, ctx=CTX, steps=1, global_batch=1, train_len=64, eval="quick", formats=formats,
-                         out=out, progress=False), say=lambda _: None)
+    extend(ExtendOptions(model=model, ctx=CTX, steps=1, global_batch=1, train_len=64, eval="quick", eval_ctx=[CTX],
+                         formats=formats, out=out, progress=False), say=lambda _: None)
     result = push(out, repo, force=True)
     uploaded = user["hub"].state.files(repo)
     assert set(uploaded) >= {f.path_in_repo for f in result.files}
