@@ -370,7 +370,8 @@ def run_resolve(ctx: Context) -> StageOutcome:
     resolved = resolve_model(ctx.opts.model)
     return StageOutcome([resolved.path], {"path": str(resolved.path), "source": resolved.source,
                                           "hub_id": resolved.hub_id, "revision": resolved.revision,
-                                          "gguf_file": str(resolved.gguf_file) if resolved.gguf_file else None})
+                                          "gguf_file": str(resolved.gguf_file) if resolved.gguf_file else None,
+                                          "identity": resolved.identity.to_dict()})
 
 
 def _stage_calibrate_inputs(ctx: Context) -> dict[str, Any]:
@@ -688,6 +689,9 @@ def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
     return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data or None, "steps": o.steps,
             "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
             "global_batch": o.global_batch,
+            # calibrate re-resolves the resolved folder (an import cache for a GGUF alias): the identity
+            # the resolve stage found from the spec (alias, Hub) is handed over, not re-derived.
+            "base_identity": (ctx.results.get("resolve") or {}).get("identity"),
             "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
 
 

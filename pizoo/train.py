@@ -802,7 +802,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
               activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
               micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
               max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
-              log=print) -> CalibrationResult:
+              base_identity: dict | None = None, log=print) -> CalibrationResult:
     """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
 
     `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
@@ -818,6 +818,10 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
     rec = load_recipe(recipe)
     out = Path(out)
     resolved = resolve_model(model)
+    if base_identity:  # what the caller resolved from the user's spec (pizoo extend's resolve stage)
+        from .lineage import Identity
+
+        resolved.identity = Identity.from_dict(base_identity) or resolved.identity
     ckpt = open_checkpoint(resolved.path)
     cfg = ckpt.config
     if cfg.rope.is_scaled:
