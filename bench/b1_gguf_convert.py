@@ -7,8 +7,9 @@ What it does, all under the git-ignored bench/work/:
    shards with pizoo.synthetic.write_synthetic_llama, once.
 2. Fetches llama.cpp's converter as vendored in the llama-cpp-python sdist (`pip download`), extracts
    only the converter, its `conversion` package, its gguf-py and its requirements, and installs those
-   requirements into a venv that sees this interpreter's packages (torch is taken from there: the
-   pinned CPU wheel lives on an index this machine cannot reach). The converter runs unmodified,
+   requirements into a venv whose path ends with this interpreter's site-packages (a .pth file), so
+   torch is taken from wherever the benchmark runs, a virtualenv or a system install (the pinned
+   CPU wheel lives on an index this machine cannot reach). The converter runs unmodified,
    with its own gguf-py on PYTHONPATH. None of it is part of pizoo.
 3. Reads the input shards once so they sit in the page cache for every run.
 4. For each output type, alternates llama.cpp, pizoo (`python -m pizoo.cli convert`) and the copy
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -81,20 +83,42 @@ def requirement_lines(path: Path) -> list[str]:
     return out
 
 
+def host_site_packages() -> list[str]:
+    """The site-packages folders of the interpreter running the benchmark: a virtualenv's own when it
+    runs in one (where torch was installed), the system's otherwise."""
+    import site
+    import sysconfig
+
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    return list(dict.fromkeys(d for d in dirs if Path(d).is_dir()))
+
+
 def converter_python(work: Path, vendor: Path) -> Path:
-    """A venv holding the converter's own pinned requirements (torch from the host)."""
+    """A venv holding the converter's own pinned requirements, with the host's packages (torch) after them.
+
+    The venv is not made with system_site_packages: from inside a virtualenv that would expose the
+    *base* interpreter's packages, which lack the virtualenv's torch. Instead a .pth file appends the
+    running interpreter's site-packages to the venv's path, so the venv's own pins come first and
+    torch comes from wherever the benchmark runs (virtualenv or system install)."""
     env_dir = work / "b1" / "converter-venv"
     python = env_dir / "bin" / "python"
     marker = env_dir / "requirements.installed"
     reqs = [r for r in requirement_lines(vendor / CONVERTER_REQUIREMENTS)
             if not r.lower().startswith(HOST_PROVIDED)]
-    if marker.is_file() and marker.read_text() == "\n".join(reqs):
+    host = "\n".join(host_site_packages())
+    state = "\n".join(reqs) + "\n--host--\n" + host
+    if marker.is_file() and marker.read_text() == state and python.exists():
         return python
     print(f"installing the converter's requirements into {env_dir}: {reqs}", flush=True)
-    if not python.exists():
-        venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    if env_dir.exists():
+        shutil.rmtree(env_dir)  # made for another host interpreter (or by an older B1): start clean
+    venv.EnvBuilder(system_site_packages=False, with_pip=True).create(env_dir)
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    own = Path(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    (own / "zz-pizoo-bench-host.pth").write_text(host + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "-q", *reqs], check=True)
-    marker.write_text("\n".join(reqs))
+    subprocess.run([str(python), "-c", "import torch"], check=True)  # fail here, not in the first timed run
+    marker.write_text(state)
     return python
 
 

@@ -15,7 +15,7 @@ is scored once. Each side runs in a fresh child process, alternated round by rou
 summed NLL, the number of scored tokens, the seconds spent loading the weights and the seconds spent
 evaluating; end-to-end wall time and peak RSS come from the parent's measurement of the child.
 
-- pizoo: `pizoo.model.load_model` + `pizoo.evaluate.sliding_window_perplexity` (what `pizoo eval`
+- pizoo: `pizoo.model.load_model` + `pizoo.eval.perplexity.sliding_window_perplexity` (what `pizoo eval`
   runs, called directly so its result cache cannot answer instead of measuring).
 - transformers: `AutoModelForCausalLM.from_pretrained(..., attn_implementation="sdpa")`, one window
   per forward pass, labels masked with -100 outside the scored targets, loss x scored count summed.
@@ -44,7 +44,7 @@ def heldout_tokens(model_dir: Path, n_tokens: int) -> tuple[str, list[int]]:
     """The first n_tokens of the first held-out default-corpus document long enough, as pizoo eval
     encodes it (the tokenizer's special tokens included)."""
     from pizoo.data import iter_documents
-    from pizoo.evaluate import TextEncoder
+    from pizoo.eval.text import TextEncoder
 
     encoder = TextEncoder(model_dir)
     for doc in iter_documents(None, split="heldout"):
@@ -59,7 +59,7 @@ def heldout_tokens(model_dir: Path, n_tokens: int) -> tuple[str, list[int]]:
 def pizoo_perplexity(model_dir: Path, tokens: list[int], ctx: int, stride: int) -> dict:
     import torch
 
-    from pizoo.evaluate import sliding_window_perplexity
+    from pizoo.eval.perplexity import sliding_window_perplexity
     from pizoo.model import load_model
 
     start = time.perf_counter()

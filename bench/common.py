@@ -383,7 +383,9 @@ def result_section(r: dict[str, Any]) -> list[str]:
 
 # Benchmarks that only run on a GPU: (results file stem, command).
 GPU_BENCHMARKS = [("b3_train_throughput", "python bench/b3_train_throughput.py  # B3: calibration tokens/s, MFU, peak memory"),
-                  ("eval_gpu", "python bench/eval_gpu.py  # evaluation tokens/s and peak memory at 8k/16k/32k")]
+                  ("eval_gpu", "python bench/eval_gpu.py  # evaluation tokens/s and peak memory at 8k/16k/32k"),
+                  ("b6_lora_gpu", "python bench/b6_lora.py --gpu  # B6: LoRA+ tokens/s and peak memory vs "
+                                  "transformers + peft at 16k")]
 
 
 def eval_gpu_section(path: Path, r: dict[str, Any]) -> list[str]:

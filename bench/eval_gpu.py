@@ -4,7 +4,7 @@
     python bench/eval_gpu.py --model path/to/SmolLM2-135M # a real HF folder, .gguf, zoo name or Hub id
     python bench/eval_gpu.py --device cpu --ctx 512,1024 --windows 2   # smoke run without a GPU
 
-For each context length it times `pizoo.evaluate.sliding_window_perplexity` (bf16 + SDPA on CUDA,
+For each context length it times `pizoo.eval.perplexity.sliding_window_perplexity` (bf16 + SDPA on CUDA,
 the same code `pizoo eval` runs) over one document sized to give exactly --windows windows at
 --stride, after one warm-up window, and records forward tokens/s (tokens through the model),
 scored tokens/s, an estimate of achieved forward TFLOP/s (2 x non-embedding params + 2 x layers x
@@ -32,7 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pizoo.evaluate import auto_batch_size, resolve_dtype, sliding_window_perplexity  # noqa: E402
+from pizoo.eval.batching import auto_batch_size, resolve_dtype  # noqa: E402
+from pizoo.eval.perplexity import sliding_window_perplexity  # noqa: E402
 from pizoo.fsutil import atomic_write_json  # noqa: E402
 
 # SmolLM2-135M's shape (config.json of HuggingFaceTB/SmolLM2-135M).

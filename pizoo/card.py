@@ -49,6 +49,7 @@ class CardFacts:
     license: str | None = None  # inherited from the base; None when unknown
     forced: bool = False  # pushed with --force past a failed or missing gate
     reproduce: str | None = None  # the pizoo command that makes this model
+    quant_quality: list[dict] | None = None  # the GGUF ladder measured in llama.cpp (see quant_ladder_section)
     base: Identity | None = None  # the base's public identity (default: from the records)
 
     @property
@@ -162,6 +163,14 @@ def _extend_command(cmd: dict, calib: dict) -> str:
             parts += [flag, str(cmd[key])]
     if cmd.get("eval_ctx"):
         parts += ["--eval-ctx", ",".join(str(c) for c in cmd["eval_ctx"])]
+    lora = cmd.get("lora") or calib.get("lora")
+    if isinstance(lora, dict) and lora.get("rank"):
+        targets = ",".join(lora.get("targets") or [])  # empty: the default (attention projections)
+        parts += ["--lora", str(lora["rank"]), "--lora-alpha", _num(lora.get("alpha")),
+                  *(["--lora-targets", targets] if targets else []),
+                  "--lora-trainable", ",".join(lora.get("trainable") or []) or "none"]
+    if cmd.get("offload"):
+        parts.append("--offload")
     return shlex.join(parts)
 
 
@@ -315,6 +324,8 @@ def _body(facts: CardFacts) -> str:
         if acc:
             out.append("Accuracy by distance: " + ", ".join(f"{d}: {_num(a)}" for d, a in acc.items()) + ".")
         out.append("")
+    out += _task_table(ev.get("tasks"), (ev.get("baseline") or {}).get("tasks")
+                       if isinstance(ev.get("baseline"), dict) else None)
     gate = ev.get("gate")
     if gate:
         out.append(f"Gate: **{'passed' if gate.get('passed') else 'failed'}**"
@@ -331,6 +342,7 @@ def _body(facts: CardFacts) -> str:
     out += [f"| `{path}` | {human_bytes(size)} |" for path, size in facts.files]
     out.append("")
 
+    out += quant_ladder_section(facts.quant_quality)
     out += ["## Usage", "", "### transformers", "", "The scaling is in config.json; no custom code is needed.",
             "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'tokenizer = AutoTokenizer.from_pretrained("{facts.repo_id}")',
@@ -344,6 +356,7 @@ def _body(facts: CardFacts) -> str:
     if facts.trtllm_build:
         out += ["### TensorRT-LLM", "", "```bash", f"hf download {facts.repo_id} --include 'trtllm/*' --local-dir .",
                 facts.trtllm_build, "```", ""]
+    out += _adapter_usage(facts)
     if facts.reproduce:
         out += ["## Reproduce", "", "```bash", facts.reproduce, "```", ""]
     out += ["## License", ""]
@@ -353,9 +366,66 @@ def _body(facts: CardFacts) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------------
+# The GGUF quant ladder (pizoo.export.quantize, measured by pizoo.eval.llamacpp)
+
+# The recommendation: the smallest file whose mean KL divergence from the f16/bf16 file stays at or
+# below this (llama.cpp's users read ~0.05 as "close to the original" for a 4-5 bit quant of a 7B).
+RECOMMEND_MAX_KLD = 0.05
+
+
+def quant_ladder_section(rows: list[dict] | None) -> list[str]:
+    """'## GGUF quants': file, size, bits per weight, ppl at the measured context, KLD and top-1
+    agreement against the f16/bf16 file, all measured in llama.cpp; then one recommendation line."""
+    if not rows:
+        return []
+    ctx = max(int(r["ctx"]) for r in rows)
+    ref = next((r.get("reference") for r in rows if r.get("reference")), None)
+    out = ["## GGUF quants", "",
+           f"Measured in llama.cpp (llama-cpp-python) at {ctx:,} tokens of context on held-out text: perplexity, "
+           f"and against {f'`{ref}`' if ref else 'the f16 file'} the mean KL divergence of the next-token "
+           "distributions and how often both pick the same top token.", "",
+           f"| file | size | bits/weight | ppl @ {context_label(ctx)} | KLD | top-1 |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: -int(r["bytes"])):
+        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else "-"
+        top1 = f"{100 * r['top1']:.1f}%" if r.get("top1") is not None else "-"
+        out.append(f"| `{r['file']}` | {human_bytes(int(r['bytes']))} | {float(r['bpw']):.2f} | {float(r['ppl']):.4g} | "
+                   f"{kld} | {top1} |")
+    quants = [r for r in rows if r.get("kld") is not None and r.get("file") != ref]
+    fit = [r for r in quants if r["kld"] <= RECOMMEND_MAX_KLD]
+    out.append("")
+    if fit:
+        best = min(fit, key=lambda r: int(r["bytes"]))
+        out.append(f"Recommendation: `{best['file']}`, the smallest file with mean KLD <= {RECOMMEND_MAX_KLD} "
+                   f"({best['kld']:.4f}, top-1 {100 * best['top1']:.1f}%) at {ctx:,} tokens.")
+    elif quants:
+        out.append(f"Recommendation: no quant stays within mean KLD {RECOMMEND_MAX_KLD} at {ctx:,} tokens; use the "
+                   "largest file that fits your memory, or the f16 file.")
+    out.append("")
+    return out
+
+
 # calibration.json's recipe is pizoo.recipes.Recipe.to_dict(): the training keys are at its top level.
 _RECIPE_TRAIN_KEYS = ("betas", "weight_decay", "warmup_steps", "warmup_ratio", "warmup_start", "schedule",
                       "min_lr_ratio", "positions")
+
+
+def _adapter_usage(facts: CardFacts) -> list[str]:
+    """The PEFT adapter of a LoRA(+) calibration (adapter/ in the repo), when one was uploaded."""
+    lora = (facts.calibration or {}).get("lora")
+    if not isinstance(lora, dict) or not any(p == "adapter/adapter_config.json" for p, _ in facts.files):
+        return []
+    base = hub_base_id_of(facts.config, facts.calibration) or "BASE_MODEL"
+    extra = f" + trainable {', '.join(lora.get('trainable') or [])}" if lora.get("trainable") else ""
+    return ["### PEFT adapter", "",
+            f"Calibrated with {lora.get('kind', 'LoRA')} (rank {lora.get('rank')}, alpha {_num(lora.get('alpha'))} on "
+            f"{','.join(lora.get('targets') or []) or 'the attention projections'}{extra}). The weights above are merged; `adapter/` holds the same "
+            "result as a PEFT adapter for the base. Load the base with this repo's config.json, which holds the RoPE "
+            "scaling the adapter was trained for:", "",
+            "```python", "from peft import PeftModel", "from transformers import AutoConfig, AutoModelForCausalLM", "",
+            f'config = AutoConfig.from_pretrained("{facts.repo_id}")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base}", config=config, torch_dtype="auto")',
+            f'model = PeftModel.from_pretrained(base, "{facts.repo_id}", subfolder="adapter")', "```", ""]
 
 
 def _recipe_hyperparameters(recipe: dict, calib: dict) -> dict:
@@ -383,6 +453,34 @@ def failing_reasons(gate: dict) -> list[str]:
     reasons = [str(r) for r in gate.get("reasons") or []]
     failed = [r.removeprefix("FAIL: ") for r in reasons if r.startswith("FAIL")]
     return failed or reasons
+
+
+def _task_table(tasks: dict | None, base: dict | None) -> list[str]:
+    """Long-context task scores per length (the base's in parentheses) and the effective length."""
+    if not tasks or not tasks.get("tasks"):
+        return []
+    lengths = [str(x) for x in tasks.get("lengths") or []]
+    out = ["Long-context tasks (RULER-style, string-match recall, "
+           f"{_cell(tasks.get('samples'))} samples per task and length"
+           + ("; the base model's score in parentheses" if base else "") + "):", "",
+           "| task | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+    rows = list(tasks["tasks"].items()) + [("mean", {"scores": tasks.get("average") or {}})]
+    for name, entry in rows:
+        theirs = ((base or {}).get("tasks") or {}).get(name, {}).get("scores") if name != "mean" \
+            else (base or {}).get("average")
+        cells = []
+        for length in lengths:
+            cell = _num((entry.get("scores") or {}).get(length))
+            if theirs and length in theirs:
+                cell += f" ({_num(theirs[length])})"
+            cells.append(cell)
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    eff = tasks.get("effective_length")
+    shown = f"{_cell(eff)} tokens" if eff is not None else "not measured (no length at which every task ran)"
+    out += ["", f"Effective length: {shown} (the longest length whose mean "
+            f"score stays at or above {_cell(tasks.get('threshold'))}, RULER's threshold)"
+            + (f"; the base's: {_cell(base.get('effective_length'))}." if base else "."), ""]
+    return out
 
 
 def _baseline_ppl(baseline: Any) -> dict:

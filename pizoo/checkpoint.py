@@ -20,7 +20,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -338,13 +338,15 @@ def _shard_name(i: int, n: int) -> str:
 def write_checkpoint(out: str | os.PathLike, config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, copy_files_from: str | os.PathLike | None = None,
                      generation_config: dict | None = None, overwrite: bool = False, dtype: torch.dtype | None = None,
-                     progress: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+                     progress: bool = False, extra_files: dict[str, str] | None = None,
+                     finish: Callable[[Path], None] | None = None) -> Path:
     """Write an HF folder atomically, streaming `tensors` into shards of at most `max_shard_bytes`.
 
     Tensors are written as given (dtype kept) unless `dtype` converts floating tensors. Tokenizer
     files and generation_config.json are copied from `copy_files_from`. Each tensor goes to disk as
     it arrives (SafetensorsWriter without a layout), so memory is bounded by the largest tensor, not
-    the shard; a shard's bytes pass through a temporary file beside it once.
+    the shard; a shard's bytes pass through a temporary file beside it once. `finish(tmp)` writes
+    anything else into the folder after the weights, before it is renamed into place.
     """
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -410,6 +412,8 @@ def write_checkpoint(out: str | os.PathLike, config: ModelConfig, tensors: Itera
             atomic_write_json(tmp / GENERATION_FILE, generation_config)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text, encoding="utf-8")
+        if finish is not None:
+            finish(tmp)
     return out
 
 

@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import importlib
+
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .errors import PizooError
@@ -22,9 +25,42 @@ PIPELINE = "Pipeline"
 STEPS = "Pipeline steps"
 MODELS = "Models and checkpoints"
 HUB = "Hub and zoo"
+# click's exceptions, or the copy of click that typer vendors (typer >= 0.29): where BadParameter lives.
+_usage = importlib.import_module(typer.BadParameter.__module__)
+
+
+class OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing argument) end like every
+    other bad input: one `error:` line naming the option and where help is, exit 2, instead of
+    click's boxed usage text. Help itself (no arguments, --help) is printed as before."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(_usage, "NoArgsIsHelpError", ()) as e:
+            if not standalone_mode:
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        except _usage.ClickException as e:
+            if not standalone_mode:
+                raise
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "pizoo"
+            err(f"{e.format_message().rstrip('.')}; see `{where} --help`")
+            sys.exit(e.exit_code)
+        except typer.Abort:  # Ctrl-C while the arguments were read
+            if not standalone_mode:
+                raise
+            err("interrupted")
+            sys.exit(130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) comes back as its code
+
 
 app = typer.Typer(
     name="pizoo",
+    cls=OneLineUsageErrors,
     help="Extend the context window of RoPE language models and ship them: HF, GGUF, TensorRT-LLM, the Hub.",
     no_args_is_help=True,
     add_completion=False,
@@ -38,10 +74,13 @@ def err(msg: str) -> None:
 
 
 def reports_errors(fn: Callable) -> Callable:
-    """Turn PizooError (and Ctrl-C) into a one-line message and the error's exit code."""
+    """Turn PizooError (and Ctrl-C) into a one-line message and the error's exit code. An OSError
+    that escaped the library's own handling (fsutil.writing) still ends in one line naming the path."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .fsutil import os_error_of, write_error
+
         try:
             return fn(*args, **kwargs)
         except PizooError as e:
@@ -50,6 +89,12 @@ def reports_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err("interrupted")
             raise typer.Exit(130) from None
+        except Exception as e:
+            oe = os_error_of(e)
+            if oe is None:
+                raise
+            err(str(write_error(oe.filename or "a file", oe, verb="failed")))
+            raise typer.Exit(PizooError.exit_code) from None
 
     return wrapper
 
@@ -62,14 +107,6 @@ def command(name: str, panel: str, sub: typer.Typer | None = None, **kw: Any) ->
         return target.command(name, rich_help_panel=panel, **kw)(reports_errors(fn))
 
     return deco
-
-
-def refuse_to_replace(out: Path | None, overwrite: bool, is_output: Callable[[Path], bool], what: str) -> None:
-    """--overwrite replaces the whole --out folder: never one that is not an output of this kind (a
-    mistyped --out naming the user's own folder), unless it is empty."""
-    if overwrite and out is not None and out.exists() and not is_output(out) and \
-            not (out.is_dir() and not any(out.iterdir())):
-        raise PizooError(f"{out}: exists and is not {what}, so --overwrite will not replace it; choose another --out")
 
 
 def print_json(obj: Any) -> None:
@@ -90,6 +127,23 @@ def main_callback(
 
 
 # ------------------------------------------------------------------------------------------------
+# LoRA options (shared by extend and calibrate)
+
+LORA_OPTION = typer.Option(None, "--lora", help="Train rank-RANK LoRA adapters instead of every weight (LongLoRA+: "
+                           "embeddings and norms train too); the output is merged, the adapter written beside it.",
+                           metavar="RANK")
+LORA_ALPHA_OPTION = typer.Option(None, "--lora-alpha", help="LoRA scale numerator: updates are alpha/rank x B A "
+                                 "(default: 2 x rank).")
+LORA_TARGETS_OPTION = typer.Option(None, "--lora-targets", help="Projections to adapt, by name without "
+                                   "_proj: e.g. q,k,v,o,gate,up,down for Llama-like models, or all (default: the "
+                                   "attention projections).")
+LORA_TRAINABLE_OPTION = typer.Option(None, "--lora-trainable", help="Also train in full: a subset of embed,norm,head, "
+                                     "or none for plain LoRA (default: embed,norm, LongLoRA+).")
+OFFLOAD_OPTION = typer.Option(False, "--offload", help="Keep parameters, gradients and AdamW state in host memory "
+                              "(FSDP2's CPU offload) for a fine-tune too big for the GPUs; same result, slower steps.")
+
+
+# ------------------------------------------------------------------------------------------------
 # The whole pipeline
 
 
@@ -106,9 +160,12 @@ def extend_cmd(
                                             "shorter sequences spread their positions over the target."),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step "
                                                "(default: the recipe's)."),
-    formats: str = typer.Option("hf,gguf,trtllm", "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
-                                "(hf is always written: the others are made from it)."),
-    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF matrix type: f32, f16, bf16 or q8_0."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Formats to write: a subset of hf,gguf,trtllm "
+                                          "(hf is always written: the others are made from it). Default: every "
+                                          "format the model's family can be written as."),
+    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF type(s), comma-separated: f32, f16, bf16, "
+                                   "q8_0, or a ladder such as f16,q8_0,q6_k,q5_k_m,q4_k_m,iq4_xs (quants by "
+                                   "llama.cpp's quantizer: pip install 'pizoo[quant]')."),
     tp: int = typer.Option(1, "--tp", help="TensorRT-LLM tensor-parallel size (1, 2, 4, 8)."),
     eval_mode: str = typer.Option("full", "--eval", help="full: perplexity and passkey up to the target with the "
                                   "gate (needs a GPU for long targets); quick: a short ungated check a CPU finishes "
@@ -128,17 +185,25 @@ def extend_cmd(
                                            "(h100, h100x8, a100x16, cpu); WORLD_SIZE is read otherwise."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable plan (--dry-run) or summary on "
                                  "stdout; progress goes to stderr."),
+    lora: Optional[int] = LORA_OPTION,
+    lora_alpha: Optional[float] = LORA_ALPHA_OPTION,
+    lora_targets: Optional[str] = LORA_TARGETS_OPTION,
+    lora_trainable: Optional[str] = LORA_TRAINABLE_OPTION,
+    offload: bool = OFFLOAD_OPTION,
 ) -> None:
     """Plan, calibrate, evaluate and gate, convert (HF, GGUF, TensorRT-LLM), register and push: resumable."""
-    from .evaluate import parse_contexts
+    from .eval import parse_contexts
+    from .lora import lora_settings
     from .pipeline import ExtendOptions, extend, parse_formats, plan_extend, render_summary
     from .plan import render_plan
 
     opts = ExtendOptions(model=model, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
-                         formats=parse_formats(formats), gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
+                         formats=parse_formats(formats) if formats is not None else None, gguf_dtype=gguf_dtype, tp=tp, push=push, out=out,
                          resume=resume, seed=seed, global_batch=global_batch, checkpoint_every=checkpoint_every,
-                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx), hardware=hardware,
-                         progress=sys.stderr.isatty())
+                         eval=eval_mode, eval_ctx=parse_contexts(eval_ctx, "--eval-ctx"), hardware=hardware,
+                         progress=sys.stderr.isatty(),
+                         lora=lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable),
+                         offload=offload)
     if dry_run:
         plan = plan_extend(opts)
         if as_json:
@@ -185,15 +250,25 @@ def calibrate_cmd(
                                                   help="Recompute layer activations in backward (less memory)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    lora: Optional[int] = LORA_OPTION,
+    lora_alpha: Optional[float] = LORA_ALPHA_OPTION,
+    lora_targets: Optional[str] = LORA_TARGETS_OPTION,
+    lora_trainable: Optional[str] = LORA_TRAINABLE_OPTION,
+    offload: bool = OFFLOAD_OPTION,
 ) -> None:
     """Calibration fine-tune: teach a model a longer context with a recipe (PI, NTK, YaRN, Llama 3, CLEX)."""
+    from .lora import lora_settings
+    from .options import check_context, check_device
     from .train import calibrate, default_output_dir
 
+    check_context(ctx)
+    check_device(device)
+    settings = lora_settings(lora, alpha=lora_alpha, targets=lora_targets, trainable=lora_trainable)
     out = out or default_output_dir(model, ctx, recipe)
     result = calibrate(model, out, ctx=ctx, recipe=recipe, data=data or None, steps=steps, train_len=train_len,
                        seed=seed, resume=resume, checkpoint_every=checkpoint_every, device=device,
                        activation_checkpointing=activation_checkpointing, global_batch=global_batch,
-                       micro_batch=micro_batch, lr=lr, overwrite=overwrite,
+                       micro_batch=micro_batch, lr=lr, overwrite=overwrite, lora=settings, offload=offload,
                        log=lambda msg: typer.echo(msg, err=True))
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     typer.echo(f"wrote {result.out} ({result.method} x{result.factor:g} -> {result.ctx} tokens, "
@@ -252,14 +327,20 @@ def eval_cmd(
                                "is the disjoint mode."),
     passkey: bool = typer.Option(True, "--passkey/--no-passkey", help="Run passkey retrieval (the paper's prompt)."),
     passkey_mode: str = typer.Option("greedy", "--passkey-mode", help="greedy (the key is what greedy decoding "
-                                     "emits) or loglik (mean exact-match likelihood of the key)."),
+                                     "emits, checked in one pass), generate (real decoding with the KV cache) "
+                                     "or loglik (mean exact-match likelihood of the key)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Long-context tasks at every --ctx, comma-separated: "
+                                        "passkey, niah (8 needle tasks), vt, cwe, fwe, single names like "
+                                        "niah_single_1, or ruler (all but passkey). Default: none."),
+    samples: int = typer.Option(5, "--samples", help="Samples per task and length."),
     passkey_trials: int = typer.Option(10, "--passkey-trials", help="Random 5-digit keys per distance."),
     passkey_distances: int = typer.Option(32, "--passkey-distances", help="Distances spread over the window."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Base model to compare with, measured at its "
                                            "original context (default: the base recorded with a calibrated model)."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Measure no baseline (skips the ppl checks)."),
     baseline_ctx: str = typer.Option("original", "--baseline-ctx", help="original: the base at its original "
-                                     "context and shorter ones; all: at every --ctx too (extrapolation)."),
+                                     "context and shorter ones; all: at every --ctx too (extrapolation); listed: only at the --ctx "
+                                     "within its original context (no gate)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Take the gate thresholds from this recipe."),
     max_ppl_ratio_target: Optional[float] = typer.Option(None, "--max-ppl-ratio-target",
                                                          help="Gate: ppl at the target / base ppl (default 1.10)."),
@@ -285,9 +366,29 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json and ppl.png "
                                        "(default: pizoo-eval/<model name>)."),
     as_json: bool = typer.Option(False, "--json", help="Print eval.json instead of the table."),
+    backend: str = typer.Option("pizoo", "--backend", help="pizoo: import to torch (every measurement, the gate); "
+                                "llama.cpp: run a .gguf in llama.cpp (perplexity, and KL divergence and top-1 "
+                                "agreement with --reference; needs pip install 'pizoo[quant]')."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="llama.cpp backend: the f16/bf16 .gguf "
+                                             "the file's token distributions are compared with."),
 ) -> None:
-    """Sliding-window perplexity, passkey retrieval and the publish gate (exit 3 when it fails)."""
-    from .evaluate import GateThresholds, evaluate_model, format_report, raise_if_failed
+    """Perplexity, passkey retrieval, long-context tasks and the publish gate (exit 3 when it fails)."""
+    from .eval import evaluate_model, format_report, raise_if_failed
+    from .fsutil import output_lock
+    from .options import check_device
+    from .recipes import GateThresholds
+
+    if backend == "llama.cpp":
+        from .eval.llamacpp import run_eval_command
+
+        run_eval_command(Path(model), ctx=ctx, reference=reference, data=data or None, split=split,
+                         max_documents=max_docs, doc_tokens=doc_tokens, out=out, as_json=as_json,
+                         echo=lambda msg: typer.echo(msg, err=True), emit=typer.echo)
+        return
+    if backend != "pizoo":
+        raise PizooError(f"--backend {backend}: use pizoo or llama.cpp")
+    if reference is not None:
+        raise PizooError("--reference: only with --backend llama.cpp (the KL divergence of a GGUF)")
 
     if baseline and no_baseline:
         raise PizooError("--baseline and --no-baseline: give one or the other")
@@ -302,13 +403,14 @@ def eval_cmd(
         if value is not None:
             setattr(thresholds, name, value)
     out = out or Path("pizoo-eval") / Path(model.rstrip("/")).name.removesuffix(".gguf")
-    report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
-                            baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
-                            out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
-                            passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
-                            doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=device, dtype=dtype,
-                            batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
-                            echo=lambda msg: typer.echo(msg, err=True))
+    with output_lock(out):
+        report = evaluate_model(model, ctx=ctx, data=data or None, split=split, stride=stride, passkey=passkey,
+                                baseline=False if no_baseline else baseline, gate=False if no_gate else thresholds,
+                                out=out, passkey_mode=passkey_mode, passkey_trials=passkey_trials,
+                                passkey_distances=passkey_distances, seed=seed, max_documents=max_docs,
+                                doc_tokens=doc_tokens, baseline_ctx=baseline_ctx, device=check_device(device),
+                                dtype=dtype, batch_tokens=batch_tokens, cache=not no_cache, full_hash=full_hash,
+                                tasks=tasks, task_samples=samples, echo=lambda msg: typer.echo(msg, err=True))
     if as_json:
         print_json(report)
     else:
@@ -321,9 +423,13 @@ def eval_cmd(
 def convert_cmd(
     model: str = typer.Argument(..., help="HF folder, .gguf file, zoo name or Hub id."),
     to: str = typer.Option(..., "--to", help="Target format: gguf or trtllm."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="gguf: f32|f16|bf16|q8_0 (default f16). "
+    dtype: Optional[str] = typer.Option(None, "--dtype", "--gguf-dtype",
+                                        help="gguf: f32|f16|bf16|q8_0 (default f16), or a comma-separated ladder "
+                                        "such as f16,q8_0,q6_k,q5_k_m,q4_k_m,iq4_xs (the quants made from the "
+                                        "f16/bf16 file by llama.cpp's quantizer: pip install 'pizoo[quant]'). "
                                         "trtllm: float16|bfloat16|float32 (default float16)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (trtllm)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf; a folder for several types) or "
+                                       "folder (trtllm)."),
     pre: Optional[str] = typer.Option(None, "--pre", help="gguf: tokenizer.ggml.pre name for an unrecognised BPE tokenizer."),
     static_length: Optional[int] = typer.Option(None, "--static-length",
                                                 help="gguf: bake dynamic NTK into a static scaling at this length."),
@@ -342,17 +448,25 @@ def convert_cmd(
     label = resolved.gguf_file.stem if resolved.gguf_file else resolved.spec.rstrip("/").split("/")[-1]
     if to == "gguf":
         from .export.gguf import export_gguf
+        from .export.quantize import DIRECT_TYPES, parse_gguf_types, write_ladder
 
-        result = export_gguf(src, out if out is not None or not cached else Path.cwd(), dtype=dtype or "f16",
-                             pre=pre, static_length=static_length, overwrite=overwrite, progress=True)
-        typer.echo(f"wrote {result}")
+        types = parse_gguf_types(dtype or "f16", "--dtype")
+        target = out if out is not None or not cached else Path.cwd()
+        if len(types) == 1 and types[0] in DIRECT_TYPES:
+            result = export_gguf(src, target, dtype=types[0], pre=pre, static_length=static_length,
+                                 overwrite=overwrite, progress=True)
+            typer.echo(f"wrote {result}")
+        else:
+            files = write_ladder(src, target if target is not None else src.resolve().parent, types, pre=pre,
+                                 static_length=static_length, overwrite=overwrite, progress=True,
+                                 say=lambda msg: typer.echo(msg, err=True))
+            for f in files:
+                typer.echo(f"wrote {f.path}")
     elif to == "trtllm":
-        from .export.trtllm import default_output, export_trtllm, is_trtllm_checkpoint, trtllm_build_command
+        from .export.trtllm import default_output, export_trtllm, trtllm_build_command
 
         if out is None and cached:
             out = default_output(Path(label), dtype or "float16", tp, pp)
-        refuse_to_replace(out or default_output(src, dtype or "float16", tp, pp), overwrite, is_trtllm_checkpoint,
-                          "a TensorRT-LLM checkpoint (config.json + rank0.safetensors)")
         result = export_trtllm(src, out, dtype=dtype or "float16", tp=tp, pp=pp, overwrite=overwrite, progress=True)
         typer.echo(f"wrote {result}")
         typer.echo(f"build the engine with:\n  {trtllm_build_command(result)}")
@@ -409,14 +523,13 @@ def inspect_cmd(
 
 @command("import", MODELS)
 def import_cmd(
-    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama or qwen2 architecture)."),
+    gguf_file: Path = typer.Argument(..., help="A .gguf file (llama.cpp architecture llama, qwen2, ...; see pizoo.families)."),
     out: Path = typer.Option(..., "--out", help="Output HF folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Import a GGUF file as an HF folder (weights dequantised, tokenizer and RoPE scaling read back)."""
     from .gguf_import import import_gguf
 
-    refuse_to_replace(out, overwrite, lambda p: (p / "config.json").is_file(), "an HF model folder (config.json)")
     result = import_gguf(gguf_file, out, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {result}")
 
@@ -573,7 +686,7 @@ def zoo_du_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-reada
 def zoo_alias_cmd(
     name: str = typer.Argument(..., help="Short name, e.g. my-base."),
     hub_id: str = typer.Argument(..., help="Hub id it stands for, NAMESPACE/NAME."),
-    architecture: Optional[str] = typer.Option(None, "--architecture", help="llama, mistral or qwen2."),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="The family's model_type: llama, mistral, qwen2, ..."),
     context: Optional[int] = typer.Option(None, "--context", help="The base's native context in tokens."),
     license: Optional[str] = typer.Option(None, "--license", help="The base's license id (inherited by cards)."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="A GGUF file on this machine made from HUB_ID: the "
@@ -603,6 +716,9 @@ def zoo_aliases_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-
 
 def main() -> None:
     """Console-script entry point."""
+    from .fsutil import install_fault_hook
+
+    install_fault_hook()
     app()
 
 

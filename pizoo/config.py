@@ -21,11 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PizooError
-
-# config.json "architectures" / "model_type" -> pizoo architecture name.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-HF_CLASS = {v: k for k, v in ARCHITECTURES.items()}
+from .families import UNMODELLED, family, family_for_hf, hf_field, supported
 
 # Model families that have no rotary position embedding at all.
 NON_ROPE_MODEL_TYPES = {
@@ -149,9 +145,12 @@ class RopeConfig:
 
 @dataclass
 class ModelConfig:
-    """A Llama-family model's shape plus its RoPE configuration, normalised from config.json."""
+    """A model's shape, feature flags and RoPE configuration, normalised from config.json.
 
-    architecture: str  # llama | mistral | qwen2
+    The feature flags are what pizoo.model reads (never a family name); each family
+    (pizoo.families) sets them from its own config.json keys."""
+
+    architecture: str  # the family's model_type (pizoo.families.FAMILIES)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -165,6 +164,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # llama: q,k,v,o biases
     qkv_bias: bool = False  # qwen2: q,k,v biases only
+    qk_norm: bool = False  # qwen3: RMSNorm over each head of q and k, before RoPE
+    rotary_dim: int | None = None  # dims of each head that RoPE rotates (phi-4-mini: 3/4); None: all
+    fused_qkv: bool = False  # phi3: one qkv_proj whose rows are q | k | v
+    fused_gate_up: bool = False  # phi3: one gate_up_proj whose rows are gate | up
     sliding_window: int | None = None
     sliding_window_layers: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
@@ -187,34 +190,21 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        return self.head_dim
+        """The dims of each head that RoPE rotates (the frequency count is half of it)."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def family(self):
+        """The registered family class (pizoo.families) of this architecture."""
+        return family(self.architecture)
+
+    def tensor_table(self):
+        """The family's tensor table for this config (pizoo.families.Tensor rows)."""
+        return self.family.tensors(self)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor the checkpoint must hold, by HF name, with its shape."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h),
-                                              "model.norm.weight": (h,)}
-        if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, h)
-        for i in range(self.num_layers):
-            p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "mlp.gate_proj.weight": (self.intermediate_size, h),
-                p + "mlp.up_proj.weight": (self.intermediate_size, h),
-                p + "mlp.down_proj.weight": (h, self.intermediate_size),
-            })
-            if self.attention_bias or self.qkv_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                               p + "self_attn.v_proj.bias": (kv,)})
-            if self.attention_bias:
-                shapes[p + "self_attn.o_proj.bias"] = (h,)
-        return shapes
+        return {t.hf: t.shape for t in self.tensor_table()}
 
     def num_params(self) -> int:
         return sum(math.prod(s) for s in self.expected_shapes().values())
@@ -252,10 +242,12 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json content that transformers v4 and v5 both load with this exact RoPE."""
         d = copy.deepcopy(self.raw)
+        # The RoPE as this family's transformers class reads it (Phi-3: every method as longrope).
+        rope = self.family.hf_rope(self.rope, self.rope_dim, self.context_length)
         for legacy in ("rope_scaling", "rope_parameters", "rope_theta"):
             d.pop(legacy, None)
         d.update({
-            "architectures": [HF_CLASS[self.architecture]],
+            "architectures": [self.family.hf_class],
             "model_type": self.architecture,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -271,22 +263,18 @@ class ModelConfig:
             "torch_dtype": self.torch_dtype,
             "dtype": self.torch_dtype,
         })
-        if self.architecture == "llama":
-            d["attention_bias"] = self.attention_bias
-            d["mlp_bias"] = False
-        if self.architecture == "mistral":
-            d["sliding_window"] = self.sliding_window
+        d.update(self.family.hf_keys(self))
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
             d["eos_token_id"] = self.eos_token_id
-        theta, scaling = _rope_to_hf(self.rope, self.head_dim)
-        if self.rope.type == "dynamic":
+        theta, scaling = _rope_to_hf(rope, self.rope_dim)
+        if rope.type == "dynamic":
             # transformers' dynamic NTK treats max_position_embeddings as the original length L and
             # scales only past it; the usable (target) length is kept in the pizoo block instead.
             d["max_position_embeddings"] = self.rope.original_context
             d.setdefault("pizoo", {})["target_context"] = self.context_length
-        if self.rope.type == "longrope":
+        if rope.type == "longrope":
             # transformers v4 takes longrope's original length from this top-level key only (without it,
             # L = max_position_embeddings and the long factors are never used below the target); v5 reads
             # it from rope_parameters. Phi-3 writes it the same way.
@@ -294,6 +282,8 @@ class ModelConfig:
         d["rope_theta"] = theta
         d["rope_scaling"] = scaling
         params = {"rope_type": "default", "rope_theta": theta} if scaling is None else {**scaling, "rope_theta": theta}
+        if self.rotary_dim:
+            d["partial_rotary_factor"] = params["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         d["rope_parameters"] = params
         pizoo_block = dict(d.get("pizoo") or {})
         if self.rope.method in ("ntk", "clex"):
@@ -310,20 +300,7 @@ class ModelConfig:
 # Parsing helpers
 
 
-def _get(d: dict, key: str, source: str, kind: type | tuple, *, default: Any = ..., minimum: float | None = None):
-    if key not in d or d[key] is None:
-        if default is ...:
-            raise PizooError(f"{source}: missing required field '{key}'")
-        return default
-    v = d[key]
-    if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v = float(v)
-    if isinstance(v, bool) and kind is not bool or not isinstance(v, kind):
-        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise PizooError(f"{source}: field '{key}' must be {name}, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise PizooError(f"{source}: field '{key}' must be >= {minimum}, got {v!r}")
-    return v
+_get = hf_field
 
 
 def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
@@ -331,14 +308,14 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
     archs = d.get("architectures") or []
     if model_type in NON_ROPE_MODEL_TYPES:
         raise PizooError(f"{source}: model_type '{model_type}' has no rotary position embeddings; "
-                         "pizoo extends RoPE models (llama, mistral, qwen2)")
-    arch = MODEL_TYPES.get(model_type) if model_type else None
-    if arch is None:
-        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
+                         f"pizoo extends RoPE models ({supported()})")
+    if model_type in UNMODELLED:
+        raise PizooError(f"{source}: model_type '{model_type}' has {UNMODELLED[model_type]}, which pizoo does not "
+                         f"model; pizoo supports {supported()}")
+    fam = family_for_hf(model_type, archs)
+    if fam is None:
         what = f"model_type '{model_type}'" if model_type else f"architectures {archs}"
-        raise PizooError(f"{source}: unsupported {what}; pizoo supports llama, mistral and qwen2 "
-                         "(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")
+        raise PizooError(f"{source}: unsupported {what}; pizoo supports {supported()}")
     hidden = _get(d, "hidden_size", source, int, minimum=1)
     heads = _get(d, "num_attention_heads", source, int, minimum=1)
     kv_heads = _get(d, "num_key_value_heads", source, int, default=heads, minimum=1)
@@ -359,22 +336,22 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         raise PizooError(f"{source}: mlp_bias=true is not supported by pizoo's Llama model")
     rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     partial = d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+    features = fam.features(d, source, num_layers := _get(d, "num_hidden_layers", source, int, minimum=1))
+    if partial not in (None, 1, 1.0) and not fam.partial_rotary:
+        raise PizooError(f"{source}: partial_rotary_factor={partial} (partial rotary) is not modelled for "
+                         f"{fam.model_type}; pizoo rotates part of each head only for {fam.partial_rotary_families()}")
+    rotary_dim = None
     if partial not in (None, 1, 1.0):
-        raise PizooError(f"{source}: partial_rotary_factor={partial} (partial rotary) is not supported; "
-                         "pizoo needs RoPE on the full head dimension")
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial < 1:
+            raise PizooError(f"{source}: partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+        rotary_dim = int(head_dim * partial)
+        if rotary_dim < 2 or rotary_dim % 2:
+            raise PizooError(f"{source}: partial_rotary_factor {partial} x head_dim {head_dim} = {rotary_dim} "
+                             "rotated dims; it must be even and >= 2")
     max_pos = _get(d, "max_position_embeddings", source, int, minimum=1)
-    sliding, sliding_layers = None, []
-    num_layers = _get(d, "num_hidden_layers", source, int, minimum=1)
-    if arch == "mistral" and d.get("sliding_window"):
-        sliding = _get(d, "sliding_window", source, int, minimum=1)
-        sliding_layers = list(range(num_layers))
-    if arch == "qwen2" and d.get("use_sliding_window") and d.get("sliding_window"):
-        sliding = _get(d, "sliding_window", source, int, minimum=1)
-        first = _get(d, "max_window_layers", source, int, default=num_layers)
-        sliding_layers = list(range(first, num_layers))
     dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
     cfg = ModelConfig(
-        architecture=arch,
+        architecture=fam.model_type,
         vocab_size=_get(d, "vocab_size", source, int, minimum=1),
         hidden_size=hidden,
         intermediate_size=_get(d, "intermediate_size", source, int, minimum=1),
@@ -383,13 +360,11 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=max_pos,
-        rope=_parse_rope(d, source, head_dim, max_pos),
+        rope=_parse_rope(d, source, rotary_dim or head_dim, max_pos),
         rms_norm_eps=_get(d, "rms_norm_eps", source, float, default=1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)) if arch == "llama" else False,
-        qkv_bias=arch == "qwen2",
-        sliding_window=sliding,
-        sliding_window_layers=sliding_layers,
+        rotary_dim=rotary_dim,
+        **features,
         torch_dtype=str(dtype).removeprefix("torch."),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
@@ -471,7 +446,7 @@ def _parse_rope(d: dict[str, Any], source: str, head_dim: int, max_pos: int) -> 
         for key in ("short_factor", "long_factor"):
             v = spec.get(key)
             if not isinstance(v, list) or len(v) != head_dim // 2:
-                raise PizooError(f"{where}: '{key}' must be a list of head_dim/2 = {head_dim // 2} numbers")
+                raise PizooError(f"{where}: '{key}' must be a list of rotary dims/2 = {head_dim // 2} numbers")
         if factor is None:
             rope.factor = max_pos / rope.original_context
         if pizoo_block.get("rope_method") == "clex":

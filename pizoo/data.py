@@ -107,18 +107,23 @@ def _is_hub_dataset(spec: str) -> bool:
 
 
 def _fetch_hub_dataset(repo_id: str) -> Path:
-    """Download a dataset repo's text files (snapshot_download); a clear error when offline."""
+    """Download a dataset repo's text files (snapshot_download), with the bounded waits and retries of
+    every Hub call (hub_client.with_retries); any failure is one line naming --data."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import get_token, snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise PizooError(f"--data {repo_id}: huggingface_hub is not installed; pip install huggingface_hub") from None
+    from .hub_client import bound_hub_requests, hub_endpoint, with_retries
+
+    bound_hub_requests()  # a Hub that never answers must not hang the run
+    endpoint = hub_endpoint()
     try:
-        return Path(snapshot_download(repo_id, repo_type="dataset",
-                                      allow_patterns=["*.txt", "*.jsonl", "*.md", "**/*.txt", "**/*.jsonl", "**/*.md"]))
-    except Exception as e:  # network, auth and not-found errors all become one line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PizooError(f"--data {repo_id}: cannot download the Hub dataset ({first}); check the repo id and "
-                         "your connection (HF_HUB_OFFLINE), or pass local .txt/.jsonl files") from None
+        return Path(with_retries(
+            lambda: snapshot_download(repo_id, repo_type="dataset", endpoint=endpoint, allow_patterns=[
+                "*.txt", "*.jsonl", "*.md", "**/*.txt", "**/*.jsonl", "**/*.md"]),
+            action="download the dataset", repo_id=repo_id, endpoint=endpoint, token=get_token()))
+    except PizooError as e:  # network, auth and not-found errors: one line, with local files as the way out
+        raise PizooError(f"--data {repo_id}: {e}; or pass local .txt/.jsonl files") from None
 
 
 def _file_refs(path: Path, root: Path | None, source: str) -> list[_DocRef]:
@@ -205,12 +210,26 @@ def _index(sources: list[str] | None) -> list[_DocRef]:
     return refs
 
 
+# A text file with more undecodable bytes than this (or any NUL byte) is binary data, not text:
+# training on it would teach the model noise, so it is refused rather than silently "replaced".
+MAX_INVALID_UTF8 = 0.001
+
+
+def _decode_text(path: str, raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in raw or bad > MAX_INVALID_UTF8 * max(len(raw), 1):
+        what = "NUL bytes" if b"\0" in raw else f"{bad} bytes that are not UTF-8"
+        raise PizooError(f"{path}: not a text file ({what}); give UTF-8 text (.txt) or JSON lines (.jsonl) in --data")
+    return text
+
+
 def _load(ref: _DocRef) -> Document:
     if ref.kind == "pydoc":
         text = _pydoc_text()
     elif ref.kind == "text":
         try:
-            text = Path(ref.path).read_text(encoding="utf-8", errors="replace")
+            text = _decode_text(ref.path, Path(ref.path).read_bytes())
         except OSError as e:
             raise PizooError(f"{ref.path}: cannot read: {e.strerror}") from None
     elif ref.kind == "jsonl":

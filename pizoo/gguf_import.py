@@ -12,11 +12,13 @@ generation_config.json.
 Files pizoo wrote carry `pizoo.*` keys with the exact RoPE config and architecture, so
 import(export(model)) is bit-identical at f32. Other files are read from llama.cpp's keys:
 linear and yarn map to themselves, a rope_freqs tensor to longrope factors (short = long, which
-computes exactly what llama.cpp computes), a changed freq_base to rope_theta.
+computes exactly what llama.cpp computes), LongRoPE's factor tensor pair (phi3) to longrope with
+both sets, a changed freq_base to rope_theta.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,11 +31,12 @@ import torch
 
 from .config import ModelConfig, RopeConfig
 from .errors import PizooError
-from .export.gguf import (KEY_ARCH, KEY_ATTENTION_BIAS, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDING_LAYERS,
-                          PRE_TO_HF, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field,
-                          float32_value, gguf_to_hf_name, open_gguf, unpermute_rows)
-
-SUPPORTED_ARCHS = ("llama", "qwen2")
+from .export.gguf import (KEY_ARCH, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDING_LAYERS, PRE_TO_HF,
+                          ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, ROPE_TENSORS, TOKEN_BYTE,
+                          TOKENIZER_BPE, TOKENIZER_SPM,
+                          TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field, float32_value,
+                          open_gguf, unpermute_rows)
+from .families import FAMILIES, GGUFArch, family_for_gguf, gguf_archs
 _TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
 LLAMA_CPP_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
@@ -97,23 +100,42 @@ def gguf_general(reader) -> dict[str, Any]:
     return out
 
 
-def _rope_from_keys(reader, arch: str, ctx: int, head_dim: int, path: Path) -> tuple[RopeConfig, dict]:
-    """RoPE of a GGUF without pizoo's record, from llama.cpp's keys (and a rope_freqs tensor)."""
+def _factors(reader, name: str, rope_dim: int, path: Path) -> list[float] | None:
+    """A RoPE tensor's values (rope_dim/2 divisors), or None when the file has none."""
+    t = next((t for t in reader.tensors if t.name == name), None)
+    if t is None:
+        return None
+    values = [float32_value(x) for x in np.asarray(t.data, dtype=np.float32)]
+    if len(values) != rope_dim // 2:
+        raise PizooError(f"{path}: {name} has {len(values)} values but the rotary dim/2 is {rope_dim // 2}")
+    return values
+
+
+def _rope_from_keys(reader, arch: str, ctx: int, rope_dim: int, path: Path) -> tuple[RopeConfig, dict]:
+    """RoPE of a GGUF without pizoo's record, from llama.cpp's keys (and rope_freqs or the factor pair)."""
     p = f"{arch}."
     theta = float32_value(field(reader, p + "rope.freq_base", 10000.0))
     stype = field(reader, p + "rope.scaling.type")
     factor = field(reader, p + "rope.scaling.factor")
     orig = field(reader, p + "rope.scaling.original_context_length")
     attn = field(reader, p + "rope.scaling.attn_factor")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    ext = _factors(reader, ROPE_FREQS, rope_dim, path)
+    long, short = _factors(reader, ROPE_FACTORS_LONG, rope_dim, path), _factors(reader, ROPE_FACTORS_SHORT, rope_dim, path)
     if stype is None:
         stype = "linear" if factor else "none"  # llama.cpp's default when the key is absent
     factor = float32_value(factor) if factor else 1.0
     note: dict[str, Any] = {}
-    if freqs is not None:
-        ext = [float32_value(x) for x in np.asarray(freqs.data, dtype=np.float32)]
-        if len(ext) != head_dim // 2:
-            raise PizooError(f"{path}: rope_freqs.weight has {len(ext)} values but head_dim/2 is {head_dim // 2}")
+    if long is not None or short is not None:
+        if long is None or short is None or ext is not None:
+            raise PizooError(f"{path}: LongRoPE needs both {ROPE_FACTORS_LONG} and {ROPE_FACTORS_SHORT} (and no "
+                             f"{ROPE_FREQS}); the file is incomplete")
+        # llama.cpp multiplies by attn_factor alone (default 1): written explicitly, so HF does not
+        # derive its own from the lengths.
+        L = int(orig or ctx)
+        return RopeConfig(type="longrope", theta=theta, factor=ctx / L, original_context=L, short_factor=short,
+                          long_factor=long, attention_factor=float32_value(attn) if attn else 1.0), \
+            {"rope_source": "rope_factors"}
+    if ext is not None:
         if stype not in ("none", "linear") or (stype == "linear" and factor != 1.0):
             raise PizooError(f"{path}: rope_freqs together with '{stype}' scaling factor {factor} has no HF form; "
                              "pizoo imports rope_freqs alone or with scaling type none")
@@ -143,11 +165,13 @@ def _rope_from_keys(reader, arch: str, ctx: int, head_dim: int, path: Path) -> t
 def config_from_gguf(reader, path: Path) -> ModelConfig:
     """The HF config of a GGUF model (exact for files pizoo wrote)."""
     arch = field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise PizooError(f"{path}: GGUF architecture '{arch}' is not supported; pizoo imports llama (also Mistral "
-                         "and Llama-3 files) and qwen2")
-    p = f"{arch}."
     names = {t.name: t for t in reader.tensors}
+    hf_arch = field(reader, KEY_ARCH)
+    fam = FAMILIES.get(hf_arch) if hf_arch else family_for_gguf(arch, set(names))
+    if fam is None or arch not in gguf_archs():
+        raise PizooError(f"{path}: GGUF architecture '{arch}' is not supported; pizoo imports "
+                         f"{', '.join(gguf_archs())} (also Mistral and Llama-3 files as llama)")
+    p = f"{arch}."
 
     def need(key: str) -> Any:
         v = field(reader, p + key)
@@ -159,21 +183,21 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     kv = int(field(reader, p + "attention.head_count_kv", heads))
     head_dim = int(field(reader, p + "attention.key_length",
                          field(reader, p + "rope.dimension_count", hidden // heads)))
-    if head_dim != int(field(reader, p + "rope.dimension_count", head_dim)):
-        raise PizooError(f"{path}: partial rotary embeddings (rope.dimension_count != key_length) are not supported")
+    rope_dim = int(field(reader, p + "rope.dimension_count", head_dim))
+    if rope_dim != head_dim and not fam.partial_rotary:
+        raise PizooError(f"{path}: partial rotary embeddings (rope.dimension_count {rope_dim} != key_length "
+                         f"{head_dim}) are not part of pizoo's {fam.model_type} family; pizoo reads them for "
+                         f"{fam.partial_rotary_families()}")
     if "token_embd.weight" not in names:
         raise PizooError(f"{path}: no token_embd.weight tensor; the file is incomplete")
     vocab = int(names["token_embd.weight"].shape[-1])
     ctx = int(need("context_length"))
-    hf_arch = field(reader, KEY_ARCH)
-    has_q_bias = "blk.0.attn_q.bias" in names
-    has_o_bias = "blk.0.attn_output.bias" in names
-    if hf_arch is None:
-        # A llama-arch file with q/k/v biases but no output bias is a Qwen2-shaped network.
-        hf_arch = "qwen2" if arch == "qwen2" or (has_q_bias and not has_o_bias) else "llama"
     recorded = field(reader, KEY_ROPE)
     if field(reader, KEY_BLOCK):
         block: dict[str, Any] = json.loads(field(reader, KEY_BLOCK))
+        # Where it came from, which also marks the folder as pizoo's (fsutil.is_pizoo_output), so
+        # `import --overwrite` may replace it even when the model's own block was empty (an unscaled base).
+        block["source_gguf"] = path.name
     else:
         # A file pizoo did not write: keep who it says the model is (pizoo.lineage reads this).
         block = {"source_gguf": path.name, "gguf_general": gguf_general(reader)}
@@ -181,7 +205,7 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
         rope = RopeConfig(**json.loads(recorded))
         rope.validate(f"{path}: {KEY_ROPE}")
     else:
-        rope, note = _rope_from_keys(reader, arch, ctx, head_dim, path)
+        rope, note = _rope_from_keys(reader, arch, ctx, rope_dim, path)
         block.update(note)
         if rope.is_scaled:
             block.setdefault("rope_method", rope.method)
@@ -189,13 +213,13 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     sliding = field(reader, KEY_SLIDING)
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     cfg = ModelConfig(
-        architecture=hf_arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        architecture=fam.model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+        rotary_dim=rope_dim if rope_dim != head_dim else None,
         max_position_embeddings=ctx, rope=rope,
         rms_norm_eps=float32_value(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
-        attention_bias=bool(field(reader, KEY_ATTENTION_BIAS, has_o_bias)) if hf_arch == "llama" else False,
-        qkv_bias=hf_arch == "qwen2",
+        **fam.gguf_features(lambda key, default: field(reader, key, default), set(names)),
         sliding_window=int(sliding) if sliding is not None else None,
         sliding_window_layers=[int(x) for x in field(reader, KEY_SLIDING_LAYERS, [])],
         torch_dtype=_dominant_dtype(reader),
@@ -243,25 +267,27 @@ def _tensor_data(t, path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
 
 
-def _iter_tensors(reader, cfg: ModelConfig, arch: str, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) one at a time, un-permuting q/k for arch llama. A generator on purpose:
+def _iter_tensors(reader, cfg: ModelConfig, arch: GGUFArch, path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) one at a time, un-permuting q/k where `arch` permutes them. A generator on purpose:
     write_checkpoint puts each tensor on disk before the next is dequantised, so memory holds about
     one tensor (plus the GGUF's memory map), never the model."""
+    table = {e.gguf: e for e in cfg.tensor_table() if e.gguf}
     expected = cfg.expected_shapes()
     seen = set()
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue  # its content is in config.json now
-        name = gguf_to_hf_name(t.name)
-        if name is None or name not in expected:
+        if t.name in ROPE_TENSORS:
+            continue  # their content is in config.json now
+        entry = table.get(t.name)
+        name = entry.hf if entry else None
+        if name is None:
             raise PizooError(f"{path}: unexpected tensor '{t.name}' for a {cfg.architecture} model; pizoo imports "
                              "Llama-family GGUF files")
         data = _tensor_data(t, path)
         if tuple(data.shape) != expected[name]:
             raise PizooError(f"{path}: tensor '{t.name}' has shape {list(data.shape)} but the metadata implies "
                              f"{list(expected[name])}; the file is inconsistent")
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            data = unpermute_rows(data, cfg.num_heads if ".q_proj." in name else cfg.num_kv_heads).contiguous()
+        if arch.permute_qk and entry.rotary:
+            data = unpermute_rows(data, cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads).contiguous()
         seen.add(name)
         yield name, data
         del data  # before the next tensor is dequantised
@@ -319,9 +345,9 @@ def build_tokenizer(reader, path: Path):
     # llama.cpp's default when the key is absent: on for SentencePiece and the Llama-3 pre-tokenizers
     pre_name = field(reader, "tokenizer.ggml.pre")
     add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token",
-                         kind == "llama" or (kind == "gpt2" and pre_name in LLAMA_CPP_BOS_PRE)))
+                         kind == TOKENIZER_SPM or (kind == TOKENIZER_BPE and pre_name in LLAMA_CPP_BOS_PRE)))
     add_eos = bool(field(reader, "tokenizer.ggml.add_eos_token", False))
-    if kind == "gpt2":
+    if kind == TOKENIZER_BPE:
         pre = pre_name or "default"
         if pre not in PRE_TO_HF:
             raise PizooError(f"{path}: tokenizer.ggml.pre '{pre}' has no HF equivalent pizoo knows; supported: "
@@ -337,7 +363,7 @@ def build_tokenizer(reader, path: Path):
             tok.normalizer = normalizers.NFC()
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    elif kind == "llama":
+    elif kind == TOKENIZER_SPM:
         scores = list(field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens))
         merges = _merges_from_scores(tokens, scores, types, vocab)
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
@@ -350,7 +376,7 @@ def build_tokenizer(reader, path: Path):
         raise PizooError(f"{path}: tokenizer.ggml.model '{kind}' is not supported; pizoo imports gpt2 (byte-level "
                          "BPE) and llama (SentencePiece) vocabularies")
     specials = [AddedToken(tokens[i], special=True, normalized=False) for i, ty in enumerate(types)
-                if ty == TOKEN_CONTROL or (ty == TOKEN_UNKNOWN and kind == "gpt2")]
+                if ty == TOKEN_CONTROL or (ty == TOKEN_UNKNOWN and kind == TOKENIZER_BPE)]
     users = [AddedToken(tokens[i], special=False, normalized=False) for i, ty in enumerate(types)
              if ty == TOKEN_USER_DEFINED]
     if specials:
@@ -359,7 +385,7 @@ def build_tokenizer(reader, path: Path):
         tok.add_tokens(users)
     if add_bos or add_eos:
         tmpl = _special_post(bos, eos, add_bos, add_eos, vocab)
-        tok.post_processor = processors.Sequence([tok.post_processor, tmpl]) if kind == "gpt2" else tmpl
+        tok.post_processor = processors.Sequence([tok.post_processor, tmpl]) if kind == TOKENIZER_BPE else tmpl
     tcfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos,
                             "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
                             "model_max_length": int(field(reader, f"{arch}.context_length", 0) or 1 << 20)}
@@ -369,7 +395,7 @@ def build_tokenizer(reader, path: Path):
     template = field(reader, "tokenizer.chat_template")
     if template:
         tcfg["chat_template"] = template
-    if kind == "llama":
+    if kind == TOKENIZER_SPM:
         tcfg["legacy"] = False
     return tok, tcfg
 
@@ -395,27 +421,28 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                progress: bool = False) -> Path:
-    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic."""
+                progress: bool = False, lock: bool = True) -> Path:
+    """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic.
+    `lock`: take the output's lock (False: the caller holds it)."""
     from .checkpoint import write_checkpoint
+    from .fsutil import check_output, output_lock
 
     path = Path(gguf_path)
     if path.is_dir():
         raise PizooError(f"{path}: is a folder; pizoo import takes a .gguf file (an HF folder needs no import)")
     if not path.is_file():
         raise PizooError(f"{path}: no such GGUF file")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+    out = check_output(out_dir, overwrite=overwrite, inputs=[path])
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
-    arch = field(reader, "general.architecture")
+    arch = gguf_archs()[field(reader, "general.architecture")]
     tok, tcfg = build_tokenizer(reader, path)
     if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
         raise PizooError(f"{path}: {tok.get_vocab_size()} tokens but token_embd has {cfg.vocab_size} rows")
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", field(reader, "tokenizer.ggml.padding_token_id"))) if v is not None}
-    with tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
+    with output_lock(out) if lock else contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="pizoo-gguf-tok-") as tmp:
         tok.save(str(Path(tmp) / "tokenizer.json"))
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
         with torch.inference_mode():

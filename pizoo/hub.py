@@ -10,6 +10,9 @@ is missing when it is run again. A model whose evaluation gate failed or never r
 pull: snapshot_download (resumable: partial files stay in the zoo's downloads/ folder) into the
 zoo, then one rename into models/ and a zoo entry.
 
+Every request is bounded and retried (pizoo.hub_client: PIZOO_HUB_TIMEOUT, PIZOO_HUB_RETRIES), then
+pizoo stops with one line.
+
 The endpoint comes from HF_ENDPOINT, the token from the argument, HF_TOKEN or the saved login,
 all read at call time. The token is only handed to huggingface_hub: it is never printed, logged,
 written into a card or a manifest, and any error text is scrubbed of it.
@@ -29,29 +32,12 @@ from . import __version__
 from .card import (CardFacts, context_of, failing_reasons, method_of, read_card_license, render_card,
                    reproduce_command)
 from .errors import GateFailed, PizooError
-from .fsutil import read_json, replace_dir
+from .fsutil import output_lock, read_json, replace_dir
+from .hub_client import LOGIN_HINT, bound_hub_requests, hub_endpoint, hub_offline, with_retries
 from .lineage import HUB_ID, Identity, base_identity, local_roots
 from .zoo import Artifact, Zoo, alias_info, default_name, license_for, locate_artifact, pizoo_home
 
-LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN"
-_TRUE = {"1", "true", "yes", "on"}
-
-
-# --------------------------------------------------------------------------------------------
-# Environment
-
-
-def hub_endpoint() -> str:
-    """HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or constants.is_offline_mode()
+PULL_WAIT_S = 3600.0  # another process downloading the same repo: wait for it rather than fetch twice
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -206,15 +192,15 @@ def publishable_json(path: Path) -> bytes | None:
             return {k: scrub(v) for k, v in value.items()}
         return value
 
-    data = scrub(data)
     base = data.get("base_model") if path.name == "calibration.json" and isinstance(data, dict) else None
     if isinstance(base, dict):
         # The base is published by its identity and sha256: where it lay here, and a spec that was a
-        # path, are this machine's business.
+        # path, are this machine's business (checked before the scrub cuts a path to its last name).
         for key in ("path", "spec"):
             if key in base and (key == "path" or _names_a_local_path(base[key])):
                 del base[key]
                 changed = True
+    data = scrub(data)
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode() if changed else None
 
 
@@ -291,8 +277,20 @@ def card_for(release: Release, repo_id: str, files: list[UploadFile], *, forced:
         trtllm_build=trtllm_build_line(release),
         plot=next((f.path_in_repo for f in files if f.path_in_repo.startswith("eval/") and f.path_in_repo.endswith(".png")), None),
         license=inherited_license(release), forced=forced, base=release_base(release),
-        reproduce=reproduce_command(release.calibration, release.run, release.config))
+        reproduce=reproduce_command(release.calibration, release.run, release.config),
+        quant_quality=quant_quality_rows(release, files))
     return render_card(facts)
+
+
+def quant_quality_rows(release: Release, files: list[UploadFile]) -> list[dict] | None:
+    """The card's GGUF quant table, from the ladder's llama.cpp measurements (OUT/gguf/quality.json)."""
+    path = release.artifact.root / "gguf" / "quality.json"
+    if not path.is_file():
+        return None
+    from .eval.llamacpp import card_rows
+
+    names = {f.source.name: f.path_in_repo for f in files if f.source is not None and f.path_in_repo.endswith(".gguf")}
+    return card_rows(read_json(path, "quality.json"), names) or None
 
 
 def check_gate(release: Release, *, force: bool) -> bool:
@@ -344,9 +342,10 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     token = token or get_token()
     if not token:
         raise PizooError(f"no Hugging Face token to push with; {LOGIN_HINT}")
+    bound_hub_requests()
     api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
-    action = "push to"
-    try:
+
+    def send():
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main" and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -356,13 +355,15 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         ops = [CommitOperationAdd(path_in_repo=f.path_in_repo,
                                   path_or_fileobj=f.content if f.content is not None else str(f.source))
                for f in files]
-        summary = _commit_summary(release)
-        info = api.create_commit(repo_id, ops, commit_message=summary,
+        info = api.create_commit(repo_id, ops, commit_message=_commit_summary(release),
                                  commit_description=f"Published with pizoo {__version__}."
                                  + (" Forced past a failed or missing evaluation gate." if forced else ""),
                                  revision=revision, create_pr=create_pr)
-    except Exception as e:  # every client failure becomes one line; nothing is recorded as published
-        raise hub_failure(e, action=action, repo_id=repo_id, endpoint=endpoint, token=token) from None
+        return head, info
+
+    # Every client failure becomes one line; nothing is recorded as published. A retry re-sends only
+    # what the Hub does not hold yet (the LFS batch skips stored objects).
+    head, info = with_retries(send, action="push to", repo_id=repo_id, endpoint=endpoint, token=token)
 
     url = f"{endpoint}/{repo_id}" + (f"/tree/{revision}" if revision and revision != "main" and not create_pr else "")
     entry = Zoo().record_publication(release.artifact.root, {
@@ -432,21 +433,27 @@ def pull(repo_id: str, revision: str | None = None, *, token: str | None = None)
     endpoint = hub_endpoint()
     slug = hub_id.replace("/", "--") + (f"@{revision.replace('/', '--')}" if revision and revision != "main" else "")
     staging = zoo.home / "downloads" / slug
-    try:
-        api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
-        commit = api.repo_info(hub_id, revision=revision).sha
+    bound_hub_requests()
+    api = HfApi(endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
+    retrying = dict(action="pull", repo_id=hub_id, endpoint=endpoint, token=token)
+    commit = with_retries(lambda: api.repo_info(hub_id, revision=revision).sha, **retrying)
+    hit = zoo.find_by_hub(hub_id, revision)
+    if hit is not None and hit["hub"].get("commit") == commit and _files_present(hit):
+        return _hf_dir(hit)
+    final = zoo.home / "models" / slug
+    # One pull of a repo at a time (a second one waits, then finds it in the zoo).
+    with output_lock(staging, wait=PULL_WAIT_S):
         hit = zoo.find_by_hub(hub_id, revision)
         if hit is not None and hit["hub"].get("commit") == commit and _files_present(hit):
             return _hf_dir(hit)
-        snapshot_download(hub_id, revision=commit, local_dir=staging, cache_dir=zoo.home / "downloads" / ".hf-cache",
-                          endpoint=endpoint, token=token, library_name="pizoo", library_version=__version__)
-    except Exception as e:
-        raise hub_failure(e, action="pull", repo_id=hub_id, endpoint=endpoint, token=token) from None
-    shutil.rmtree(staging / ".cache", ignore_errors=True)  # download bookkeeping, not model files
-    final = zoo.home / "models" / slug
-    replace_dir(staging, final)
-    hub = {"repo_id": hub_id, "revision": revision or "main", "commit": commit, "endpoint": endpoint}
-    entry = zoo.register_folder(final, name=default_name(final, hub), source="hub", hub=hub)
+        with_retries(lambda: snapshot_download(hub_id, revision=commit, local_dir=staging,
+                                               cache_dir=zoo.home / "downloads" / ".hf-cache", endpoint=endpoint,
+                                               token=token, library_name="pizoo", library_version=__version__),
+                     **retrying)
+        shutil.rmtree(staging / ".cache", ignore_errors=True)  # download bookkeeping, not model files
+        replace_dir(staging, final)
+        hub = {"repo_id": hub_id, "revision": revision or "main", "commit": commit, "endpoint": endpoint}
+        entry = zoo.register_folder(final, name=default_name(final, hub), source="hub", hub=hub)
     return _hf_dir(entry)
 
 
@@ -458,66 +465,3 @@ def _files_present(entry: dict) -> bool:
     root = Path(entry["path"])
     return all((root / f["path"]).is_file() and (root / f["path"]).stat().st_size == f["size"]
                for fmt in entry["formats"].values() for f in fmt["files"])
-
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _network_errors() -> tuple[type, ...]:
-    types: list[type] = [ConnectionError, TimeoutError]
-    for mod_name in ("httpx2", "httpx"):
-        try:
-            mod = __import__(mod_name)
-        except ImportError:
-            continue
-        types += [mod.NetworkError, mod.TimeoutException, mod.RemoteProtocolError]
-    return tuple(types)
-
-
-def hub_failure(exc: BaseException, *, action: str, repo_id: str, endpoint: str, token: str | None) -> PizooError:
-    """One line for what went wrong talking to the Hub, with the fix; the token is scrubbed out."""
-    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    chain = list(_chain(exc))
-    message = None
-    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
-        message = f"HF_HUB_OFFLINE is set: cannot {action} {repo_id}; unset HF_HUB_OFFLINE to use the Hub"
-    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
-    if message is None and http is not None:
-        status = http.response.status_code
-        server = (http.server_message or "").strip().splitlines()
-        detail = f": {server[0]}" if server else ""
-        namespace = repo_id.split("/")[0]
-        if status == 401 and not isinstance(http, RepositoryNotFoundError):
-            message = f"the Hub at {endpoint} rejected the token (401 Unauthorized); {LOGIN_HINT} with a valid token"
-        elif status == 403:
-            message = (f"the token may not write to '{namespace}' on the Hub (403 Forbidden{detail}); use a token "
-                       f"with write access to that user or organization ({LOGIN_HINT})")
-        elif isinstance(http, RevisionNotFoundError):
-            message = f"{repo_id}: revision not found on the Hub; check --revision"
-        elif isinstance(http, RepositoryNotFoundError) or status in (401, 404):
-            message = f"{repo_id}: repository not found on the Hub at {endpoint} (or private and the token cannot see it)"
-        else:
-            message = f"cannot {action} {repo_id}: the Hub at {endpoint} answered {status}{detail}"
-    if message is None and any(isinstance(e, _network_errors()) for e in chain):
-        message = (f"cannot reach the Hub at {endpoint} to {action} {repo_id}; check the network or HF_ENDPOINT and "
-                   "retry (a retried push uploads only what is missing)")
-    if message is None and any(isinstance(e, HFValidationError) for e in chain):
-        message = f"repo id '{repo_id}': rejected by huggingface_hub ({str(chain[-1]).splitlines()[0]})"
-    if message is None:
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        message = f"cannot {action} {repo_id}: {type(exc).__name__}: {first}"
-    if token:
-        message = message.replace(token, "***")
-    return PizooError(message)

@@ -22,11 +22,12 @@ after a kill completes with byte-identical artifacts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -37,21 +38,23 @@ from typing import Any, Callable, Iterator
 
 from . import __version__
 from .errors import GateFailed, PizooError
-from .fsutil import atomic_dir, atomic_write_json, human_bytes, read_json, sha256_file
+from .fsutil import (atomic_dir, atomic_write_json, check_not_input, human_bytes, output_lock, read_json,
+                     remove_stale_temps, sha256_file)
 from .plan import FORMATS, Plan, default_out_dir, make_plan, planning_config, refuse_if_unfit, render_plan
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".pizoo-extend.lock"
 KILL_ENV = "PIZOO_TEST_KILL_IN_STAGE"
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 TRTLLM_DTYPE = "float16"
 SEED = 0
 EVAL_MODES = ("full", "quick")
 # --eval quick: a smoke check a 2-core CPU finishes in minutes: perplexity on one held-out document
-# in disjoint windows at short lengths within the original context, and 4 passkey distances x 2
-# keys; no baseline and no gate (long-context quality is what the full evaluation measures).
+# in disjoint windows at short lengths within the original context, 4 passkey distances x 2 keys,
+# and two long-context tasks (2 samples); the base measured at the same lengths beside it; no gate
+# (long-context quality is what the full evaluation measures).
 QUICK_EVAL_LENGTHS = (256, 512, 1024, 2048)
-QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2}
+QUICK_EVAL = {"max_documents": 1, "passkey_distances": 4, "passkey_trials": 2, "tasks": ["passkey", "niah_single_1"],
+              "task_samples": 2, "baseline_ctx": "listed"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ class ExtendOptions:
     data: list[str] | None = None
     steps: int | None = None
     train_len: int | None = None
-    formats: tuple[str, ...] = FORMATS
+    formats: tuple[str, ...] | None = None  # None: every format the model's family can be written as
     gguf_dtype: str = "f16"
     tp: int = 1
     push: str | None = None
@@ -79,15 +82,23 @@ class ExtendOptions:
     eval_ctx: list[int] | None = None  # lengths to measure (default: the mode's)
     hardware: str | None = None  # plan for named hardware instead of this machine (dry runs only)
     progress: bool = True
+    lora: Any = None  # pizoo.lora.LoraSettings: LoRA(+) calibration instead of a full fine-tune
+    offload: bool = False  # model state in host memory during calibration (FSDP2's CPUOffloadPolicy)
 
     def validate(self) -> None:
+        from .options import check_context
+
         if self.ctx < 2:
             raise PizooError(f"--ctx {self.ctx}: must be a positive number of tokens larger than the model's context")
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
+        check_context(self.ctx)
+        unknown = [f for f in self.formats or () if f not in FORMATS]
+        if unknown or self.formats == ():
             raise PizooError(f"--formats {','.join(self.formats)}: use a comma-separated subset of {','.join(FORMATS)}")
-        if self.gguf_dtype not in GGUF_DTYPES:
-            raise PizooError(f"--gguf-dtype {self.gguf_dtype}: use one of {', '.join(GGUF_DTYPES)}")
+        from .export.quantize import parse_gguf_types, plan_ladder
+
+        types = parse_gguf_types(self.gguf_dtype)
+        plan_ladder(types)
+        self.gguf_dtype = ",".join(types)  # canonical: run.json fingerprints and the card's command agree
         if self.tp not in (1, 2, 4, 8):
             raise PizooError(f"--tp {self.tp}: use 1, 2, 4 or 8")
         if self.push is not None:
@@ -111,6 +122,75 @@ class ExtendOptions:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else default_out_dir(self.model, self.ctx)
+
+
+def settle_formats(cfg, formats: tuple[str, ...] | None, recipe: Any, ctx: int, tp: int = 1) -> tuple[str, ...]:
+    """The formats to write: by default every format the family, and the recipe's scaling of it, can
+    be written as; as asked otherwise, refusing one that cannot be written. Either way before
+    anything is calibrated, not after hours of it in the export stage (a TensorRT-LLM checkpoint's
+    --tp sharding is checked against the model here too)."""
+    fam = cfg.family
+    scaled = _written_config(cfg, recipe, ctx)
+    refusals = {"gguf": _gguf_scaling_refusal(scaled, recipe), "trtllm": _trtllm_scaling_refusal(scaled, recipe)}
+    if formats is None:
+        formats = tuple(f for f in FORMATS if (f != "trtllm" or fam.trtllm_arch is not None) and refusals.get(f) is None)
+    elif "trtllm" in formats and fam.trtllm_arch is None:
+        raise PizooError(f"--formats trtllm: {fam.trtllm_refusal}; or leave trtllm out of --formats")
+    refused = next((refusals[f] for f in formats if refusals.get(f) is not None), None)
+    if refused is not None:
+        raise refused
+    if "trtllm" in formats and scaled is not None:
+        from .export.trtllm import check_exportable
+
+        check_exportable(scaled, dtype=TRTLLM_DTYPE, tp=tp, pp=1, where="--formats trtllm")
+    return formats
+
+
+def _written_config(cfg, recipe: Any, ctx: int):
+    """The config calibrate will write (a CLEX run's learned frequencies in their baked longrope form,
+    clex.bake_clex), or None when --ctx does not extend the model (its own check reports that)."""
+    L = cfg.original_context
+    if not L or ctx <= L:
+        return None
+    rope = recipe.rope_config(cfg.rope, ctx / L, L)
+    if recipe.method == "clex":
+        n = cfg.rope_dim // 2
+        rope = dataclasses.replace(rope, type="longrope", attention_factor=1.0, short_factor=[1.0] * n,
+                                   long_factor=[ctx / L] * n)
+    return cfg.with_rope(rope, ctx)
+
+
+def _gguf_scaling_refusal(scaled, recipe: Any) -> PizooError | None:
+    """Why the GGUF export would refuse the scaling this recipe writes (its own checks:
+    export.gguf.plan_rope and the family's llama.cpp graph), or None."""
+    from .export.gguf import plan_rope
+
+    where = f"--recipe {recipe.name} with --formats gguf"
+    if recipe.method == "dynamic":
+        return PizooError(f"{where}: dynamic NTK scaling has no GGUF form (llama.cpp's RoPE is static); leave gguf "
+                          "out of --formats (then `pizoo convert OUT/hf --to gguf --static-length N` bakes it at N "
+                          "tokens), or choose a static recipe (pi, ntk, yarn)")
+    if scaled is None:
+        return None
+    try:
+        scaled.family.gguf_arch(scaled, plan_rope(scaled, None, where).needs_rope_freqs, where)
+    except PizooError as e:
+        return e
+    return None
+
+
+def _trtllm_scaling_refusal(scaled, recipe: Any) -> PizooError | None:
+    """Why the TensorRT-LLM export would refuse the scaling this recipe writes (export.trtllm's own
+    trtllm_rope_fields), or None."""
+    from .export.trtllm import trtllm_rope_fields
+
+    if scaled is None:
+        return None
+    try:
+        trtllm_rope_fields(scaled, f"--recipe {recipe.name} with --formats trtllm")
+    except PizooError as e:
+        return e
+    return None
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -257,6 +337,21 @@ class RunLog:
         rec.update(status="failed", error=error, finished=_now(), seconds=round(seconds, 3))
         self.save()
 
+    # Units: the resumable pieces of a stage (one GGUF file of the ladder), kept across the stage's
+    # reruns (begin() replaces the stage's record, not its units).
+    def unit(self, stage: str, key: str) -> dict[str, Any] | None:
+        return ((self.data.get("units") or {}).get(stage) or {}).get(key)
+
+    def unit_done(self, stage: str, key: str, record: dict[str, Any]) -> None:
+        self.data.setdefault("units", {}).setdefault(stage, {})[key] = record
+        self.save()
+
+    def drop_units(self, stage: str, keep: set[str]) -> None:
+        units = (self.data.get("units") or {}).get(stage) or {}
+        for key in [k for k in units if k not in keep]:
+            del units[key]
+        self.save()
+
     def skip(self, name: str, reason: str) -> None:
         self.data["stages"][name] = {"status": "not-run", "reason": reason}
         self.save()
@@ -328,6 +423,11 @@ class Context:
         return self.out / "hf"
 
     @property
+    def formats(self) -> tuple[str, ...]:
+        """The plan's formats; before a plan exists (a Hub model not downloaded yet), as asked."""
+        return self.plan.formats if self.plan is not None else self.opts.formats or FORMATS
+
+    @property
     def original_context(self) -> int:
         return _config_of(self.base).original_context
 
@@ -381,7 +481,8 @@ def _stage_calibrate_inputs(ctx: Context) -> dict[str, Any]:
     return {"base": ctx.digests["resolve"], "ctx": o.ctx, "recipe": _recipe_identity(ctx.recipe),
             "data": data_fingerprint(o.data or None, "train"), "steps": o.steps, "train_len": o.train_len,
             "global_batch": o.global_batch, "seed": o.seed,
-            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing),
+            **({"lora": o.lora.to_dict()} if o.lora is not None else {})}
 
 
 def _recipe_identity(recipe: Any) -> dict[str, Any]:
@@ -418,13 +519,13 @@ def eval_settings(opts: ExtendOptions, original_context: int) -> dict[str, Any]:
     if opts.eval == "quick":
         lengths = opts.eval_ctx or [c for c in QUICK_EVAL_LENGTHS if c <= original_context] or [original_context]
         return {"ctx": sorted(lengths), "stride": max(lengths), "passkey_window": max(lengths), "gate": False,
-                "baseline": False, "seed": opts.seed, **QUICK_EVAL}
+                "baseline": True, "seed": opts.seed, **QUICK_EVAL}
     return {"ctx": sorted(opts.eval_ctx) if opts.eval_ctx else None, "gate": True, "baseline": True,
             "seed": opts.seed}
 
 
 def run_evaluate(ctx: Context) -> StageOutcome:
-    from .evaluate import evaluate_model
+    from .eval import evaluate_model
 
     settings = eval_settings(ctx.opts, ctx.original_context)
     baseline = ctx.base if settings.pop("baseline") else False
@@ -453,6 +554,10 @@ def eval_facts(report: dict[str, Any]) -> dict[str, Any]:
     if passkey:
         facts["passkey_k_max"] = passkey.get("k_max")
         facts["passkey_window"] = passkey.get("window")
+    for key, block in (("tasks", report.get("tasks")), ("base_tasks", (base or {}).get("tasks"))):
+        if block:
+            facts[key] = {name: entry["scores"] for name, entry in block["tasks"].items()}
+            facts[key.replace("tasks", "effective_length")] = block["effective_length"]
     return facts
 
 
@@ -460,17 +565,87 @@ def _stage_gguf_inputs(ctx: Context) -> dict[str, Any]:
     return {"model": ctx.digests["calibrate"], "dtype": ctx.opts.gguf_dtype}
 
 
+GGUF_STAGE = "convert-gguf"
+
+
 def run_gguf(ctx: Context) -> StageOutcome:
-    from .export.gguf import export_gguf
+    """The GGUF file(s): the float file by pizoo's exporter, each quant by llama.cpp's quantizer.
+
+    Each file is its own resumable unit (run.json `units`): a rerun after a crash or SIGKILL keeps
+    every file finished before it whose record (fingerprint: the calibrated model, the type, the
+    base type, pizoo's and the quantizer's versions) and sha256 still match."""
+    from .export.quantize import plan_ladder, parse_gguf_types, quantizer_version, write_ladder
 
     folder = ctx.out / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
-    # Given a folder, the exporter names the file the Hub way (SmolLM2-135M-32K-PI-F16.gguf).
-    target = export_gguf(ctx.hf_dir, folder, dtype=ctx.opts.gguf_dtype, overwrite=True, progress=ctx.opts.progress)
-    for stale in folder.glob("*.gguf"):
-        if stale != target:  # an earlier run's file in another dtype: not part of this release
+    types = parse_gguf_types(ctx.opts.gguf_dtype)
+    plan = plan_ladder(types)
+    model = ctx.digests["calibrate"]
+    quantizer = quantizer_version() if plan.quants else None
+
+    def unit_fingerprint(t: str) -> str:
+        made_by = {"base": plan.base, "quantizer": quantizer} if t in plan.quants else {}
+        return fingerprint({"model": model, "type": t, "pizoo": __version__, **made_by})
+
+    def reuse(t: str, path: Path, _base: Path | None) -> bool:
+        rec = ctx.log.unit(GGUF_STAGE, path.name)
+        return bool(rec) and rec.get("fingerprint") == unit_fingerprint(t) and sha256_file(path) == rec.get("sha256")
+
+    def finished(f) -> None:
+        ctx.log.unit_done(GGUF_STAGE, f.path.name, {"fingerprint": unit_fingerprint(f.type),
+                                                    "sha256": sha256_file(f.path), **f.to_dict()})
+
+    files = write_ladder(ctx.hf_dir, folder, types, overwrite=True, progress=ctx.opts.progress, reuse=reuse,
+                         finished=finished, say=ctx.say)
+    keep = {f.path for f in files}
+    for stale in folder.iterdir():
+        if stale.is_file() and stale not in keep:  # an earlier run's file in another dtype, or its quality table
             stale.unlink()
-    return StageOutcome([folder], {"path": str(target), "bytes": target.stat().st_size})
+    units = {p.name for p in keep}
+    result: dict[str, Any] = {"path": str(files[0].path if len(files) == 1 else folder),
+                              "bytes": sum(f.bytes for f in files), "files": [f.to_dict() for f in files]}
+    if plan.quants:
+        result["quality"] = _measure_ladder(ctx, files, plan.base if plan.keep_base else None, folder)
+        units.add(GGUF_QUALITY)
+    ctx.log.drop_units(GGUF_STAGE, keep=units)
+    return StageOutcome([folder], result)
+
+
+GGUF_QUALITY = "quality.json"
+
+
+def ladder_eval_length(opts: ExtendOptions, original_context: int) -> int:
+    """The context the ladder's quality is measured at: the target (--eval full), or the longest
+    length the quick evaluation measures."""
+    if opts.eval == "quick":
+        return max(eval_settings(opts, original_context)["ctx"])
+    return max(opts.eval_ctx) if opts.eval_ctx else opts.ctx
+
+
+def _measure_ladder(ctx: Context, files: list, base: str | None, folder: Path) -> dict[str, Any]:
+    """Every file of the ladder measured in llama.cpp at the evaluation length against the f16/bf16
+    file (OUT/gguf/quality.json, the card's table); a resumable unit keyed by the files' hashes."""
+    from .eval.llamacpp import evaluate_ggufs, ladder_summary
+
+    length = ladder_eval_length(ctx.opts, ctx.original_context)
+    ref = next((f.path for f in files if f.type == base), None)
+    hashes = {f.path.name: (ctx.log.unit(GGUF_STAGE, f.path.name) or {}).get("sha256") for f in files}
+    settings = {"files": hashes, "ctx": length, "data": ctx.opts.data, "reference": ref.name if ref else None,
+                "max_documents": 1 if ctx.opts.eval == "quick" else None}
+    fp = fingerprint(settings)
+    path = folder / GGUF_QUALITY
+    rec = ctx.log.unit(GGUF_STAGE, GGUF_QUALITY)
+    if rec and rec.get("fingerprint") == fp and path.is_file() and sha256_file(path) == rec.get("sha256"):
+        ctx.say("gguf quality: kept (already measured)")
+        return ladder_summary(read_json(path, GGUF_QUALITY))
+    ctx.say(f"gguf quality: measuring {len(files)} files in llama.cpp at {length} tokens")
+    kwargs = {"max_documents": settings["max_documents"]} if settings["max_documents"] else {}
+    reports = evaluate_ggufs([f.path for f in files], ctx=[length], reference=ref, data=ctx.opts.data or None,
+                             echo=ctx.say, **kwargs)
+    report = {"ctx": length, "reference": ref.name if ref else None, "files": reports}
+    atomic_write_json(path, report)
+    ctx.log.unit_done(GGUF_STAGE, GGUF_QUALITY, {"fingerprint": fp, "sha256": sha256_file(path)})
+    return ladder_summary(report)
 
 
 def _stage_trtllm_inputs(ctx: Context) -> dict[str, Any]:
@@ -491,7 +666,7 @@ def _release_digests(ctx: Context) -> dict[str, str]:
 
 
 def _stage_register_inputs(ctx: Context) -> dict[str, Any]:
-    from .resolve import pizoo_home
+    from .zoo import pizoo_home
 
     return {"artifacts": _release_digests(ctx), "zoo": str(pizoo_home().resolve()), "name": ctx.out.name}
 
@@ -553,8 +728,8 @@ STAGE_SPECS = [
     StageSpec("resolve", _stage_resolve_inputs, run_resolve),
     StageSpec("calibrate", _stage_calibrate_inputs, run_calibrate),
     StageSpec("evaluate", _stage_evaluate_inputs, run_evaluate),
-    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.opts.formats),
-    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.opts.formats),
+    StageSpec("convert-gguf", _stage_gguf_inputs, run_gguf, wanted=lambda ctx: "gguf" in ctx.formats),
+    StageSpec("convert-trtllm", _stage_trtllm_inputs, run_trtllm, wanted=lambda ctx: "trtllm" in ctx.formats),
     StageSpec("register", _stage_register_inputs, run_register, verify=verify_registered),
     StageSpec("push", _stage_push_inputs, run_push, verify=verify_pushed, wanted=lambda ctx: ctx.opts.push is not None),
 ]
@@ -566,21 +741,33 @@ STAGE_SPECS = [
 
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """One `pizoo extend` per output folder at a time (the lock dies with the process, even on SIGKILL)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """One `pizoo extend` per output folder at a time (fsutil.output_lock: it dies with the process,
+    even on SIGKILL). A release folder this run created is removed again when the run stops before
+    anything was made (the model did not resolve, a bad option): no empty folder is left behind."""
+    created = not os.path.lexists(out)
+    with output_lock(out):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PizooError(f"{out}: another pizoo extend is writing this folder; wait for it or use another --out") from None
-        yield
-    finally:
-        os.close(fd)
+            yield
+        except BaseException:
+            if created and out.is_dir() and _holds_only_a_run_log(out):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything)."""
+def _holds_only_a_run_log(out: Path) -> bool:
+    """Nothing but run.json (and its temporaries): no stage produced anything yet."""
+    for p in out.iterdir():
+        if p.name != RUN_FILE and not re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", p.name):
+            return False
+    log = read_json(out / RUN_FILE, "run log") if (out / RUN_FILE).is_file() else {}
+    return all((rec or {}).get("status") != "done" or name == "resolve"
+               for name, rec in (log.get("stages") or {}).items())
+
+
+def check_out_dir(out: Path, base: str) -> None:
+    """Refuse to write into a folder that is not a pizoo extend release (it could hold anything),
+    or into the base model's own folder."""
+    check_not_input(out, [Path(base).expanduser()] if Path(base).expanduser().exists() else [])
     if out.exists() and not out.is_dir():
         raise PizooError(f"--out {out}: is a file; give a folder")
     if out.is_dir() and not (out / RUN_FILE).is_file():
@@ -591,17 +778,15 @@ def check_out_dir(out: Path) -> None:
 
 
 def clean_temporaries(out: Path) -> None:
-    """Remove temporaries a killed run left behind (atomic_file/atomic_dir names: .NAME.*.tmp/.old)."""
+    """Remove temporaries a killed run left behind (fsutil's names, .NAME.XXXXXXXX.tmp/.old, and only
+    those no live process holds: see fsutil.remove_stale_temps)."""
     for folder in (out, out / "gguf", out / "eval"):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+            m = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.(tmp|old)", p.name)
+            if m:
+                remove_stale_temps(folder / m.group(1))
 
 
 def plan_extend(opts: ExtendOptions, *, measure: bool = True) -> Plan:
@@ -688,11 +873,11 @@ def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
     o = ctx.opts
     return {"model": str(ctx.base), "out": str(ctx.hf_dir), "ctx": o.ctx, "data": o.data or None, "steps": o.steps,
             "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
-            "global_batch": o.global_batch,
+            "global_batch": o.global_batch, "lora": o.lora.to_dict() if o.lora is not None else None,
             # calibrate re-resolves the resolved folder (an import cache for a GGUF alias): the identity
             # the resolve stage found from the spec (alias, Hub) is handed over, not re-derived.
             "base_identity": (ctx.results.get("resolve") or {}).get("identity"),
-            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing)}
+            "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing), "offload": o.offload}
 
 
 def _calibration_worker(opts: ExtendOptions, group: ProcessGroup) -> dict[str, Any]:
@@ -729,6 +914,7 @@ def extend(opts: ExtendOptions, *, say: Callable[[str], None] = _echo) -> dict[s
 def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: ProcessGroup) -> dict[str, Any]:
     from .plan import detect_hardware
     from .recipes import load_recipe
+    from .zoo import Zoo
 
     out = opts.out_dir
     recipe = load_recipe(opts.recipe)
@@ -737,15 +923,14 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
         cfg, where = planning_config(opts.model)
     except PizooError:
         cfg = None  # unknown shapes (a Hub id not downloaded yet): plan right after resolving
-    plan = None
     if cfg is not None:
-        plan = _make_plan(opts, recipe, cfg, where, hw)
-        say(render_plan(plan))
-        refuse_if_unfit(plan)
-    check_out_dir(out)
+        settle_formats(cfg, opts.formats, recipe, opts.ctx, opts.tp)  # an unwritable format: refused before anything
+    check_out_dir(out, opts.model)
+    Zoo().check_writable()  # the register stage writes PIZOO_HOME: refuse now, not after the work
     killer = _KillHook()
     started = time.perf_counter()
-    with locked(out):
+    with locked(out):  # the output checked and held before the plan is shown: a refusal is one line
+        plan = _announce_plan(_make_plan(opts, recipe, cfg, where, hw), say) if cfg is not None else None
         clean_temporaries(out)
         log = RunLog(out, fresh=not opts.resume)
         log.set_meta(command=_command_record(opts), plan=plan.to_dict() if plan else None)
@@ -795,10 +980,12 @@ def _extend_main(opts: ExtendOptions, say: Callable[[str], None], group: Process
             if spec.name == "resolve":
                 ctx.base = Path(result["path"])
                 if ctx.plan is None:
-                    ctx.plan = plan = _make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw)
-                    say(render_plan(plan))
-                    refuse_if_unfit(plan)
+                    ctx.plan = plan = _announce_plan(_make_plan(opts, recipe, _config_of(ctx.base), str(ctx.base), hw),
+                                                     say)
                     log.set_meta(plan=plan.to_dict())
+                    # The family's formats are known now: drop the later stages it cannot be written as
+                    # (only stages after this one go, so the loop's position is unaffected).
+                    wanted[:] = [s for s in wanted if s.wanted(ctx)]
             if spec.name == "evaluate" and result.get("gate") == "failed":
                 log.set_meta(summary=summarize(ctx, ran, skipped, time.perf_counter() - started))
                 failing = [r for r in result.get("gate_reasons") or [] if str(r).startswith("FAIL")]
@@ -826,9 +1013,16 @@ def drop_unrequested(ctx: Context) -> None:
 
 def _make_plan(opts: ExtendOptions, recipe: Any, cfg: Any, where: str, hw: Any) -> Plan:
     return make_plan(opts.model, cfg, where, ctx=opts.ctx, recipe=recipe, hw=hw, steps=opts.steps,
-                     train_len=opts.train_len, formats=opts.formats, out=opts.out_dir, push=opts.push,
-                     gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
-                     evaluation=eval_settings(opts, cfg.original_context))
+                     train_len=opts.train_len, formats=settle_formats(cfg, opts.formats, recipe, opts.ctx, opts.tp),
+                     out=opts.out_dir, push=opts.push, gguf_dtype=opts.gguf_dtype, tp=opts.tp, global_batch=opts.global_batch,
+                     evaluation=eval_settings(opts, cfg.original_context), lora=opts.lora, offload=opts.offload)
+
+
+def _announce_plan(plan: Plan, say: Callable[[str], None]) -> Plan:
+    """Show the plan, then refuse it if it does not fit this machine."""
+    say(render_plan(plan))
+    refuse_if_unfit(plan)
+    return plan
 
 
 def _config_of(folder: Path):
@@ -840,9 +1034,11 @@ def _config_of(folder: Path):
 def _command_record(opts: ExtendOptions) -> dict[str, Any]:
     """The options as given (None: the recipe's or pizoo's default), for the card's reproduce command."""
     return {"model": opts.model, "ctx": opts.ctx, "recipe": opts.recipe, "data": opts.data, "steps": opts.steps,
-            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats),
+            "train_len": opts.train_len, "global_batch": opts.global_batch, "formats": list(opts.formats) if opts.formats else None,
             "gguf_dtype": opts.gguf_dtype, "tp": opts.tp, "push": opts.push, "out": str(opts.out_dir),
-            "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx}
+            "seed": opts.seed, "eval": opts.eval, "eval_ctx": opts.eval_ctx,
+            **({"lora": opts.lora.to_dict()} if opts.lora is not None else {}),
+            **({"offload": True} if opts.offload else {})}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -873,7 +1069,8 @@ def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) 
         "target_context": ctx.opts.ctx,
         "out": str(out),
         "gate": ev.get("gate"),
-        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window") if k in ev},
+        "figures": {k: ev[k] for k in ("perplexity", "base_perplexity", "passkey_k_max", "passkey_window", "tasks",
+                                       "base_tasks", "effective_length", "base_effective_length") if k in ev},
         "calibration": {k: v for k, v in ctx.results.get("calibrate", {}).items() if k != "path"},
         "artifacts": artifacts,
         "zoo": ctx.results.get("register"),
@@ -887,6 +1084,34 @@ def summarize(ctx: Context, ran: list[str], skipped: list[str], seconds: float) 
     return summary
 
 
+def _side_by_side(figures: dict[str, Any]) -> list[str]:
+    """Perplexity and task scores per length, the base's beside the model's: "512: 47.1 (base 45.2)".
+    Consumes the figures it shows."""
+    rows = [("perplexity", figures.pop("perplexity", None), figures.pop("base_perplexity", None), ".4g")]
+    tasks, base_tasks = figures.pop("tasks", None) or {}, figures.pop("base_tasks", None) or {}
+    rows += [(f"task {name}", scores, base_tasks.get(name), ".2f") for name, scores in tasks.items()]
+    lines = []
+    for label, mine, base, fmt in rows:
+        if not mine:
+            continue
+        cells = []
+        for length, value in mine.items():
+            cell = f"{length}: {_number(value, fmt)}"
+            if base and length in base:
+                cell += f" (base {_number(base[length], fmt)})"
+            cells.append(cell)
+        lines.append(f"  {label:<20} " + "  ".join(cells))
+    if "effective_length" in figures:
+        eff, base_eff = figures.pop("effective_length"), figures.pop("base_effective_length", None)
+        shown = eff if eff is not None else "- (no length at which every task ran)"
+        lines.append(f"  {'effective length':<20} {shown}" + (f" (base {base_eff})" if base_eff is not None else ""))
+    return lines
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     lines = []
     if not summary["stages_run"]:
@@ -896,7 +1121,9 @@ def render_summary(summary: dict[str, Any]) -> str:
                  f"{summary['seconds']:.0f} s (ran: {', '.join(summary['stages_run']) or 'nothing'}; "
                  f"skipped: {', '.join(summary['stages_skipped']) or 'nothing'})")
     lines.append(f"  gate: {summary['gate']}")
-    for key, value in summary["figures"].items():
+    figures = dict(summary["figures"])
+    lines += _side_by_side(figures)
+    for key, value in figures.items():
         lines.append(f"  {key}: {json.dumps(value, default=str)}")
     for name, art in summary["artifacts"].items():
         lines.append(f"  {name:<7} {art['path']}  ({human_bytes(art['bytes'])})")

@@ -15,8 +15,17 @@ Memory model (bytes per device, for the chosen settings):
   layer's input (h) is kept, plus one layer's full set while it is recomputed.
 - The loss head runs in chunks (pizoo.model.chunked_log_probs): chunk x vocab float32 logits, their
   softmax and gradient; the unchunked figure is shown for comparison.
+- LoRA (--lora, pizoo.lora): the frozen base weights are stored once (bf16 on GPUs, float32 on CPU)
+  with no gradients or optimizer state; the trainable parameters (the adapters, plus embeddings and
+  norms for LongLoRA+) cost 16 bytes each as above. Activations drop what only frozen projections
+  would keep (their inputs, for weight gradients never computed) and add each adapter's rank-r
+  intermediate.
+- --offload (FSDP2's CPUOffloadPolicy): parameters, gradients and AdamW state live in host memory
+  (sharded over the processes); a device holds the gathered layers, the activations and the loss
+  head. The plan states the host memory the state needs per process.
 
 Time model: training FLOPs per token = 6 * (non-embedding params + head params)
+(with LoRA: 4 per frozen parameter, whose weight gradient is never computed, 6 per trainable one)
 + 12 * layers * heads * head_dim * train_len (the attention term, not halved for causality: an
 upper bound), times 4/3 with activation checkpointing (one extra forward). Throughput per device:
 GPUs from their name (dense bf16 peak) at an assumed MFU; the CPU is measured with a short float32
@@ -35,6 +44,7 @@ from typing import Any
 
 from .config import ModelConfig, RopeConfig
 from .errors import PizooError
+from .families import FAMILIES, family, family_for_gguf
 from .fsutil import human_bytes
 
 GiB = 1024**3
@@ -116,23 +126,22 @@ def known_base(spec: str) -> tuple[str, dict[str, Any]] | None:
 
 def config_from_known(entry: dict[str, Any]) -> ModelConfig:
     heads = entry["num_heads"]
-    arch = entry["architecture"]
-    sliding = entry.get("sliding_window")
+    fam = family(entry["architecture"])
     return ModelConfig(
-        architecture=arch, vocab_size=entry["vocab_size"], hidden_size=entry["hidden_size"],
+        architecture=fam.model_type, vocab_size=entry["vocab_size"], hidden_size=entry["hidden_size"],
         intermediate_size=entry["intermediate_size"], num_layers=entry["num_layers"], num_heads=heads,
         num_kv_heads=entry["num_kv_heads"], head_dim=entry.get("head_dim", entry["hidden_size"] // heads),
         max_position_embeddings=entry["context"], rope=RopeConfig(theta=entry.get("theta", 10000.0)),
-        tie_word_embeddings=entry.get("tie_word_embeddings", False), qkv_bias=arch == "qwen2",
-        sliding_window=sliding, sliding_window_layers=list(range(entry["num_layers"])) if sliding else [],
-        torch_dtype="bfloat16")
+        tie_word_embeddings=entry.get("tie_word_embeddings", False),
+        **fam.known_features(entry, entry["num_layers"]), torch_dtype="bfloat16")
 
 
 def planning_config(spec: str) -> tuple[ModelConfig, str]:
     """The shapes to plan with, without downloading or importing anything: (config, where from).
 
-    A local HF folder's config.json; a GGUF file's header; otherwise the known-bases table by
-    alias or Hub id (also for zoo aliases that are not downloaded yet).
+    A local HF folder's config.json; a GGUF file's header (also the file an alias resolves to here:
+    a packaged GGUF or a user alias's --gguf); otherwise the known-bases table by alias or Hub id
+    (also for zoo aliases that are not downloaded yet).
     """
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
@@ -147,6 +156,11 @@ def planning_config(spec: str) -> tuple[ModelConfig, str]:
         local = None
     if local is not None and (Path(local.path) / "config.json").is_file():
         return ModelConfig.from_file(Path(local.path) / "config.json"), f"zoo: {local.path}"
+    from .resolve import alias_gguf
+
+    on_disk = alias_gguf(spec)  # the GGUF this alias resolves to here (packaged, or a user alias's file)
+    if on_disk is not None:
+        return gguf_planning_config(on_disk[0]), f"{on_disk[0].name} (GGUF header of the alias '{spec}')"
     hit = known_base(spec)
     if hit is None:
         alias_hub = _zoo_alias_hub_id(spec)
@@ -172,6 +186,8 @@ def gguf_planning_config(path: Path) -> ModelConfig:
     """Shapes from a GGUF file's metadata (memory-mapped header read; no tensor is loaded)."""
     from gguf import GGUFReader
 
+    from .export.gguf import KEY_ARCH
+
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the gguf package raises bare ValueErrors/struct errors on bad files
@@ -188,15 +204,18 @@ def gguf_planning_config(path: Path) -> ModelConfig:
     hidden = int(field_value(p + "embedding_length"))
     heads = int(field_value(p + "attention.head_count"))
     tokens = field_value("tokenizer.ggml.tokens") or []
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    names = {t.name for t in reader.tensors}
+    fam = FAMILIES.get(field_value(KEY_ARCH)) or family_for_gguf(arch, names) or family("llama")
+    features = fam.gguf_features(field_value, names)
     return ModelConfig(
-        architecture=arch if arch in ("llama", "qwen2") else "llama", vocab_size=len(tokens) or 32000,
+        architecture=fam.model_type, vocab_size=len(tokens) or 32000, **features,
         hidden_size=hidden, intermediate_size=int(field_value(p + "feed_forward_length")),
         num_layers=int(field_value(p + "block_count")), num_heads=heads,
-        num_kv_heads=int(field_value(p + "attention.head_count_kv", heads)), head_dim=hidden // heads,
+        num_kv_heads=int(field_value(p + "attention.head_count_kv", heads)),
+        head_dim=int(field_value(p + "attention.key_length", hidden // heads)),
         max_position_embeddings=int(field_value(p + "context_length")),
         rope=RopeConfig(theta=float(field_value(p + "rope.freq_base", 10000.0))),
-        tie_word_embeddings=not has_output, torch_dtype="float32")
+        tie_word_embeddings="output.weight" not in names, torch_dtype="float32")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +357,8 @@ class MemoryEstimate:
     activation_checkpointing: bool  # chosen setting
     peak: float  # for the chosen setting, chunked loss
     capacity: float  # usable bytes per device
+    trainable_params: int = 0  # all of them in a full fine-tune
+    host_state: float = 0.0  # --offload: weights + gradients + AdamW state in host memory, per process
 
     @property
     def fits(self) -> bool:
@@ -345,38 +366,58 @@ class MemoryEstimate:
 
 
 def layer_params(cfg: ModelConfig) -> int:
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    n = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * i
-    if cfg.qkv_bias or cfg.attention_bias:
-        n += q + 2 * kv
-    return n
+    """Parameters of one decoder layer, from the family's tensor table (layer 0)."""
+    return sum(math.prod(t.shape) for t in cfg.family.layer_tensors(cfg, 0))
 
 
-def activation_elements_per_token_layer(cfg: ModelConfig) -> int:
+def activation_elements_per_token_layer(cfg: ModelConfig, lora=None) -> int:
     """Saved activations of one decoder layer per token (elements), as pizoo.model computes it:
     two norms' inputs and outputs (4h), q/k/v projections and rotated q/k (2h + 4kv... counted as
     h + 2kv + h + kv, rounded up to 4kv), attention output and o_proj input (2h), the residual
-    inputs (2h), and the MLP's gate, up, silu(gate) and product (4I)."""
+    inputs (2h), and the MLP's gate, up, silu(gate) and product (4I). With LoRA, less (see below)."""
     h, kv, i = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    return 10 * h + 4 * kv + 4 * i
+    full = 10 * h + 4 * kv + 4 * i
+    if lora is None:
+        return full
+    from .lora import resolved_targets
+
+    # A frozen projection keeps nothing for its weight gradient, so an input that only frozen
+    # projections read is not saved (the MLP's, with attention-only adapters); each adapter keeps
+    # its rank-r intermediate for B's gradient.
+    targets = set(resolved_targets(lora, cfg))
+    inputs = {("q", "k", "v", "qkv"): h, ("o",): h, ("gate", "up", "gate_up"): h, ("down",): i}
+    dropped = sum(n for readers, n in inputs.items() if not targets & set(readers))
+    return full - dropped + lora.rank * len(targets)
+
+
+def trainable_params(cfg: ModelConfig, lora=None) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts: everything trains in a full fine-tune; with LoRA the
+    adapters and the --lora-trainable extras train and the rest of the base is frozen."""
+    n = cfg.num_params()
+    if lora is None:
+        return n, 0
+    from .lora import adapter_params, extra_trainable_params
+
+    extra = extra_trainable_params(lora, cfg)
+    return adapter_params(lora, cfg) + extra, n - extra
 
 
 def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_batch: int = 1,
-                    activation_checkpointing: bool | None = None) -> MemoryEstimate:
+                    activation_checkpointing: bool | None = None, lora=None, offload: bool = False) -> MemoryEstimate:
     """Peak bytes per device of one calibration step (see the module docstring for the model).
 
     activation_checkpointing=None chooses: off when the plan fits without it, else on.
     """
-    n = cfg.num_params()
     shards = hw.count
     gpu = hw.kind == "cuda"
     act_bytes = 2 if gpu else 4
-    weights = 4 * n / shards
-    gradients = 4 * n / shards
-    optimizer = 8 * n / shards
-    gathered = 2 * 2 * layer_params(cfg) if gpu and shards > 1 else 0.0
+    n_train, n_frozen = trainable_params(cfg, lora)
+    weights = (4 * n_train + (2 if gpu else 4) * n_frozen) / shards
+    gradients = 4 * n_train / shards
+    optimizer = 8 * n_train / shards
+    gathered = 2 * 2 * layer_params(cfg) if gpu and (shards > 1 or offload) else 0.0
     tokens = train_len * micro_batch
-    per_layer_tok = activation_elements_per_token_layer(cfg) * act_bytes
+    per_layer_tok = activation_elements_per_token_layer(cfg, lora) * act_bytes
     window = [cfg.layer_window(i) for i in range(cfg.num_layers)]
     attn_matrix = 0.0
     if any(w is not None and train_len > w for w in window):
@@ -390,18 +431,29 @@ def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_bat
     logits_full = 3 * tokens * cfg.vocab_size * 4
     overhead = GPU_OVERHEAD_BYTES if gpu else CPU_OVERHEAD_BYTES
     capacity = hw.memory_bytes * MEMORY_HEADROOM
-    state = weights + gradients + optimizer + gathered + logits_chunked + overhead
+    host_state = weights + gradients + optimizer if offload else 0.0
+    state = (0.0 if offload else weights + gradients + optimizer) + gathered + logits_chunked + overhead
     if activation_checkpointing is None:
         activation_checkpointing = state + activations > capacity
     peak = state + (checkpointed if activation_checkpointing else activations)
     return MemoryEstimate(weights, gradients, optimizer, gathered, activations, checkpointed, logits_chunked,
-                          logits_full, overhead, activation_checkpointing, peak, capacity)
+                          logits_full, overhead, activation_checkpointing, peak, capacity, n_train, host_state)
 
 
-def train_flops_per_token(cfg: ModelConfig, train_len: int, *, activation_checkpointing: bool) -> float:
-    """6 * (non-embedding + head) params + 12 * L * H * Q * T; x4/3 with activation checkpointing."""
+def train_flops_per_token(cfg: ModelConfig, train_len: int, *, activation_checkpointing: bool, lora=None) -> float:
+    """6 * (non-embedding + head) params + 12 * L * H * Q * T; x4/3 with activation checkpointing.
+
+    With LoRA the frozen matrices cost 4 FLOPs per parameter (forward and input gradient, no weight
+    gradient) and the adapters 6; the head is frozen unless --lora-trainable names it (or embed with
+    tied embeddings)."""
     head = cfg.vocab_size * cfg.hidden_size
     dense = 6 * (cfg.num_non_embedding_params() + head)
+    if lora is not None:
+        from .lora import adapter_params
+
+        head_trains = "head" in lora.trainable or ("embed" in lora.trainable and cfg.tie_word_embeddings)
+        dense = 4 * (cfg.num_non_embedding_params() + head) + 6 * adapter_params(lora, cfg) + (2 * head if head_trains
+                                                                                                else 0)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * train_len
     return (dense + attention) * (4 / 3 if activation_checkpointing else 1.0)
 
@@ -447,6 +499,8 @@ class Plan:
     evaluation: dict[str, Any] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)  # what to change when the plan does not fit
     notes: list[str] = field(default_factory=list)  # things worth knowing that do not stop the run
+    lora: dict[str, Any] | None = None  # pizoo.lora.LoraSettings.to_dict() when calibrating with LoRA
+    offload: bool = False  # --offload: model state in host memory (FSDP2's CPUOffloadPolicy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -465,7 +519,8 @@ def choose_train_len(ctx: int, train_len: int | None) -> int:
 def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recipe, hw: Hardware,
               steps: int | None = None, train_len: int | None = None, formats: list[str] | tuple[str, ...] = FORMATS,
               out: Path | None = None, push: str | None = None, gguf_dtype: str = "f16", tp: int = 1,
-              global_batch: int | None = None, evaluation: dict[str, Any] | None = None) -> Plan:
+              global_batch: int | None = None, evaluation: dict[str, Any] | None = None, lora=None,
+              offload: bool = False) -> Plan:
     """Everything the run will do and need, from the model's shapes and the recipe (no side effects)."""
     original = cfg.original_context
     if cfg.rope.is_scaled:
@@ -474,6 +529,9 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
     if ctx <= original:
         raise PizooError(f"--ctx {ctx}: must exceed the model's context length {original}")
     factor = ctx / original
+    from .lora import for_run
+
+    lora = for_run(lora, recipe, cfg)  # the family's projections; rank and targets checked
     t_len = choose_train_len(ctx, train_len)
     n_steps = (recipe.steps if steps is None else steps) if recipe.train else 0
     if steps is not None and steps < 1 and recipe.train:
@@ -494,14 +552,17 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
              "warmup_steps": recipe.warmup_for(n_steps) if n_steps else 0, "warmup_start": recipe.warmup_start,
              "schedule": recipe.schedule, "positions": recipe.positions if t_len < ctx else "contiguous",
              "rope": dict(recipe.rope)}
-    mem = estimate_memory(cfg, hw, train_len=t_len, micro_batch=micro_batch) if recipe.train else None
+    mem = (estimate_memory(cfg, hw, train_len=t_len, micro_batch=micro_batch, lora=lora, offload=offload)
+           if recipe.train else None)
     ac = bool(mem and mem.activation_checkpointing)
-    fpt = train_flops_per_token(cfg, t_len, activation_checkpointing=ac)
+    fpt = train_flops_per_token(cfg, t_len, activation_checkpointing=ac, lora=lora)
     calibrate_s = tokens * fpt / (hw.count * hw.effective_flops) if tokens else 0.0
+    from .export.quantize import ladder_bytes
+
     evaluation = dict(evaluation or {})
     eval_seconds = estimate_eval_seconds(cfg, ctx, hw, evaluation)
     bytes_per_format = {"hf": (4 if cfg.torch_dtype == "float32" else 2) * params,
-                        "gguf": (4 if gguf_dtype == "f32" else 1.07 if gguf_dtype == "q8_0" else 2) * params,
+                        "gguf": ladder_bytes(gguf_dtype, params),
                         "trtllm": 2 * params}
     convert_s = sum(bytes_per_format[f] for f in formats) / EXPORT_BYTES_PER_S
     seconds = {"calibrate": calibrate_s, "evaluate": eval_seconds, "convert": convert_s,
@@ -522,17 +583,17 @@ def make_plan(spec: str, cfg: ModelConfig, model_source: str, *, ctx: int, recip
                 grad_accumulation=accumulation, tokens=tokens, hardware=asdict(hw) | {"description": hw.describe()},
                 memory=memory, activation_checkpointing=ac, flops_per_token=fpt, seconds=seconds,
                 formats=list(formats), outputs=outputs, push=push, fits=mem is None or mem.fits,
-                evaluation=evaluation)
+                evaluation=evaluation, lora=lora.to_dict() if lora is not None else None, offload=offload)
     if evaluation.get("gate", True) and eval_seconds > 3600 and hw.kind == "cpu":
         plan.notes.append(f"the full evaluation up to {ctx} tokens takes about {format_duration(eval_seconds)} on "
                           "this CPU; --eval quick checks short lengths in minutes (ungated), a GPU runs the full one")
     if not plan.fits:
-        plan.advice = fit_advice(cfg, hw, mem, train_len=t_len, ctx=ctx, tokens=tokens)
+        plan.advice = fit_advice(cfg, hw, mem, train_len=t_len, ctx=ctx, tokens=tokens, lora=lora, offload=offload)
     return plan
 
 
 def eval_lengths(original: int, ctx: int, lengths: list[int] | None, gated: bool) -> list[int]:
-    """The context lengths pizoo.evaluate measures: the given ones (plus the original and the target
+    """The context lengths pizoo.eval measures: the given ones (plus the original and the target
     when gated), else the original, its doublings below the target, and the target."""
     if lengths:
         return sorted(set(lengths) | ({original, ctx} if gated else set()))
@@ -544,7 +605,7 @@ def eval_lengths(original: int, ctx: int, lengths: list[int] | None, gated: bool
 
 
 def estimate_eval_seconds(cfg: ModelConfig, ctx: int, hw: Hardware, evaluation: dict[str, Any]) -> float:
-    """Forward passes of the evaluation as pizoo.evaluate runs it: per length c, one document of
+    """Forward passes of the evaluation as pizoo.eval runs it: per length c, one document of
     D = max length tokens in windows of c moving by the stride ((D - c) / stride + 1 windows); the
     baseline at the original length; passkey prompts at `distances` lengths spread over the window,
     `trials` each. One document is assumed when the number is not capped."""
@@ -571,17 +632,26 @@ def estimate_eval_seconds(cfg: ModelConfig, ctx: int, hw: Hardware, evaluation: 
 
 
 def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len: int, ctx: int,
-               tokens: int) -> list[str]:
-    """What to change so the plan fits: more GPUs through torchrun, shorter sequences, checkpointing."""
+               tokens: int, lora=None, offload: bool = False) -> list[str]:
+    """What to change so the plan fits: LoRA, CPU offload, more GPUs through torchrun, shorter
+    sequences, checkpointing."""
     advice = []
+    if lora is None:
+        advice += _lora_advice(cfg, hw, train_len=train_len, tokens=tokens)
+    if not offload and hw.kind == "cuda":
+        m = estimate_memory(cfg, hw, train_len=train_len, lora=lora, offload=True)
+        if m.fits:
+            advice.append(f"offload the parameters and AdamW state to host memory: --offload fits on the GPU "
+                          f"({human_bytes(m.peak)} per device; {human_bytes(m.host_state)} of host memory per "
+                          "process; slower: every step moves the state over PCIe)")
     gpu = named_hardware("h100") if hw.kind == "cpu" else hw
     for count in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128):
         if count < hw.count and hw.kind == "cuda":
             continue
         trial = Hardware(gpu.kind, gpu.name, count, gpu.memory_bytes, gpu.peak_flops, gpu.mfu, gpu.source)
-        m = estimate_memory(cfg, trial, train_len=train_len)
+        m = estimate_memory(cfg, trial, train_len=train_len, lora=lora)
         if m.fits:
-            fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing)
+            fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing, lora=lora)
             hours = tokens * fpt / (count * trial.effective_flops) / 3600
             nodes = math.ceil(count / 8)
             launch = (f"torchrun --standalone --nproc_per_node {count} -m pizoo.cli extend ..." if count <= 8 else
@@ -595,7 +665,7 @@ def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len
     for t in (16384, 8192, 4096, 2048, 1024, 512):
         if t >= train_len:
             continue
-        m = estimate_memory(cfg, hw, train_len=t)
+        m = estimate_memory(cfg, hw, train_len=t, lora=lora, offload=offload)
         if m.fits:
             advice.append(f"calibrate on shorter sequences: --train-len {t} fits here ({human_bytes(m.peak)}; "
                           f"positions are spread over the {ctx} target)")
@@ -603,6 +673,22 @@ def fit_advice(cfg: ModelConfig, hw: Hardware, mem: MemoryEstimate, *, train_len
     if mem.activation_checkpointing:
         advice.append("activation checkpointing is already on (the planner enables it when activations do not fit)")
     return advice
+
+
+def _lora_advice(cfg: ModelConfig, hw: Hardware, *, train_len: int, tokens: int) -> list[str]:
+    """--lora when LongLoRA+ (the default settings, rank 16) fits the hardware the full fine-tune does not."""
+    from .lora import lora_settings
+
+    for rank in (16, 8):
+        lora = lora_settings(rank).for_model(cfg)
+        m = estimate_memory(cfg, hw, train_len=train_len, lora=lora)
+        if m.fits:
+            fpt = train_flops_per_token(cfg, train_len, activation_checkpointing=m.activation_checkpointing, lora=lora)
+            hours = tokens * fpt / (hw.count * hw.effective_flops) / 3600
+            where = f"{hw.count} x {hw.name}" if hw.count > 1 else hw.name
+            return [f"calibrate with LoRA: --lora {rank} ({lora.describe()}) fits on {where} "
+                    f"({human_bytes(m.peak)} per device, about {hours:.1f} h)"]
+    return []
 
 
 def default_out_dir(spec: str, ctx: int) -> Path:
@@ -647,12 +733,19 @@ def render_plan(plan: Plan) -> str:
         row("sequences per step", f"{plan.global_batch} = {plan.micro_batch} per device x {plan.hardware['count']} "
                                   f"device(s) x {plan.grad_accumulation} accumulation")
         row("tokens", f"{plan.tokens:,}")
+        if plan.lora:
+            from .lora import LoraSettings
+
+            row("training", f"{LoraSettings.from_dict(plan.lora).describe()}; {plan.memory['trainable_params']:,} "
+                            f"trainable of {plan.params:,} parameters (frozen base in "
+                            f"{'bf16' if plan.hardware['kind'] == 'cuda' else 'float32'})")
         m = plan.memory
         row("memory per device", f"{human_bytes(m['peak'])} peak of {human_bytes(m['capacity'])} usable "
                                  f"({'fits' if m['fits'] else 'DOES NOT FIT'})")
         shard = f" (sharded over {plan.hardware['count']})" if plan.hardware["count"] > 1 else ""
         row("  weights+grads+AdamW", f"{human_bytes(m['weights'])} + {human_bytes(m['gradients'])} + "
-                                     f"{human_bytes(m['optimizer'])}{shard}")
+                                     f"{human_bytes(m['optimizer'])}{shard}"
+                                     + (" in host memory (--offload)" if plan.offload else ""))
         if m["gathered_layers"]:
             row("  FSDP gathered layers", human_bytes(m["gathered_layers"]))
         ac = "on" if plan.activation_checkpointing else "off"
@@ -660,7 +753,8 @@ def render_plan(plan: Plan) -> str:
                              f"{human_bytes(m['activations_checkpointed'])} with (checkpointing {ac})")
         row("  loss head", f"{human_bytes(m['logits_chunked'])} chunked cross-entropy "
                            f"({human_bytes(m['logits_full'])} unchunked)")
-        row("FLOPs per token", f"{plan.flops_per_token:.3g} (6N + 12*L*H*Q*T, attention not halved"
+        row("FLOPs per token", f"{plan.flops_per_token:.3g} ({'4N frozen + 6N trainable' if plan.lora else '6N'}"
+                               f" + 12*L*H*Q*T, attention not halved"
                                f"{', x4/3 recompute' if plan.activation_checkpointing else ''})")
     else:
         row("training", "none: this recipe only writes the scaling")

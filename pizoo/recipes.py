@@ -43,11 +43,14 @@ class GateThresholds:
     max_ppl_ratio_original: the calibrated model's perplexity at the original length / the base's.
     min_passkey_accuracy: passkey retrieval accuracy required on average over the tested distances
         (and half of it at every distance).
+    min_task_score: long-context task -> the score (0-1) it must reach at the target context
+        (`pizoo.eval.tasks`; none by default). The evaluation runs these tasks when the gate is on.
     """
 
     max_ppl_ratio_target: float = 1.10
     max_ppl_ratio_original: float = 1.05
     min_passkey_accuracy: float = 0.9
+    min_task_score: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,6 +160,18 @@ def load_recipe(name_or_path: str | os.PathLike | Recipe) -> Recipe:
 
 # ------------------------------------------------------------------------------------------------
 # Validation
+
+
+def _task_scores(table: "_Table") -> dict[str, float]:
+    """[gate.min_task_score]: task = minimum score in [0, 1]; every task must be one pizoo runs."""
+    from .eval.tasks import TASKS  # here, not at the top: pizoo.eval imports this module
+
+    for key in table.data:
+        if key not in TASKS:
+            raise table.fail(key, f"unknown task; use some of: {', '.join(TASKS)}")
+    scores = {k: table.get(k, float, check=lambda v: 0 <= v <= 1, hint="must be in [0, 1]") for k in table.data}
+    table.finish()
+    return scores
 
 
 class _Table:
@@ -293,6 +308,7 @@ def parse_recipe(data: dict[str, Any], file: str, default_name: str = "recipe") 
         max_ppl_ratio_target=gate_t.get("max_ppl_ratio_target", float, 1.10, lambda v: v >= 1, "must be >= 1"),
         max_ppl_ratio_original=gate_t.get("max_ppl_ratio_original", float, 1.05, lambda v: v >= 1, "must be >= 1"),
         min_passkey_accuracy=gate_t.get("min_passkey_accuracy", float, 0.9, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+        min_task_score=_task_scores(gate_t.sub("min_task_score")),
     )
     gate_t.finish()
     top.finish()

@@ -43,12 +43,19 @@ def imported_gguf_dir(gguf: Path) -> Path:
     return pizoo_home() / "imports" / f"{gguf.stem}-{digest}"
 
 
+IMPORT_WAIT_S = 600.0
+
+
 def import_gguf_cached(gguf: Path) -> Path:
     from .gguf_import import import_gguf
 
+    from .fsutil import output_lock
+
     out = imported_gguf_dir(gguf)
     if not (out / "config.json").is_file():
-        import_gguf(gguf, out, overwrite=True)
+        with output_lock(out, wait=IMPORT_WAIT_S):  # another process importing the same file: wait for it
+            if not (out / "config.json").is_file():
+                import_gguf(gguf, out, overwrite=True, lock=False)
     return out
 
 
@@ -174,7 +181,10 @@ def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> Re
             ident = folder_identity(path)
             return ResolvedModel(path=path, source="folder", spec=spec, hub_id=ident.hub_id, revision=ident.revision,
                                  identity=ident)
-        tried.append(f"folder {path} (no config.json)")
+        # An existing folder is what the user meant, even when its name also reads as a Hub id
+        # (cases/empty): never download something else in its place.
+        raise PizooError(f"{path}: a folder without config.json, so not an HF model folder; give a model folder, a "
+                         ".gguf file, a zoo name, or a Hub id that is not also the path of a local folder")
     elif path.is_file():
         if path.suffix.lower() == ".gguf":
             ident = gguf_identity(path)

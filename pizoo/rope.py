@@ -206,6 +206,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q, k [B, H, T, D] by cos/sin [B, T, D] (HF 'half' layout: pairs (i, i + D/2))."""
+    """Rotate q, k [B, H, T, D] by cos/sin [B, T, R] (HF 'half' layout: pairs (i, i + R/2)). With
+    partial rotary (R < D) only the first R dims of each head rotate; the rest pass through."""
     cos, sin = cos[:, None], sin[:, None]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q_rot, k_rot = q[..., :r], k[..., :r]
+    return (torch.cat((q_rot * cos + rotate_half(q_rot) * sin, q[..., r:]), dim=-1),
+            torch.cat((k_rot * cos + rotate_half(k_rot) * sin, k[..., r:]), dim=-1))

@@ -15,16 +15,11 @@ import torch
 
 from .checkpoint import write_checkpoint
 from .config import ModelConfig, RopeConfig
+from .families import tiny_variants
 from .model import LlamaModel
 
-# Tiny variants covering the shapes pizoo must handle.
-VARIANTS = {
-    "llama": dict(architecture="llama", num_heads=4, num_kv_heads=4, tie_word_embeddings=False),
-    "llama-gqa-tied": dict(architecture="llama", num_heads=4, num_kv_heads=2, tie_word_embeddings=True),
-    "mistral": dict(architecture="mistral", num_heads=4, num_kv_heads=2, tie_word_embeddings=False,
-                    sliding_window=4096),
-    "qwen2": dict(architecture="qwen2", num_heads=4, num_kv_heads=2, tie_word_embeddings=False, qkv_bias=True),
-}
+# Tiny variants covering the shapes pizoo must handle: every registered family's (pizoo.families).
+VARIANTS = tiny_variants()
 
 SPECIAL_BOS, SPECIAL_EOS, SPECIAL_UNK = "<s>", "</s>", "<unk>"
 
@@ -99,12 +94,14 @@ def write_tokenizer(out: Path, kind: str, vocab_size: int = 512) -> tuple[int, i
 
 def tiny_config(variant: str = "llama", *, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
                 intermediate_size: int = 128, max_position_embeddings: int = 64, rope: RopeConfig | None = None,
-                head_dim: int = 16, theta: float = 10000.0, bos: int | None = None, eos: int | None = None,
+                head_dim: int | None = None, theta: float = 10000.0, bos: int | None = None, eos: int | None = None,
                 **overrides) -> ModelConfig:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
     v = dict(VARIANTS[variant])
     v.update(overrides)
+    variant_head_dim = v.pop("head_dim", 16)
+    head_dim = head_dim or variant_head_dim
     sliding = v.pop("sliding_window", None)
     cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_layers=num_layers, head_dim=head_dim, max_position_embeddings=max_position_embeddings,

@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -58,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import __version__
 from .errors import Interrupted, PizooError
-from .fsutil import atomic_dir, atomic_write_json, read_json, sha256_file
+from .fsutil import atomic_dir, atomic_write_json, check_output, output_lock, read_json, sha256_file, writing
 
 STATE_SUFFIX = ".calibrate-state"
 MANIFEST_FILE = "manifest.json"  # present only in sharded (torchrun) training checkpoints
@@ -93,6 +94,12 @@ class _Dist:
     world: int = 1
     local_rank: int = 0
     owned: bool = False  # this call initialised the process group (and tears it down)
+    offload: bool = False  # FSDP2 keeps the sharded state in host memory (CPUOffloadPolicy)
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether the model is sharded with FSDP2: several processes, or one that offloads."""
+        return self.world > 1 or self.offload
 
     @property
     def is_main(self) -> bool:
@@ -134,10 +141,15 @@ class _Dist:
         return [part.tolist() for part in parts]
 
 
-def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
+def _init_distributed(device: str | None, offload: bool = False) -> tuple[_Dist, torch.device]:
+    """The process group: torchrun's, or (offload without torchrun) a one-process group, since
+    FSDP2 and its CPU offload need one; none for a plain single-process run."""
+    from .options import check_device
+
+    device = check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-    if world <= 1:
+    if world <= 1 and not offload:
         return _Dist(), torch.device(device or ("cuda" if use_cuda else "cpu"))
     import torch.distributed as dist
 
@@ -146,9 +158,13 @@ def _init_distributed(device: str | None) -> tuple[_Dist, torch.device]:
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        if world <= 1:  # no torchrun: an in-process store, nothing listens on the network
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend)
         owned = True
-    d = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owned=owned)
+    d = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, owned=owned, offload=offload)
     return d, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
@@ -167,10 +183,15 @@ def lr_at(step: int, *, peak: float, warmup: int, total: int, start: float, sche
     return peak
 
 
+def _seed_int(*parts: Any) -> int:
+    digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+
 def _generator(*parts: Any) -> torch.Generator:
     """A generator seeded from `parts`: identical on every rank, world size and resume."""
-    digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(_seed_int(*parts))
 
 
 def pose_positions(length: int, target: int, gen: torch.Generator) -> torch.Tensor:
@@ -229,8 +250,12 @@ class CausalLMLoss(nn.Module):
 
 
 def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, seed: int,
-                          activation_checkpointing: bool, loss_chunk: int):
-    """Meta-device build, optional FSDP sharding, then materialise on `dev`."""
+                          activation_checkpointing: bool, loss_chunk: int, lora=None):
+    """Meta-device build, LoRA adapters when asked, optional FSDP sharding, then materialise on `dev`.
+
+    With LoRA on a GPU the frozen base weights are kept in bf16 from the start (never materialised
+    in float32): only the trainable parameters get float32 master weights, gradients and AdamW state.
+    """
     from .model import LlamaModel
 
     train_cfg = cfg.with_rope(rope, ctx)
@@ -239,26 +264,48 @@ def _build_training_model(cfg, rope, ctx: int, dev: torch.device, dist_: _Dist, 
         if rope.method == "clex":
             from .clex import clex_module_for
 
-            lm.rotary.set_frequency_module(clex_module_for(rope, cfg.head_dim))
+            lm.rotary.set_frequency_module(clex_module_for(rope, cfg.rope_dim))
+    if lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(lm, lora)
+        if dev.type == "cuda":
+            for p in lm.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
     lm.activation_checkpointing = activation_checkpointing
     wrapper = CausalLMLoss(lm, loss_chunk)
-    if dist_.world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if dist_.fsdp:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if dev.type == "cuda" else MixedPrecisionPolicy())
+        # --offload: FSDP2's own policy keeps parameters, gradients and so AdamW's state on the CPU
+        # and copies each layer to the device for its forward and backward.
+        offload = CPUOffloadPolicy(pin_memory=dev.type == "cuda") if dist_.offload else OffloadPolicy()
         for layer in lm.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(wrapper, mp_policy=mp)
-    wrapper.to_empty(device=dev)
+            fully_shard(layer, mp_policy=mp, offload_policy=offload)
+        fully_shard(wrapper, mp_policy=mp, offload_policy=offload)
+    # FSDP2's CPU offload wants the sharded parameters materialised in host memory.
+    wrapper.to_empty(device="cpu" if dist_.offload else dev)
     if rope.method == "clex":
         # The ODE's initial weights, identical on every rank (seeded), loaded like any weight.
         from .clex import clex_module_for
 
         torch.manual_seed(seed)
-        init = clex_module_for(rope, cfg.head_dim).state_dict()
+        init = clex_module_for(rope, cfg.rope_dim).state_dict()
         _load_full(wrapper, {f"lm.rotary.learned.{k}": v for k, v in init.items()}, strict=False)
+    if lora is not None:
+        from .lora import init_adapter_weights
+
+        _load_full(wrapper, {f"lm.{k}": v for k, v in init_adapter_weights(lm, _seed_int(seed, "lora")).items()},
+                   strict=False)
     return wrapper
+
+
+def _trainable(wrapper: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of them in a full fine-tune), by wrapper name."""
+    return {n: p for n, p in wrapper.named_parameters() if p.requires_grad}
 
 
 def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
@@ -284,20 +331,14 @@ def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
 
 
 def _load_base_weights(wrapper: nn.Module, ckpt) -> None:
+    from .lora import is_lora_param
+
     _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_tensors()), strict=False)
-    expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.")}
+    expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.") and not is_lora_param(n)}
     loaded = {f"lm.{n}" for n in ckpt.tensors}
     missing = sorted(expected - loaded)
     if missing:
         raise PizooError(f"{ckpt.path}: no weights for '{missing[0][3:]}'; the base checkpoint is incomplete")
-
-
-def _full_model_state(wrapper: nn.Module) -> dict[str, torch.Tensor]:
-    """Full float32 CPU tensors of every parameter, by wrapper name (single-process checkpoints)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
 def _full_optimizer_state(wrapper: nn.Module, opt) -> tuple[dict[str, torch.Tensor], dict]:
@@ -376,8 +417,8 @@ def _set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 def _save_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, trainer: dict, dist_: _Dist,
                      dev: torch.device) -> None:
-    """One training checkpoint, written atomically: sharded per rank under torchrun, else full tensors."""
-    if dist_.world > 1:
+    """One training checkpoint, written atomically: sharded per rank under FSDP, else full tensors."""
+    if dist_.fsdp:
         _save_sharded_checkpoint(state_dir, step, wrapper, opt, trainer, dist_, dev)
     else:
         _save_full_checkpoint(state_dir, step, wrapper, opt, trainer)
@@ -396,6 +437,14 @@ def _drop_older_checkpoints(state_dir: Path, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _holds_no_checkpoint(state_dir: Path) -> bool:
+    """A state folder a failed or killed start left: pizoo's own entries only (metrics.jsonl and step
+    folders) and no complete checkpoint to resume from."""
+    names = [p.name for p in state_dir.iterdir()]
+    ours = all(n == "metrics.jsonl" or re.fullmatch(r"\.?step-\d+(\.tmp|\.old)?", n) for n in names)
+    return ours and _latest_checkpoint(state_dir) is None
+
+
 def _remove_unfinished_saves(state_dir: Path) -> None:
     """Temporary step folders of a save that was killed midway (never valid checkpoints)."""
     for stale in state_dir.glob(".step-*"):
@@ -406,7 +455,8 @@ def _save_full_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt, t
     """Single process: full tensors in one atomic folder, then drop older ones."""
     from safetensors.torch import save_file
 
-    model_sd = _full_model_state(wrapper)
+    trainable = _trainable(wrapper)
+    model_sd = dict(_gathered_state(wrapper, lambda n: n in trainable))
     opt_tensors, opt_meta = _full_optimizer_state(wrapper, opt)
     final = state_dir / f"step-{step:07d}"
     with atomic_dir(final, overwrite=True) as tmp:
@@ -424,7 +474,11 @@ def _load_full_checkpoint(path: Path, wrapper: nn.Module, opt) -> dict:
 
     trainer = read_json(path / "trainer.json", "trainer state")
     model_sd = load_file(str(path / "model.safetensors"))
-    _load_full(wrapper, model_sd)
+    missing = [n for n in _trainable(wrapper) if n not in model_sd]
+    if missing:
+        raise PizooError(f"{path / 'model.safetensors'}: no saved state for '{missing[0]}'; the checkpoint does not "
+                         "match this run, pass --no-resume to start over")
+    _load_full(wrapper, model_sd, strict=False)
     opt_tensors = {k: v for k, v in load_file(str(path / "optimizer.safetensors")).items() if k != "__empty__"}
     _set_optimizer_state(wrapper, opt, opt_tensors, read_json(path / "optimizer.json", "optimizer state"))
     _set_rng_state(load_file(str(path / "rng.safetensors")))
@@ -590,8 +644,9 @@ def _save_sharded_checkpoint(state_dir: Path, step: int, wrapper: nn.Module, opt
                              dev: torch.device) -> None:
     """Every rank streams its own shards into `.step-N.tmp/rank{R}.safetensors`; after a barrier
     rank 0 checks the headers, writes manifest.json and trainer.json, and renames the folder into
-    place, so `step-N/` only ever exists complete. No rank ever holds more than its shard."""
-    params = dict(wrapper.named_parameters())
+    place, so `step-N/` only ever exists complete. No rank ever holds more than its shard. Only
+    trainable parameters are saved (the frozen base is read from the base model on resume)."""
+    params = _trainable(wrapper)
     layout = _shard_layout(params, dist_, dev)
     final = state_dir / f"step-{step:07d}"
     tmp = state_dir / f".{final.name}.tmp"
@@ -691,7 +746,7 @@ def _load_sharded_checkpoint(path: Path, wrapper: nn.Module, opt, dist_: _Dist, 
     """Restore parameters, AdamW state, param groups and RNG from a sharded checkpoint (any world size)."""
     manifest = _read_manifest(path)
     trainer = read_json(path / "trainer.json", "trainer state")
-    params = dict(wrapper.named_parameters())
+    params = _trainable(wrapper)
     layout = _shard_layout(params, dist_, dev)
     states: dict[str, list[str]] = {}
     for key in manifest["tensors"]:
@@ -802,12 +857,16 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
               activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
               micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
               max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
-              base_identity: dict | None = None, log=print) -> CalibrationResult:
+              base_identity: dict | None = None, lora=None, offload: bool = False, log=print) -> CalibrationResult:
     """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
 
     `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
     `micro_batch` sequences go through one forward/backward (gradient accumulation covers the
     rest). `train_len` (default: ctx) shorter than ctx spreads position ids over the target range.
+    `lora` (pizoo.lora.LoraSettings) trains adapters (+ embeddings and norms by default) instead of
+    every weight; the output is merged and the adapter is written beside it in PEFT's format.
+    `offload` keeps the model state (parameters, gradients, AdamW) in host memory through FSDP2's
+    CPUOffloadPolicy, for full fine-tunes too big for the GPUs (same numbers, slower steps).
     """
     from .checkpoint import open_checkpoint
     from .data import PackedSequences, data_fingerprint, default_corpus_note, describe_sources
@@ -845,12 +904,23 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         raise PizooError(f"--micro-batch {micro_batch}: must be >= 1")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise PizooError(f"--lr {lr}: must be a positive number (e.g. 2e-5)")
-    if out.exists() and not out.is_dir():
-        raise PizooError(f"--out {out}: is a file, not a folder; choose another --out (a file is never replaced)")
-    if out.exists() and not overwrite:
-        raise PizooError(f"{out}: already exists; pass --overwrite or choose another --out")
+    if isinstance(lora, dict):  # as torchrun workers receive it (JSON)
+        from .lora import LoraSettings
 
-    dist_, dev = _init_distributed(device)
+        lora = LoraSettings.from_dict(lora)
+    from .lora import for_run
+
+    lora = for_run(lora, rec, cfg)  # the family's projections; rank and targets checked
+    check_output(out, overwrite=overwrite, inputs=[resolved.path])
+
+    held = contextlib.ExitStack()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 writes; the lock is its
+        held.enter_context(output_lock(out))
+    try:
+        dist_, dev = _init_distributed(device, offload)
+    except BaseException:
+        held.close()
+        raise
     try:
         gb = int(rec.global_batch if global_batch is None else global_batch)
         if gb % (micro_batch * dist_.world):
@@ -863,22 +933,27 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if dist_.is_main and data is None and n_steps > 0:
             log(f"note: {default_corpus_note()}")
         fingerprint = data_fingerprint(data, "train") if n_steps > 0 else None
-        run_args = _run_args(base=str(resolved.path), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
+        run_args = _run_args(base=str(resolved.path.resolve()), recipe=_recipe_settings(rec), ctx=ctx, steps=n_steps, train_len=T,
                              seed=seed, global_batch=gb, lr=peak_lr, data_fingerprint=fingerprint,
-                             max_grad_norm=max_grad_norm)
+                             max_grad_norm=max_grad_norm, lora=lora.to_dict() if lora is not None else None)
 
-        wrapper = _build_training_model(cfg, rope, ctx, dev, dist_, seed, activation_checkpointing, loss_chunk)
+        wrapper = _build_training_model(cfg, rope, ctx, dev, dist_, seed, activation_checkpointing, loss_chunk, lora)
         _load_base_weights(wrapper, ckpt)
+        trainable = _trainable(wrapper)
+        if lora is not None and dist_.is_main:
+            n_train = sum(p.numel() for p in trainable.values())
+            log(f"{lora.describe()}: {n_train:,} trainable parameters of {cfg.num_params():,} "
+                f"({100 * n_train / max(1, cfg.num_params()):.2f}%)")
         decay, no_decay = [], []
-        for name, p in wrapper.named_parameters():
+        for name, p in trainable.items():
             (no_decay if p.ndim < 2 else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": rec.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=peak_lr, betas=rec.betas, eps=1e-8)
 
         start_step, losses, tokens_done = 0, [], 0
-        if dist_.is_main and not resume and state_dir.exists():
-            shutil.rmtree(state_dir)
+        if dist_.is_main and state_dir.exists() and (not resume or _holds_no_checkpoint(state_dir)):
+            shutil.rmtree(state_dir)  # ours (the output lock is held) and nothing in it to resume from
         if dist_.is_main and state_dir.exists():
             _remove_unfinished_saves(state_dir)
         dist_.barrier()
@@ -886,6 +961,12 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         if latest is not None:
             saved = read_json(latest / "trainer.json", "trainer state")
             changed = [k for k in run_args if saved.get("run_args", {}).get(k) != run_args[k] and k != "steps"]
+            if "lora" in changed:
+                was = saved.get("run_args", {}).get("lora")
+                raise PizooError(f"{state_dir}: saved with different LoRA settings ("
+                                 f"{'none' if was is None else _lora_flags(was)}, now "
+                                 f"{'none' if lora is None else _lora_flags(lora.to_dict())}); rerun with the saved "
+                                 "--lora options, or pass --no-resume to start over")
             if changed:
                 raise PizooError(f"{state_dir}: saved with different settings ({changed[0]}); rerun with the same "
                                  "arguments, or pass --no-resume to start over")
@@ -901,24 +982,30 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
                 log(f"resuming from {latest} (step {start_step}{resharded})")
 
         metrics_path = state_dir / "metrics.jsonl"
-        if dist_.is_main and n_steps > 0:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(metrics_path, start_step)
+        last_saved = start_step if latest is not None else None
+
+        def discard_unsaved() -> None:
+            if dist_.is_main and last_saved is None:
+                shutil.rmtree(state_dir, ignore_errors=True)  # metrics of unsaved steps only: nothing to resume
+
+        with _on_error(discard_unsaved), writing(state_dir):  # a failed start leaves no state folder
+            if dist_.is_main and n_steps > 0:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                _truncate_metrics(metrics_path, start_step)
+            stream = None
+            if n_steps > start_step:
+                stream = PackedSequences(resolved.path, data, T + 1, seed=seed, split="train", bos=cfg.bos_token_id,
+                                         eos=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None,
+                                         start=start_step * gb)
 
         amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda"
                else contextlib.nullcontext())
-        stream = None
-        if n_steps > start_step:
-            stream = PackedSequences(resolved.path, data, T + 1, seed=seed, split="train", bos=cfg.bos_token_id,
-                                     eos=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else None,
-                                     start=start_step * gb)
         bar = None
         if progress and dist_.is_main and n_steps > start_step:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=n_steps, initial=start_step, desc=f"calibrate {rec.name} -> {ctx}", unit="step",
                        dynamic_ncols=True)
-        last_saved = start_step if latest is not None else None
 
         def save(step_done: int) -> None:
             nonlocal last_saved
@@ -930,11 +1017,10 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         def failed() -> None:
             if bar is not None:
                 bar.close()  # the error goes on a line of its own, after the bar
-            if dist_.is_main and last_saved is None:
-                shutil.rmtree(state_dir, ignore_errors=True)  # metrics of unsaved steps only: nothing to resume
+            discard_unsaved()
 
         wrapper.train()
-        with _StopRequest() as stop, _on_error(failed):
+        with _StopRequest() as stop, _on_error(failed), writing(state_dir):
             for step in range(start_step, n_steps):
                 t_step = time.time()
                 cur_lr = lr_at(step, peak=peak_lr, warmup=warmup, total=n_steps, start=rec.warmup_start,
@@ -994,11 +1080,17 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
         clex_state = (dict(_gathered_state(wrapper, lambda n: n.startswith("lm.rotary.learned.")))
                       if rope.method == "clex" else {})
         weights = ((k.removeprefix("lm."), v) for k, v in _gathered_state(wrapper, lambda n: not n.startswith("lm.rotary.")))
+        adapter: dict[str, torch.Tensor] = {}
+        if lora is not None:
+            from .lora import merged_tensors
+
+            weights = merged_tensors(weights, lora, adapter)
         if dist_.is_main:
             _write_output(out, ckpt, cfg, rope, ctx, rec, weights, clex_state, dev, resolved=resolved, data=data,
                           describe_sources=describe_sources, fingerprint=fingerprint, stream=stream, steps=n_steps,
                           tokens=tokens_done, train_len=T, global_batch=gb, losses=losses, seed=seed,
-                          world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr)
+                          world=dist_.world, t0=t0, metrics_path=metrics_path, overwrite=overwrite, lr=peak_lr,
+                          lora=lora, adapter=adapter)
             if not keep_state:
                 shutil.rmtree(state_dir, ignore_errors=True)
         elif n_steps > 0:  # rank 0 streams `weights` into the output folder (steps == 0 copies the base)
@@ -1013,6 +1105,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             import torch.distributed as dist
 
             dist.destroy_process_group()
+        held.close()
 
 
 def _recipe_settings(rec) -> dict:
@@ -1059,11 +1152,13 @@ def _append_metrics(path: Path, row: dict) -> None:
 def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[tuple[str, torch.Tensor]],
                   clex_state: dict[str, torch.Tensor], dev, *, resolved, data, describe_sources, fingerprint, stream,
                   steps, tokens, train_len, global_batch, losses, seed, world, t0, metrics_path: Path, overwrite: bool,
-                  lr: float) -> None:
+                  lr: float, lora=None, adapter: dict[str, torch.Tensor] | None = None) -> None:
     """The HF folder: trained weights in the base dtype, scaled config.json, tokenizer, lineage.
 
     `weights` (HF names) is consumed one tensor at a time while writing; `clex_state` holds the
     trained ODE module's tensors (wrapper names), baked into the config before any weight is written.
+    With LoRA the weights arrive merged and `adapter` (filled while they stream) is written to
+    `adapter/` in PEFT's format, inside the same atomic folder.
     """
     from .checkpoint import DTYPE_NAMES, write_checkpoint
 
@@ -1071,7 +1166,7 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
     if rope.method == "clex":
         from .clex import bake_clex, clex_module_for
 
-        module = clex_module_for(rope, cfg.head_dim)
+        module = clex_module_for(rope, cfg.rope_dim)
         module.load_state_dict({k.removeprefix("lm.rotary.learned."): v for k, v in clex_state.items()})
         out_rope = bake_clex(module.eval(), rope, ctx)
     out_cfg = cfg.with_rope(out_rope, ctx)
@@ -1113,6 +1208,8 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
         "duration_s": round(time.time() - t0, 3),
         "pizoo_version": __version__,
     }
+    if lora is not None:
+        calib["lora"] = {**lora.to_dict(), "adapter": None if steps == 0 else "adapter/"}
     if rope.method == "clex":
         calib["clex"] = {"baked_scale": min(math.ceil(ctx / cfg.original_context), int(rope.max_factor)),
                          "long_factor": out_rope.long_factor}
@@ -1121,8 +1218,16 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
     extra = {"calibration.json": json.dumps(calib, indent=2) + "\n"}
     if metrics_path.is_file():
         extra["metrics.jsonl"] = metrics_path.read_text()
+    finish = None
+    if lora is not None and steps > 0:
+        from .lora import ADAPTER_DIR, write_peft_adapter
+
+        # Runs after every weight has streamed, when `adapter` is complete.
+        finish = lambda tmp: write_peft_adapter(  # noqa: E731
+            tmp / ADAPTER_DIR, lora, adapter, base_model=resolved.hub_id or resolved.spec,
+            tied_embeddings=cfg.tie_word_embeddings)
     write_checkpoint(out, out_cfg, tensors, copy_files_from=ckpt.path, dtype=base_dtype, overwrite=overwrite,
-                     extra_files=extra)
+                     extra_files=extra, finish=finish)
 
 
 def default_output_dir(model: str, ctx: int, recipe: str) -> Path:
@@ -1130,3 +1235,9 @@ def default_output_dir(model: str, ctx: int, recipe: str) -> Path:
     name = Path(str(model).rstrip("/")).name or "model"
     size = f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
     return Path(f"{name}-{size}-{Path(str(recipe)).stem}")
+
+
+def _lora_flags(d: dict) -> str:
+    trainable = ",".join(d.get("trainable") or []) or "none"
+    return (f"--lora {d['rank']} --lora-alpha {d['alpha']:g} --lora-targets {','.join(d['targets'])} "
+            f"--lora-trainable {trainable}")

@@ -3,7 +3,8 @@
 Layout under `pizoo_home()` (PIZOO_HOME, default ~/.cache/pizoo):
 
     zoo.json        {"version": 1, "entries": {NAME: manifest}, "aliases": {NAME: alias}}
-    zoo.lock        the fcntl lock every writer holds while it reads, changes and replaces zoo.json
+    zoo.lock        the lock (fsutil.hold_lock) every writer holds while it reads, changes and replaces
+                    zoo.json; a writer waits for it up to LOCK_WAIT_S, then stops with one line naming the holder
     models/         folders pulled from the Hub (owned by the zoo: `pizoo zoo rm` deletes them)
     downloads/      resumable partial pulls (snapshot_download's local_dir before the final rename)
 
@@ -22,7 +23,6 @@ Artifact folders come in two layouts, both understood by `locate_artifact`:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -35,10 +35,11 @@ from typing import Any, Iterator
 
 from . import __version__
 from .errors import PizooError
-from .fsutil import atomic_write_json, read_json, sha256_file
+from .fsutil import atomic_write_json, hold_lock, read_json, sha256_file, writing
 from .lineage import HUB_ID, base_identity, card_license
 
 ZOO_VERSION = 1
+LOCK_WAIT_S = 60.0  # an index update takes milliseconds: a longer wait means a stuck process
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/+-]{0,199}$")
 # Folders inside an HF folder that are other formats, bookkeeping or download state, not HF files.
 NOT_HF = {"trtllm", "eval", "gguf", "hf", ".cache", ".git"}
@@ -291,15 +292,25 @@ class Zoo:
     @contextlib.contextmanager
     def _update(self) -> Iterator[dict]:
         """Hold the exclusive lock, yield the current index, then replace zoo.json atomically."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                state = self._read()
-                yield state
-                atomic_write_json(self.index_path, state)
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        with hold_lock(self.lock_path, self.index_path, wait=LOCK_WAIT_S,
+                       advice=f"it did not finish within {LOCK_WAIT_S:.0f} s; retry when it has"):
+            state = self._read()
+            yield state
+            atomic_write_json(self.index_path, state)
+
+    def check_writable(self) -> None:
+        """One line now, rather than at the end of a long run that registers its result: PIZOO_HOME
+        (or, while it does not exist, the folder it will be made in) is a file, read-only or not ours
+        to write. Creates nothing."""
+        import errno
+
+        existing = next(p for p in (self.home, *self.home.parents) if os.path.lexists(p))
+        with writing(self.index_path if existing == self.home else self.home):
+            if not existing.is_dir():
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+            if not os.access(existing, os.W_OK):
+                code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+                raise OSError(code, os.strerror(code), str(existing))
 
     # --- entries ----------------------------------------------------------------------------
     def register(self, entry: Manifest, *, free_name: bool = False) -> Manifest:
@@ -440,6 +451,7 @@ class Zoo:
             raise PizooError(f"alias name '{name}': use letters, digits and . _ - (no '/')")
         if not HUB_ID.match(hub_id):
             raise PizooError(f"alias '{name}': '{hub_id}' is not a Hub id; expected NAMESPACE/NAME")
+        _check_alias_facts(architecture, context)
         if gguf is not None:
             gguf = Path(gguf).expanduser().resolve()
             if not gguf.is_file() or gguf.suffix.lower() != ".gguf":
@@ -450,6 +462,18 @@ class Zoo:
         with self._update() as state:
             state["aliases"][name] = alias
         return alias
+
+
+def _check_alias_facts(architecture: str | None, context: int | None) -> None:
+    """An alias's facts feed the planner and the cards: refuse what no model can have."""
+    from .families import FAMILIES
+    from .options import check_context
+
+    known = list(FAMILIES)
+    if architecture is not None and architecture not in known:
+        raise PizooError(f"--architecture {architecture}: not an architecture pizoo knows; use one of {', '.join(known)}")
+    if context is not None:
+        check_context(context, "--context")
 
 
 def register_release(folder: str | os.PathLike, *, name: str | None = None, base: str | None = None) -> Manifest:

@@ -332,7 +332,7 @@ def test_too_little_data_leaves_no_state_and_the_error_on_its_own_line(base, tmp
 
 
 def test_base_path_is_recorded_absolute_so_eval_finds_it_from_anywhere(base, tmp_path, monkeypatch):
-    from pizoo.evaluate import find_base_model
+    from pizoo.eval import find_base_model
     from pizoo.train import calibrate
 
     monkeypatch.chdir(base.parent)

@@ -22,10 +22,13 @@ import pytest
 SCRIPT = """
 import json, os, sys, torch
 torch.set_num_threads(1)
+from pizoo.lora import lora_settings
 from pizoo.train import calibrate
-base, out, data, result = sys.argv[1:5]
+base, out, data, result, mode = sys.argv[1:6]
+lora = lora_settings(4) if mode == "lora" else None
 r = calibrate(base, out, ctx=256, recipe="pi", data=[data], steps=4, train_len=64, global_batch=4, micro_batch=1,
-              lr=1e-3, progress=False, checkpoint_every=2, log=lambda m: None)
+              lr=1e-2 if lora else 1e-3, progress=False, checkpoint_every=2, log=lambda m: None, lora=lora,
+              keep_state=lora is not None)
 if int(os.environ.get("RANK", "0")) == 0:
     json.dump({"losses": r.losses, "world": int(os.environ.get("WORLD_SIZE", "1"))}, open(result, "w"))
 """
@@ -40,7 +43,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo needs a POSIX system")
-def test_torchrun_two_processes_match_one(tiny_model_factory, text_file, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_torchrun_two_processes_match_one(mode, tiny_model_factory, text_file, tmp_path):
     base = tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
     data = text_file
     script = tmp_path / "run.py"
@@ -48,10 +52,10 @@ def test_torchrun_two_processes_match_one(tiny_model_factory, text_file, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(base),
-                            str(tmp_path / "two"), str(data), str(tmp_path / "two.json")],
+                            str(tmp_path / "two"), str(data), str(tmp_path / "two.json"), mode],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     one = subprocess.run([sys.executable, str(script), str(base), str(tmp_path / "one"), str(data),
-                          str(tmp_path / "one.json")], env=env, capture_output=True, text=True)
+                          str(tmp_path / "one.json"), mode], env=env, capture_output=True, text=True)
     out2 = two.communicate()[0].decode()
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, out2[-3000:]
@@ -63,6 +67,11 @@ def test_torchrun_two_processes_match_one(tiny_model_factory, text_file, tmp_pat
     # Only rank 0 wrote: one output folder, no leftovers from the other rank.
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".two")]
     assert leftovers == []
+    if mode == "lora":  # the sharded training checkpoint holds only the trainable tensors
+        manifest = json.loads((tmp_path / "two.calibrate-state" / "step-0000004" / "manifest.json").read_text())
+        owners = {k.split("::")[0] for k in manifest["tensors"]}
+        assert owners and all(("lora_" in k or "embed" in k or "norm" in k) for k in owners), sorted(owners)
+        assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
     from safetensors.torch import load_file
 

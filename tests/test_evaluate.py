@@ -21,21 +21,21 @@ from typer.testing import CliRunner
 from pizoo.cli import app
 from pizoo.config import RopeConfig
 from pizoo.errors import PizooError
-from pizoo.evaluate import (
+from pizoo.eval import evaluate_model
+from pizoo.eval.cache import model_fingerprint
+from pizoo.eval.gate import apply_gate
+from pizoo.eval.passkey import (
+    PasskeyResult,
     PasskeyTrial,
-    TextEncoder,
-    apply_gate,
     build_passkey_trials,
     effective_context,
-    evaluate_model,
-    model_fingerprint,
     passkey_prompt,
     passkey_tokens,
     score_passkey_trials,
-    sliding_window_perplexity,
     spread_passkey_distances,
-    window_plan,
 )
+from pizoo.eval.perplexity import sliding_window_perplexity, window_plan
+from pizoo.eval.text import TextEncoder
 from pizoo.model import load_model
 from pizoo.recipes import GateThresholds
 from pizoo.synthetic import sample_text
@@ -259,7 +259,7 @@ def test_long_passkey_prompts_are_the_longest_that_fit(extended_model):
     """At long distances the filler count is found from a corrected guess and the later keys are
     tokenized in one batch: the result must still be the longest prompt that fits, as a plain
     count-down from above finds it."""
-    from pizoo.evaluate import _fit_filler_down
+    from pizoo.eval.passkey import _fit_filler_down
 
     enc = TextEncoder(extended_model)
     per_filler = len(passkey_tokens(enc, "12345", 1)[0]) - len(passkey_tokens(enc, "12345", 0)[0])
@@ -492,8 +492,6 @@ def test_without_matplotlib_there_is_no_plot_and_a_note(gqa_model, tmp_path, mon
 
 
 def test_passkey_gate_uses_the_mean_over_distances_up_to_the_target():
-    from pizoo.evaluate import PasskeyResult
-
     t = GateThresholds(max_ppl_ratio_target=1.10, max_ppl_ratio_original=1.05, min_passkey_accuracy=0.9)
 
     def gate(acc: dict[int, float]) -> dict:

@@ -69,7 +69,7 @@ def test_cuda_calibrate_learns_and_loads_on_cpu(base, text_file, tmp_path):
 
 
 def test_cuda_perplexity_matches_cpu(base):
-    from pizoo.evaluate import sliding_window_perplexity
+    from pizoo.eval.perplexity import sliding_window_perplexity
     from pizoo.model import load_model
 
     doc = _tokens(1000, 512, seed=2)[0]
@@ -123,7 +123,7 @@ def test_torchrun_nccl_fsdp_matches_single_process(base, text_file, tmp_path):
 
 def test_cuda_evaluate_model_with_passkey_matches_cpu(base, text_file, tmp_path):
     """`pizoo eval`'s library entry point on the GPU (bf16 default) against the CPU (float32)."""
-    from pizoo.evaluate import evaluate_model
+    from pizoo.eval import evaluate_model
 
     def run(device: str) -> dict:
         return evaluate_model(str(base), ctx=[128], data=[str(text_file)], split="all", stride=64, passkey=True,

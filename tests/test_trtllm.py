@@ -453,7 +453,7 @@ def test_overwrite_replaces_only_a_checkpoint(model, tmp_path):
     (precious / "notes.txt").write_text("keep me")
     result = CliRunner().invoke(app, ["convert", str(model("llama")), "--to", "trtllm", "--out", str(precious),
                                       "--overwrite"])
-    assert "not a TensorRT-LLM checkpoint" in _one_line_error(result)
+    assert "was not written by pizoo" in _one_line_error(result)
     assert (precious / "notes.txt").read_text() == "keep me"
     out = export_trtllm(model("llama"), tmp_path / "ckpt", dtype="float32")
     result = CliRunner().invoke(app, ["convert", str(model("llama")), "--to", "trtllm", "--out", str(out),

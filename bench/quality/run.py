@@ -217,7 +217,7 @@ class Settings:
         """What besides the model and tokens decides a measured number."""
         import torch
 
-        from pizoo.evaluate import resolve_dtype
+        from pizoo.eval.batching import resolve_dtype
 
         device = torch.device(self.protocol.device)  # named, not opened: the report runs anywhere
         return {"device": device.type, "dtype": str(resolve_dtype(self.dtype, device)).removeprefix("torch.")}
@@ -439,7 +439,7 @@ def calibrated_model(work: Path, protocol: Protocol, base: Path, corpus: Corpus,
 
 
 def model_identity(folder: Path) -> str:
-    from pizoo.evaluate import model_fingerprint
+    from pizoo.eval.cache import model_fingerprint
 
     return model_fingerprint(folder)
 
@@ -451,7 +451,7 @@ def model_identity(folder: Path) -> str:
 def measure_perplexity(settings: Settings, key: str, model: Path, corpus: Corpus, ctx: int,
                        doc_tokens: int) -> dict[str, Any]:
     """Disjoint-window perplexity of `model` at `ctx` over the first `doc_tokens` evaluation tokens."""
-    from pizoo.evaluate import evaluate_model
+    from pizoo.eval import evaluate_model
 
     identity = {"model": model_identity(model), "ctx": ctx, "doc_tokens": doc_tokens, "stride": ctx,
                 "eval_document": corpus.description["eval_document_sha256"], **settings.eval_key()}
@@ -472,7 +472,9 @@ def measure_perplexity(settings: Settings, key: str, model: Path, corpus: Corpus
 
 def measure_passkey(settings: Settings, key: str, model: Path, window: int) -> dict[str, Any]:
     """Passkey accuracy by distance over `window` tokens, and k_max (PI's 20% rule)."""
-    from pizoo.evaluate import TextEncoder, passkey_retrieval, resolve_device, resolve_dtype
+    from pizoo.eval.batching import resolve_device, resolve_dtype
+    from pizoo.eval.passkey import passkey_retrieval
+    from pizoo.eval.text import TextEncoder
     from pizoo.model import load_model
 
     p = settings.protocol

@@ -18,6 +18,11 @@ length (tests compare logits through llama-cpp-python). How each scaling method 
   scaling is written as arch llama (q/k permuted, q/k/v biases kept): llama.cpp's llama graph is the
   same network with the rope_freqs input.
 - dynamic NTK has no static form; it is refused unless the user names a length to bake it at.
+- an architecture whose graph reads LongRoPE's factor pair (phi3) gets every method in that form
+  (the family's own config form, pizoo.families.phi3): `rope_factors_long` / `rope_factors_short`
+  tensors, rope.scaling.original_context_length (llama.cpp uses the long factors iff its context
+  is past it) and attn_factor (llama.cpp multiplies cos/sin by it at every length, as HF does).
+- rope.dimension_count is the rotary dim (Phi-4-mini rotates 3/4 of each head).
 
 A `pizoo.*` block of keys (ignored by llama.cpp) records the exact RoPE config, the original
 architecture and the sliding window, so `pizoo import` restores the model bit for bit.
@@ -61,47 +66,11 @@ GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 # general.file_type values (llama.cpp's LlamaFileType)
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
 QUANT_BLOCK = 32  # Q8_0 block size (elements)
+# RoPE tensors: llama.cpp divides each frequency by one of them; none is a weight of the network.
+ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT = \
+    "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"
+ROPE_TENSORS = (ROPE_FREQS, ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)
 Q8_0_BLOCK_BYTES = 34  # f16 scale + 32 int8
-
-# HF tensor names -> GGUF names (per layer names take the layer number).
-GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-
-
-def hf_to_gguf_name(name: str) -> str | None:
-    """GGUF name of an HF tensor (None: not a weight llama.cpp needs, e.g. rotary_emb.inv_freq)."""
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def gguf_to_hf_name(name: str) -> str | None:
-    """HF name of a GGUF tensor (None: not part of the HF model, e.g. rope_freqs.weight)."""
-    for hf, gg in GLOBAL_NAMES.items():
-        if gg == name:
-            return hf
-    m = _GGUF_LAYER_RE.match(name)
-    if m:
-        for hf, gg in LAYER_NAMES.items():
-            if gg == m.group(2):
-                return f"model.layers.{m.group(1)}.{hf}"
-    return None
-
 
 def permute_rows(w, n_head: int):
     """HF 'rotate halves' q/k rows -> llama.cpp 'adjacent pairs' order (per head: halves interleaved).
@@ -128,13 +97,17 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# llama.cpp's name for Qwen2's pre-tokenizer (a tokenizer name that other families' files carry
+# too; it is not a model-family check).
+PRE_QWEN2 = "qwen2"
+
 # Canonical pre-tokenizer signature -> llama.cpp tokenizer.ggml.pre name. A signature lists the
 # pre-tokenizer steps: ("ByteLevel", use_regex), ("Digits", individual_digits), ("Split", regex).
 PRE_SIGNATURES: dict[tuple, str] = {
     (("ByteLevel", True),): "gpt-2",
     (("Digits", True), ("ByteLevel", True)): "smollm",
     (("Split", LLAMA3_REGEX), ("ByteLevel", False)): "llama-bpe",
-    (("Split", QWEN2_REGEX), ("ByteLevel", False)): "qwen2",
+    (("Split", QWEN2_REGEX), ("ByteLevel", False)): PRE_QWEN2,
 }
 # llama.cpp pre-tokenizer names -> the HF pre-tokenizer that splits text the same way (for import),
 # and whether the HF tokenizer normalises to NFC first.
@@ -150,7 +123,7 @@ PRE_TO_HF: dict[str, tuple[tuple, bool]] = {
     "llama-v3": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
     "dbrx": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
     "smaug-bpe": ((("Split", LLAMA3_REGEX), ("ByteLevel", False)), False),
-    "qwen2": ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
+    PRE_QWEN2: ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
     "deepseek-r1-qwen": ((("Split", QWEN2_REGEX), ("ByteLevel", False)), True),
 }
 # Names llama.cpp (as vendored by llama-cpp-python 0.3.36) accepts for tokenizer.ggml.pre; an unknown
@@ -170,11 +143,10 @@ _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 # pizoo's own keys (llama.cpp ignores keys it does not know)
 KEY_ROPE = "pizoo.rope"  # JSON of the RopeConfig the file computes
-KEY_ARCH = "pizoo.architecture"  # llama | mistral | qwen2 (the HF architecture)
+KEY_ARCH = "pizoo.architecture"  # the family (pizoo.families), e.g. mistral in an arch-llama file
 KEY_SLIDING = "pizoo.sliding_window"
 KEY_SLIDING_LAYERS = "pizoo.sliding_window_layers"
 KEY_BLOCK = "pizoo.config"  # JSON of the config.json `pizoo` block (lineage, target length)
-KEY_ATTENTION_BIAS = "pizoo.attention_bias"
 
 def float32_value(x: float) -> float:
     """The shortest decimal that reads back as the same float32 (1e-05, not 9.99999974737875e-06)."""
@@ -187,7 +159,7 @@ def float32_value(x: float) -> float:
 
 @dataclass
 class RopeExport:
-    """The RoPE part of a GGUF file: keys, optional rope_freqs, and the RopeConfig it computes."""
+    """The RoPE part of a GGUF file: keys, RoPE tensors, and the RopeConfig it computes."""
 
     context_length: int
     freq_base: float
@@ -195,8 +167,12 @@ class RopeExport:
     factor: float | None
     original_context: int | None
     attn_factor: float | None  # rope.scaling.attn_factor (None: default 1)
-    rope_freqs: np.ndarray | None  # float32 [head_dim/2], llama.cpp divides frequencies by it
+    tensors: dict[str, np.ndarray]  # ROPE_TENSORS name -> float32 [rotary dim/2] (frequency divisors)
     computes: RopeConfig  # what the file computes, in pizoo's terms (written to pizoo.rope)
+
+    @property
+    def needs_rope_freqs(self) -> bool:
+        return ROPE_FREQS in self.tensors
 
 
 def extended_length(cfg: ModelConfig) -> int:
@@ -214,7 +190,7 @@ def extended_length(cfg: ModelConfig) -> int:
 
 def plan_rope(cfg: ModelConfig, static_length: int | None = None, where: str = "config.json") -> RopeExport:
     """Choose the faithful GGUF form of cfg's RoPE scaling (see the module docstring)."""
-    rope, dim = cfg.rope, cfg.head_dim
+    rope, dim = cfg.rope, cfg.rope_dim
     method = rope.type
     if static_length is not None and method != "dynamic":
         raise PizooError(f"--static-length: only dynamic NTK models need a static length; {where} uses "
@@ -229,20 +205,22 @@ def plan_rope(cfg: ModelConfig, static_length: int | None = None, where: str = "
         if static_length <= 0:
             raise PizooError(f"--static-length: must be a positive number of tokens, got {static_length}")
         ctx = int(static_length)
+    if cfg.family.gguf.rope_factor_pair:
+        return _plan_factor_pair(cfg, ctx)
     if method == "none":
-        return RopeExport(ctx, rope.theta, "none", None, None, None, None, rope)
+        return RopeExport(ctx, rope.theta, "none", None, None, None, {}, rope)
     if method == "linear":
-        return RopeExport(ctx, rope.theta, "linear", rope.factor, rope.original_context, None, None, rope)
+        return RopeExport(ctx, rope.theta, "linear", rope.factor, rope.original_context, None, {}, rope)
     if method == "ntk":
         return RopeExport(ctx, ntk_theta(rope.theta, rope.factor, dim), "none", None, rope.original_context,
-                          None, None, rope)
+                          None, {}, rope)
     if method == "yarn" and rope.beta_fast == 32.0 and rope.beta_slow == 1.0 and rope.truncate:
         from ..rope import yarn_attention_factor
 
         default = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
         wanted = yarn_attention_factor(rope)
         attn = None if math.isclose(wanted, default, rel_tol=1e-7) else wanted / default
-        return RopeExport(ctx, rope.theta, "yarn", rope.factor, rope.original_context, attn, None, rope)
+        return RopeExport(ctx, rope.theta, "yarn", rope.factor, rope.original_context, attn, {}, rope)
     # Per-frequency: rope_freqs = base / scaled inverse frequencies, at the extended length.
     import torch
 
@@ -261,7 +239,24 @@ def plan_rope(cfg: ModelConfig, static_length: int | None = None, where: str = "
     # and other GGUF readers take that key as a linear factor on top of it (llama.cpp's own converter
     # writes none for llama3 either).
     return RopeExport(ctx, rope.theta, "none", None, rope.original_context,
-                      None if math.isclose(attn, 1.0, rel_tol=1e-7) else attn, factors, computes)
+                      None if math.isclose(attn, 1.0, rel_tol=1e-7) else attn, {ROPE_FREQS: factors}, computes)
+
+
+def _plan_factor_pair(cfg: ModelConfig, ctx: int) -> RopeExport:
+    """LongRoPE's own GGUF form: the family's config form of the scaling (every method as short and
+    long factors, pizoo.families.phi3) written as the two factor tensors."""
+    rope = cfg.family.hf_rope(cfg.rope, cfg.rope_dim, ctx)
+    if rope.type == "none":
+        return RopeExport(ctx, rope.theta, "none", None, None, None, {}, rope)
+    if rope.type != "longrope":
+        raise RuntimeError(f"{cfg.family.model_type}.hf_rope gave '{rope.type}', not longrope")  # a family bug
+    from ..rope import longrope_attention_factor
+
+    attn = longrope_attention_factor(rope)
+    pair = {ROPE_FACTORS_LONG: np.asarray(rope.long_factor, dtype=np.float32),
+            ROPE_FACTORS_SHORT: np.asarray(rope.short_factor, dtype=np.float32)}
+    return RopeExport(ctx, rope.theta, "none", None, rope.original_context,
+                      None if math.isclose(attn, 1.0, rel_tol=1e-7) else attn, pair, rope)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +294,15 @@ def pre_signature(spec: dict) -> tuple | None:
     return tuple(out)
 
 
+# tokenizer.ggml.model values: SentencePiece-style BPE (llama.cpp calls it "llama", whatever the
+# model family) and byte-level BPE.
+TOKENIZER_SPM, TOKENIZER_BPE = "llama", "gpt2"
+
+# Pre-tokenizers whose tokenizer.json carries an NFC normaliser that llama.cpp applies as well
+# (the NFC flag of PRE_TO_HF).
+NFC_PRE_TOKENIZERS = frozenset(name for name, (_, nfc) in PRE_TO_HF.items() if nfc)
+
+
 def identify_pre(spec: dict) -> str | None:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, when pizoo knows it."""
     sig = pre_signature(spec)
@@ -306,7 +310,7 @@ def identify_pre(spec: dict) -> str | None:
     norm = spec.get("normalizer")
     if name is None:
         return None
-    if norm is not None and not (name == "qwen2" and norm.get("type") == "NFC"):
+    if norm is not None and not (name in NFC_PRE_TOKENIZERS and norm.get("type") == "NFC"):
         return None  # a normaliser llama.cpp does not apply would change the tokens
     return name
 
@@ -406,7 +410,7 @@ def tokenizer_metadata(folder: Path, cfg: ModelConfig, pre: str | None = None) -
     meta: dict[str, Any] = {"tokenizer.ggml.tokens": token_list, "tokenizer.ggml.token_type": types}
     merges = _merge_pairs(model)
     if sentencepiece:
-        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.model"] = TOKENIZER_SPM
         # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores
         # highest; scoring each piece by minus the rank of the merge that creates it reproduces the
         # BPE merge order. Pieces no merge creates (characters, bytes, specials) score 0.
@@ -416,7 +420,7 @@ def tokenizer_metadata(folder: Path, cfg: ModelConfig, pre: str | None = None) -
         meta["tokenizer.ggml.scores"] = [float(-rank[t] - 1) if t in rank else 0.0 for t in token_list]
         meta["tokenizer.ggml.add_space_prefix"] = _space_prefix(spec)
     else:
-        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.model"] = TOKENIZER_BPE
         name = pre or identify_pre(spec)
         if name is None:
             raise PizooError(
@@ -501,6 +505,28 @@ def lineage(src: Path, cfg: ModelConfig) -> dict[str, Any]:
     if ident.license:
         out["license"] = ident.license
     return out
+
+
+def general_name(lin: dict[str, Any]) -> str:
+    """general.name: basename, size label and finetune (e.g. 'SmolLM2 135M 32k-pi')."""
+    return " ".join(p for p in (lin["basename"], lin["size_label"], lin.get("finetune")) if p)
+
+
+# llama.cpp (llama-vocab.cpp) marks special tokens right-stripping when general.name contains one of
+# these, and looks the listed tokens up by text: a vocabulary without one of them fails to load.
+LLAMA_CPP_NAMED_VOCAB_RULES = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
+
+
+def refuse_unloadable_name(name: str, tokens: list[str], where: str) -> None:
+    """A general.name llama.cpp would apply a vocabulary rule to that this vocabulary cannot take."""
+    present = set(tokens)
+    for markers, needed in LLAMA_CPP_NAMED_VOCAB_RULES.items():
+        missing = [t for t in needed if t not in present]
+        if missing and any(m in name.lower() for m in markers):
+            raise PizooError(
+                f"{where}: the GGUF name '{name}' makes llama.cpp treat the vocabulary as Phi-3's, which needs the "
+                f"token {missing[0]!r} this tokenizer lacks, so llama.cpp could not load the file; rename the model "
+                f"folder (or its _name_or_path) so its name does not contain {' or '.join(repr(m) for m in markers)}")
 
 
 def default_file_name(src: Path, cfg: ModelConfig, dtype: str, static_length: int | None = None) -> str:
@@ -837,15 +863,17 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
 
 
 def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: str, permute: bool,
-                  rope_freqs: np.ndarray | None) -> list[_Job]:
+                  rope_tensors: dict[str, np.ndarray]) -> list[_Job]:
     jobs: list[_Job] = []
+    table = {t.hf: t for t in cfg.tensor_table()}
     infos = sorted(src_tensors.values(), key=lambda t: (str(t.file), t.offset))
     for info in infos:
-        gname = hf_to_gguf_name(info.name)
-        if gname is None:
-            continue  # rotary_emb.inv_freq and the like: recomputed by llama.cpp
-        if gname == "output.weight" and cfg.tie_word_embeddings:
-            continue  # tied head: llama.cpp reuses token_embd
+        entry = table.get(info.name)
+        if entry is None or entry.gguf is None:
+            # rotary_emb.inv_freq and the like (recomputed by llama.cpp), or a stored tied head
+            # (llama.cpp reuses token_embd)
+            continue
+        gname = entry.gguf
         if info.dtype not in _ST_FLOAT:
             raise PizooError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}; GGUF export reads "
                              "float tensors")
@@ -857,13 +885,13 @@ def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: s
         else:
             out = dtype
         heads = None
-        if permute and (".attn_q." in gname or ".attn_k." in gname):
-            heads = cfg.num_heads if ".attn_q." in gname else cfg.num_kv_heads
+        if permute and entry.rotary:
+            heads = cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads
         jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads,
                          src_name=info.name))
-    if rope_freqs is not None:
-        jobs.append(_Job("rope_freqs.weight", tuple(rope_freqs.shape), "f32", rope_freqs.nbytes,
-                         array=rope_freqs.astype(np.float32), src_name="rope_freqs"))
+    for name, values in rope_tensors.items():
+        jobs.append(_Job(name, tuple(values.shape), "f32", values.nbytes, array=values.astype(np.float32),
+                         src_name=name.removesuffix(".weight")))
     return jobs
 
 
@@ -991,7 +1019,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     """
     from gguf import GGUFWriter
 
-    from ..fsutil import atomic_path
+    from ..fsutil import atomic_path, check_output, output_lock
 
     src = Path(src)
     if dtype not in GGUF_DTYPES:
@@ -1001,21 +1029,24 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     where = str(src / "config.json")
     rope = plan_rope(cfg, static_length, where)
     tok_meta = tokenizer_metadata(src, cfg, pre)
-    path = _resolve_out(src, out, cfg, dtype, static_length)
-    if path.exists() and not overwrite:
-        raise PizooError(f"{path}: already exists; pass --overwrite or choose another --out")
-    # llama.cpp's qwen2 graph has no rope_freqs input: such a model goes out as arch llama.
-    arch = "qwen2" if cfg.architecture == "qwen2" and rope.rope_freqs is None else "llama"
+    lin = lineage(src, cfg)
+    refuse_unloadable_name(general_name(lin), tok_meta["tokenizer.ggml.tokens"], where)
+    path = check_output(_resolve_out(src, out, cfg, dtype, static_length), overwrite=overwrite, inputs=[src],
+                        folder=False)
+    # A family whose llama.cpp graph has no rope_freqs input goes out as its fallback architecture
+    # (Qwen2: llama), or is refused.
+    garch = cfg.family.gguf_arch(cfg, rope.needs_rope_freqs, where)
+    arch = garch.name
     if cfg.sliding_window is not None and cfg.sliding_window_layers and cfg.sliding_window < rope.context_length:
         log.warning("%s: sliding_window=%d is shorter than the context (%d); llama.cpp's %s graph attends to the "
                     "whole context, so outputs differ past the window", where, cfg.sliding_window,
                     rope.context_length, arch)
-    jobs = _plan_tensors(src_tensors, cfg, dtype, permute=arch == "llama", rope_freqs=rope.rope_freqs)
+    jobs = _plan_tensors(src_tensors, cfg, dtype, permute=garch.permute_qk, rope_tensors=rope.tensors)
     files = _SourceFiles()
-    with _sigterm_as_interrupt(), atomic_path(path) as tmp:
+    with output_lock(path), _sigterm_as_interrupt(), atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, arch)
         try:
-            _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lineage(src, cfg))
+            _write_metadata(writer, arch, cfg, rope, tok_meta, dtype, lin)
             for job in jobs:
                 writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes,
                                        raw_dtype=_ggml_type(job.out_type))
@@ -1067,8 +1098,7 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
     from gguf import GGUFValueType
 
     w.add_type("model")
-    name = " ".join(p for p in (lin["basename"], lin["size_label"], lin.get("finetune")) if p)
-    w.add_name(name)
+    w.add_name(general_name(lin))
     w.add_basename(lin["basename"])
     w.add_size_label(lin["size_label"])
     if lin.get("finetune"):
@@ -1098,7 +1128,7 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
     w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
     w.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-    w.add_uint32(f"{a}.rope.dimension_count", cfg.head_dim)
+    w.add_uint32(f"{a}.rope.dimension_count", cfg.rope_dim)
     w.add_float32(f"{a}.rope.freq_base", rope.freq_base)
     w.add_uint32(f"{a}.vocab_size", cfg.vocab_size)
     w.add_string(f"{a}.rope.scaling.type", rope.scaling_type)
@@ -1113,8 +1143,8 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
     # pizoo's own record, so import restores exactly what was exported
     w.add_string(KEY_ARCH, cfg.architecture)
     w.add_string(KEY_ROPE, json.dumps(rope_to_dict(rope.computes)))
-    if cfg.attention_bias:
-        w.add_bool(KEY_ATTENTION_BIAS, True)
+    for key, value in cfg.family.gguf_keys(cfg).items():
+        _add_scalar(w, key, value)
     if cfg.sliding_window is not None:
         w.add_uint32(KEY_SLIDING, cfg.sliding_window)
         w.add_array(KEY_SLIDING_LAYERS, [int(x) for x in cfg.sliding_window_layers])
@@ -1127,12 +1157,19 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
             w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
         elif key == "tokenizer.ggml.scores":
             w.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
-        elif isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
         else:
-            w.add_string(key, value)
+            _add_scalar(w, key, value)
+
+
+def _add_scalar(w, key: str, value: bool | int | float | str) -> None:
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    else:
+        w.add_string(key, value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1175,20 +1212,23 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     recorded = field(reader, KEY_ROPE)
     ctx = field(reader, p + "context_length")
     rope_keys = {k.removeprefix(p): field(reader, k) for k in reader.fields if k.startswith(p + "rope.")}
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    pair = {t.name: t for t in reader.tensors if t.name in (ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT)}
     if recorded:
         r = json.loads(recorded)
         rope = RopeConfig(**r).describe()
     else:
         stype = rope_keys.get("rope.scaling.type", "none" if "rope.scaling.factor" not in rope_keys else "linear")
-        rope = {"type": "rope_freqs" if freqs is not None else stype,
+        rope = {"type": "rope_freqs" if freqs is not None else "longrope" if pair else stype,
                 "factor": rope_keys.get("rope.scaling.factor", 1.0), "theta": rope_keys.get("rope.freq_base"),
                 "original_context": rope_keys.get("rope.scaling.original_context_length", ctx)}
     rope["gguf_keys"] = rope_keys
     if freqs is not None:
         rope["rope_freqs"] = [float(x) for x in np.asarray(freqs.data, dtype=np.float32)]
+    for name, t in pair.items():
+        rope[name.removesuffix(".weight")] = [float(x) for x in np.asarray(t.data, dtype=np.float32)]
     types = Counter(t.tensor_type.name for t in reader.tensors)
-    n_params = int(sum(int(np.prod(t.shape)) for t in reader.tensors if t.name != "rope_freqs.weight"))
+    n_params = int(sum(int(np.prod(t.shape)) for t in reader.tensors if t.name not in ROPE_TENSORS))
     file_type = field(reader, "general.file_type")
     try:
         from gguf import LlamaFileType

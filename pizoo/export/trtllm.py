@@ -41,15 +41,13 @@ from ..checkpoint import Checkpoint, open_checkpoint, write_safetensors
 from ..config import ModelConfig, ntk_theta
 from ..describe import register_format
 from ..errors import PizooError
-from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, read_json
+from ..families import Tensor
+from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output, output_lock, read_json
 from ..lineage import LOCAL_MODEL, model_identity
 
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# pizoo architecture -> TensorRT-LLM architecture. Mistral is a Llama in TensorRT-LLM's MODEL_MAP;
-# writing LlamaForCausalLM keeps the Llama-only build fusions (reduce_fusion, StreamingLLM) usable.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "LlamaForCausalLM", "qwen2": "QWenForCausalLM"}
 README_FILE = "README.md"
 
 
@@ -97,6 +95,7 @@ def check_exportable(cfg: ModelConfig, *, dtype: str, tp: int, pp: int, where: s
             "TensorRT-LLM checkpoint has no field for an attention window (it is a runtime setting), so the engine "
             "would attend past it; export with --to gguf, or set sliding_window to null if the model was trained "
             "with full attention")
+    cfg.family.check_trtllm(cfg, where)  # a family TensorRT-LLM's format does not take is refused here
     trtllm_rope_fields(cfg, where)  # raises for scaling methods with no faithful TensorRT-LLM form
 
 
@@ -172,7 +171,7 @@ def trtllm_config(cfg: ModelConfig, *, dtype: str, tp: int, pp: int) -> dict[str
     """TensorRT-LLM's config.json: only its own field names and enum values."""
     rotary_base, rotary_scaling, max_pos = trtllm_rope_fields(cfg)
     d: dict[str, Any] = {
-        "architecture": ARCHITECTURES[cfg.architecture],
+        "architecture": cfg.family.check_trtllm(cfg, "config.json"),
         "dtype": dtype,
         "logits_dtype": "float32",
         "vocab_size": cfg.vocab_size,
@@ -195,11 +194,7 @@ def trtllm_config(cfg: ModelConfig, *, dtype: str, tp: int, pp: int) -> dict[str
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "mlp_bias": False,
     }
-    if cfg.architecture == "qwen2":
-        # QWen's attention has q/k/v biases and no dense bias; qwen_type selects the Qwen2 layout.
-        d.update(qwen_type="qwen2", attn_bias=True, use_logn_attn=False)
-    else:
-        d["attn_bias"] = cfg.attention_bias
+    d.update(cfg.family.trtllm_fields(cfg))
     return d
 
 
@@ -234,54 +229,57 @@ def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
 
 
 def rank_plan(cfg: ModelConfig, tp: int, pp: int, rank: int) -> list[RankTensor]:
-    """Every tensor of rank{rank}.safetensors, in write order, with its shape and HF sources."""
+    """Every tensor of rank{rank}.safetensors, in write order, with its shape and HF sources, from the
+    family's tensor table (pizoo.families: each row's TensorRT-LLM name and split)."""
     tp_rank, pp_rank = rank % tp, rank // tp
-    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q_rows = cfg.num_heads // tp * hd
+    hd = cfg.head_dim
     if cfg.num_kv_heads >= tp:
         kv_rows = cfg.num_kv_heads // tp * hd
         kv_start = tp_rank * kv_rows
     else:  # each KV head serves tp / n_kv consecutive ranks
         kv_rows = hd
         kv_start = tp_rank // (tp // cfg.num_kv_heads) * hd
-    i_rows = inter // tp
-    plan: list[RankTensor] = []
+    layers = stage_layers(cfg.num_layers, pp, pp_rank)
+    first, last = pp_rank == 0, pp_rank == pp - 1
 
-    def add(name: str, shape: tuple[int, ...], *pieces: Piece) -> None:
-        plan.append(RankTensor(name, shape, pieces))
+    def piece(t, split: str) -> tuple[Piece, tuple[int, ...]]:
+        """This rank's part of HF tensor t and its shape."""
+        if split == "replicate":
+            return Piece(t.hf, 0, 0, t.shape[0]), t.shape
+        if split == "kv":
+            return Piece(t.hf, 0, kv_start, kv_start + kv_rows), (kv_rows, *t.shape[1:])
+        if split == "cols":
+            n = t.shape[1] // tp
+            return Piece(t.hf, 1, tp_rank * n, (tp_rank + 1) * n), (t.shape[0], n)
+        n = (padded_vocab(t.shape[0], tp) if split == "vocab" else t.shape[0]) // tp  # rows, q, vocab
+        return Piece(t.hf, 0, tp_rank * n, (tp_rank + 1) * n), (n, *t.shape[1:])
 
-    if pp_rank == 0:
-        add("transformer.vocab_embedding.weight", (cfg.vocab_size, h),
-            Piece("model.embed_tokens.weight", 0, 0, cfg.vocab_size))
-    for local, layer in enumerate(stage_layers(cfg.num_layers, pp, pp_rank)):
-        src, dst = f"model.layers.{layer}.", f"transformer.layers.{local}."
-        add(dst + "input_layernorm.weight", (h,), Piece(src + "input_layernorm.weight", 0, 0, h))
-
-        def qkv(kind: str, src: str = src) -> tuple[Piece, ...]:
-            return (Piece(src + f"self_attn.q_proj.{kind}", 0, tp_rank * q_rows, (tp_rank + 1) * q_rows),
-                    Piece(src + f"self_attn.k_proj.{kind}", 0, kv_start, kv_start + kv_rows),
-                    Piece(src + f"self_attn.v_proj.{kind}", 0, kv_start, kv_start + kv_rows))
-
-        add(dst + "attention.qkv.weight", (q_rows + 2 * kv_rows, h), *qkv("weight"))
-        if cfg.attention_bias or cfg.qkv_bias:
-            add(dst + "attention.qkv.bias", (q_rows + 2 * kv_rows,), *qkv("bias"))
-        add(dst + "attention.dense.weight", (h, q_rows),
-            Piece(src + "self_attn.o_proj.weight", 1, tp_rank * q_rows, (tp_rank + 1) * q_rows))
-        if cfg.attention_bias:
-            add(dst + "attention.dense.bias", (h,), Piece(src + "self_attn.o_proj.bias", 0, 0, h))
-        add(dst + "post_layernorm.weight", (h,), Piece(src + "post_attention_layernorm.weight", 0, 0, h))
-        i_start, i_stop = tp_rank * i_rows, (tp_rank + 1) * i_rows
-        add(dst + "mlp.fc.weight", (i_rows, h), Piece(src + "mlp.gate_proj.weight", 0, i_start, i_stop))
-        add(dst + "mlp.gate.weight", (i_rows, h), Piece(src + "mlp.up_proj.weight", 0, i_start, i_stop))
-        add(dst + "mlp.proj.weight", (h, i_rows), Piece(src + "mlp.down_proj.weight", 1, i_start, i_stop))
-    if pp_rank == pp - 1:
-        add("transformer.ln_f.weight", (h,), Piece("model.norm.weight", 0, 0, h))
+    grouped: dict[str, tuple[list[Piece], list[tuple[int, ...]]]] = {}
+    table = list(cfg.tensor_table())
+    if cfg.tie_word_embeddings:
         # Written even when tied: the last stage may not hold the embedding, and a separate head
         # loads in every TensorRT-LLM version.
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        rows = padded_vocab(cfg.vocab_size, tp) // tp
-        add("lm_head.weight", (rows, h), Piece(head, 0, tp_rank * rows, (tp_rank + 1) * rows))
-    return plan
+        emb = next(t for t in table if t.trt == "transformer.vocab_embedding.weight")
+        table.append(Tensor(emb.hf, emb.shape, None, "lm_head.weight", "vocab"))
+    # Write order: the embedding, the layers, then ln_f and lm_head.
+    table.sort(key=lambda t: 1 if t.layer is not None else 0 if t.trt == "transformer.vocab_embedding.weight" else 2)
+    for t in table:
+        if t.trt is None:
+            continue
+        if t.layer is None:  # the embedding on the first stage, ln_f and lm_head on the last
+            if not (first if t.trt == "transformer.vocab_embedding.weight" else last):
+                continue
+            name = t.trt
+        elif t.layer in layers:
+            name = t.trt.format(i=t.layer - layers.start)  # layer numbers restart on every stage
+        else:
+            continue
+        p, shape = piece(t, t.split)
+        pieces, shapes = grouped.setdefault(name, ([], []))
+        pieces.append(p)
+        shapes.append(shape)
+    return [RankTensor(name, (sum(s[0] for s in shapes), *shapes[0][1:]), tuple(pieces))
+            for name, (pieces, shapes) in grouped.items()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,13 +350,14 @@ def export_trtllm(src: str | Path, out: str | Path | None = None, *, dtype: str 
     ckpt = open_checkpoint(src)
     cfg = ckpt.config
     check_exportable(cfg, dtype=dtype, tp=tp, pp=pp, where=str(src / "config.json"))
-    out = Path(out) if out is not None else default_output(src, dtype, tp, pp)
+    out = check_output(Path(out) if out is not None else default_output(src, dtype, tp, pp), overwrite=overwrite,
+                       inputs=[src])
     torch_dtype = DTYPES[dtype]
     world = tp * pp
     plans = [rank_plan(cfg, tp, pp, r) for r in range(world)]
     item = torch.empty((), dtype=torch_dtype).element_size()
     total = sum(math.prod(e.shape) * item for plan in plans for e in plan)
-    with atomic_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
+    with output_lock(out), atomic_dir(out, overwrite=overwrite) as tmp, ExitStack() as stack:
         reader = _SliceReader(ckpt, stack)
         bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=f"trtllm tp{tp} pp{pp}",
                                        disable=not progress, leave=False))
