@@ -34,7 +34,7 @@ from .card import (CardFacts, context_of, failing_reasons, method_of, read_card_
 from .errors import GateFailed, PizooError
 from .fsutil import output_lock, read_json, replace_dir
 from .hub_client import LOGIN_HINT, bound_hub_requests, hub_endpoint, hub_offline, with_retries
-from .lineage import HUB_ID, Identity, base_identity, local_roots
+from .lineage import HUB_ID, Identity, base_identity, find_local_path, local_roots
 from .zoo import Artifact, Zoo, alias_info, default_name, license_for, locate_artifact, pizoo_home
 
 PULL_WAIT_S = 3600.0  # another process downloading the same repo: wait for it rather than fetch twice
@@ -169,7 +169,8 @@ def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
 
 def publishable_json(path: Path) -> bytes | None:
     """The JSON file's bytes with every absolute path of this machine (a string naming a file or
-    folder that exists here) cut to its last component, or None when it holds none. calibration.json
+    folder that exists here, or a path inside the user's folders: home, PIZOO_HOME, the working
+    folder) cut to its last component, or None when it holds none. calibration.json
     and eval.json record local paths so that pizoo finds the base and the data again; the Hub copy
     must not show the publisher's directories and user name."""
     try:
@@ -177,12 +178,17 @@ def publishable_json(path: Path) -> bytes | None:
     except (OSError, ValueError):
         return None  # not JSON after all: uploaded as it is
     changed = False
+    roots = local_roots(pizoo_home())
+
+    def ours(value: str) -> bool:
+        """A file or folder here, or a path inside the user's folders (a data file since deleted)."""
+        return Path(value).exists() or find_local_path(value, roots) is not None
 
     def scrub(value: Any) -> Any:
         nonlocal changed
         if isinstance(value, str):
             # A name too: "//" is absolute and exists (the root) but names nothing of ours.
-            if os.path.isabs(value) and len(value) < 4096 and Path(value).name and Path(value).exists():
+            if os.path.isabs(value) and len(value) < 4096 and Path(value).name and ours(value):
                 changed = True
                 return Path(value).name
             return value

@@ -513,3 +513,7 @@ def test_publishable_json_cuts_only_this_machines_paths(tmp_path):
                    "url": "https://huggingface.co/org/base", "n": 3}
     f.write_text(json.dumps({"path": "relative/dir", "other": "/not/on/this/machine", "token": "//"}))
     assert publishable_json(f) is None  # nothing to cut ("//" names no file): the file goes up byte for byte
+    # A path inside the user's folders is cut even when it is gone (a deleted data file).
+    gone = str(Path.home() / "corpus" / "deleted-since.txt")
+    f.write_text(json.dumps({"data": {"sources": [gone]}}))
+    assert json.loads(publishable_json(f)) == {"data": {"sources": ["deleted-since.txt"]}}
