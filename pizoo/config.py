@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PizooError
-from .families import UNMODELLED, family, family_for_hf, hf_field, supported
+from .families import HF_ACTIVATIONS, UNMODELLED, family, family_for_hf, hf_field, supported
 
 # Model families that have no rotary position embedding at all.
 NON_ROPE_MODEL_TYPES = {
@@ -170,6 +170,14 @@ class ModelConfig:
     fused_gate_up: bool = False  # phi3: one gate_up_proj whose rows are gate | up
     sliding_window: int | None = None
     sliding_window_layers: list[int] = field(default_factory=list)
+    hidden_act: str = "silu"  # the MLP's activation: silu | gelu_tanh (Gemma)
+    norm_offset: bool = False  # gemma: RMSNorms scale by (1 + weight)
+    sandwich_norms: bool = False  # gemma 2/3: norms on the attention output and around the MLP
+    embedding_scale: bool = False  # gemma: embeddings x sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # gemma: attention scale scalar^-0.5 (None: head_dim^-0.5)
+    attn_logit_softcap: float | None = None  # gemma 2: attention scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # gemma 2: logits -> cap * tanh(logits / cap)
+    local_rope_theta: float | None = None  # gemma 3: sliding-window layers' own RoPE base, never scaled
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -259,7 +267,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": HF_ACTIVATIONS[self.hidden_act],
             "torch_dtype": self.torch_dtype,
             "dtype": self.torch_dtype,
         })
@@ -285,6 +293,7 @@ class ModelConfig:
         if self.rotary_dim:
             d["partial_rotary_factor"] = params["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         d["rope_parameters"] = params
+        self.family.hf_rope_layout(self, d)
         pizoo_block = dict(d.get("pizoo") or {})
         if self.rope.method in ("ntk", "clex"):
             pizoo_block["rope_method"] = self.rope.method
@@ -329,9 +338,6 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         raise PizooError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     if head_dim % 2:
         raise PizooError(f"{source}: head_dim {head_dim} must be even for rotary embeddings")
-    act = d.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise PizooError(f"{source}: hidden_act '{act}' is not supported; Llama-family models use silu")
     if d.get("mlp_bias"):
         raise PizooError(f"{source}: mlp_bias=true is not supported by pizoo's Llama model")
     rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
@@ -360,10 +366,11 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=max_pos,
-        rope=_parse_rope(d, source, rotary_dim or head_dim, max_pos),
+        rope=_parse_rope(fam.global_rope_view(d), source, rotary_dim or head_dim, max_pos),
         rms_norm_eps=_get(d, "rms_norm_eps", source, float, default=1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         rotary_dim=rotary_dim,
+        hidden_act=fam.activation(d, source),
         **features,
         torch_dtype=str(dtype).removeprefix("torch."),
         bos_token_id=d.get("bos_token_id"),

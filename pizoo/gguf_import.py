@@ -211,6 +211,9 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
             block.setdefault("rope_method", rope.method)
             block.setdefault("target_context", ctx)
     sliding = field(reader, KEY_SLIDING)
+    features = {"sliding_window": int(sliding) if sliding is not None else None,  # pizoo's record
+                "sliding_window_layers": [int(x) for x in field(reader, KEY_SLIDING_LAYERS, [])]}
+    features.update(fam.gguf_features(lambda key, default: field(reader, key, default), set(names)))
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     cfg = ModelConfig(
         architecture=fam.model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
@@ -219,9 +222,7 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
         max_position_embeddings=ctx, rope=rope,
         rms_norm_eps=float32_value(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
-        **fam.gguf_features(lambda key, default: field(reader, key, default), set(names)),
-        sliding_window=int(sliding) if sliding is not None else None,
-        sliding_window_layers=[int(x) for x in field(reader, KEY_SLIDING_LAYERS, [])],
+        **features,
         torch_dtype=_dominant_dtype(reader),
         bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=eos,
@@ -288,6 +289,8 @@ def _iter_tensors(reader, cfg: ModelConfig, arch: GGUFArch, path: Path) -> Itera
                              f"{list(expected[name])}; the file is inconsistent")
         if arch.permute_qk and entry.rotary:
             data = unpermute_rows(data, cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads).contiguous()
+        if entry.gguf_offset:
+            data = (data.float() - entry.gguf_offset).to(data.dtype)
         seen.add(name)
         yield name, data
         del data  # before the next tensor is dequantised

@@ -1,8 +1,11 @@
 """pizoo's decoder (the Llama block and the feature flags other families set) in one readable module.
 
 Parameter names are Hugging Face's, so a checkpoint's state dict loads without renaming. RoPE comes
-from pizoo.rope (one RotaryEmbedding shared by all layers). Attention is torch SDPA: the flash kernel
-on GPU, causal, with grouped-query attention and an optional sliding window (Mistral, Qwen2).
+from pizoo.rope: one RotaryEmbedding for the global layers and, when local (sliding-window) layers
+have a base of their own (Gemma 3), a second, never-scaled one for them. Attention is torch SDPA (the
+flash kernel on GPU, causal, grouped-query). A sliding-window layer past its window, and any layer
+with attention-logit soft-capping, runs in query blocks instead (`attend`): each block attends only
+to the keys it can see, so memory grows with T x (window + block), never with T x T.
 
 The forward returns hidden states; `logits` applies the head. Training and evaluation call the head
 in chunks so a long sequence never materialises [T, vocab] float32 logits at once.
@@ -23,22 +26,89 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeConfig
 from .rope import RotaryEmbedding, apply_rotary
+
+# Queries per block when attention runs blocked (a sliding window past its window, soft-capping).
+ATTENTION_BLOCK = 512
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm; with `offset` (Gemma) the weight is stored as a delta and the norm scales by 1 + weight."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference implementations, then cast back.
+        # Normalise in float32 like the reference implementations, then cast back. The offset form
+        # scales in float32 before the cast (Gemma's order), the plain form after it (Llama's).
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping); x itself without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, past: int, scale: float | None,
+           window: int | None, cap: float | None, block: int = ATTENTION_BLOCK) -> torch.Tensor:
+    """Causal attention of the queries q [B, H, T, D] at positions past..past+T-1 over the keys and
+    values k, v [B, Hkv, past+T, D] -> [B, H, T, D].
+
+    Query i sees keys j <= i, and with a window only j in (i - window, i]; with `cap` the scaled
+    scores become cap * tanh(scores / cap) before the mask. The plain cases are one SDPA call.
+    Otherwise queries go `block` at a time, each against only the keys it can see, so the largest
+    temporary is [B, H, block, window + block] (sliding) or [B, H, block, past + T] (global with a
+    cap): memory linear in T, never a [T, T] mask.
+    """
+    T, S = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    windowed = window is not None and S > window
+    if cap is None and not windowed and (past == 0 or T == 1):
+        # a whole causal sequence, or one new token that sees every cached one
+        return F.scaled_dot_product_attention(q, k, v, is_causal=past == 0, scale=scale, enable_gqa=gqa)
+    if cap is not None and scale is None:
+        scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        first = 0 if not windowed else max(0, past + start - window + 1)
+        i = torch.arange(past + start, past + end, device=q.device)[:, None]
+        j = torch.arange(first, past + end, device=q.device)[None, :]
+        visible = (j <= i) & (j > i - window) if windowed else j <= i
+        kb, vb = k[:, :, first:past + end], v[:, :, first:past + end]
+        if cap is None:
+            out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], kb, vb, attn_mask=visible,
+                                                                  scale=scale, enable_gqa=gqa)
+        else:
+            out[:, :, start:end] = _capped_block(q[:, :, start:end], kb, vb, visible, scale, cap)
+    return out
+
+
+def _capped_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                  cap: float) -> torch.Tensor:
+    """Eager attention of one query block with soft-capped scores (no fused kernel takes a cap)."""
+    B, H, C, D = q.shape
+    groups = H // k.shape[1]
+    qg = q.view(B, k.shape[1], groups, C, D)  # grouped-query: each kv head serves its group, uncopied
+    scores = softcap(torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scale, cap)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v[:, :, None]).view(B, H, C, D)
 
 
 class KVCache:
@@ -77,13 +147,16 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
             self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias)
-        if cfg.qk_norm:  # per-head RMSNorm of q and k after the projection, before RoPE (Qwen3)
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # per-head RMSNorm of q and k after the projection, before RoPE (Qwen3, Gemma 3)
+            self.q_norm = make_norm(cfg, d)
+            self.k_norm = make_norm(cfg, d)
         self.qk_norm, self.fused_qkv = cfg.qk_norm, cfg.fused_qkv
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.window = cfg.layer_window(layer)
         self.layer = layer
+        # None: SDPA's own 1/sqrt(head_dim), bit for bit what the Llama block always used.
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        self.cap = cfg.attn_logit_softcap
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -102,23 +175,13 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)
-        # enable_gqa lets SDPA share each kv head across its query group without copying k/v.
-        gqa = self.n_kv != self.n_heads
-        windowed = self.window is not None and past + T > self.window
-        if windowed or (past and T > 1):
-            # Query at position i sees keys j <= i, and with a sliding window only j in (i - window, i].
-            # Only built when it matters (SDPA's is_causal aligns queries with the first keys).
-            i = torch.arange(past, past + T, device=x.device)[:, None]
-            j = torch.arange(past + T, device=x.device)[None, :]
-            mask = (j <= i) & (j > i - self.window) if windowed else j <= i
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        else:  # a whole causal sequence, or one new token that sees every cached one
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0, enable_gqa=gqa)
+        out = attend(q, k, v, past=past, scale=self.scale, window=self.window, cap=self.cap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up are one gate_up_proj when fused (Phi-3)."""
+    """Gated: down(act(gate(x)) * up(x)), SwiGLU (silu) or GeGLU (Gemma: tanh-approximated GELU); gate
+    and up are one gate_up_proj when fused (Phi-3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,22 +193,36 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(h, inter, bias=False)
             self.up_proj = nn.Linear(h, inter, bias=False)
         self.down_proj = nn.Linear(inter, h, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block. With `sandwich_norms` (Gemma 2/3) post_attention_layernorm normalises the
+    attention output, pre_feedforward_layernorm the MLP input and post_feedforward_layernorm its
+    output; without them post_attention_layernorm is the MLP's input norm, as in Llama."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(cfg)
+            self.post_feedforward_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        # A local (sliding-window) layer rotates with the local table when the family has one.
+        self.local_rope = cfg.local_rope_theta is not None and self.self_attn.window is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -157,7 +234,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
 
 
 class LlamaModel(nn.Module):
@@ -169,6 +246,9 @@ class LlamaModel(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.rope_dim)
+        # Local layers keep their own base and are never scaled (Gemma 3's local RoPE).
+        self.local_rotary = (RotaryEmbedding(RopeConfig(theta=cfg.local_rope_theta), cfg.rope_dim)
+                             if cfg.local_rope_theta is not None else None)
         self.activation_checkpointing = False
 
     @property
@@ -183,8 +263,14 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(position_ids, x.dtype)
+        if self.config.embedding_scale:
+            # sqrt(hidden) rounded to the model dtype first, as transformers' Gemma does.
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        tables = {False: self.rotary(position_ids, x.dtype)}
+        if self.local_rotary is not None:
+            tables[True] = self.local_rotary(position_ids, x.dtype)
         for layer in self.model.layers:
+            cos, sin = tables[layer.local_rope]
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
@@ -194,14 +280,14 @@ class LlamaModel(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight)
+        return softcap(F.linear(hidden, self.head_weight), self.config.final_logit_softcap)
 
     def forward_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.forward(input_ids, position_ids))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict under HF names (tied head omitted, rotary buffers excluded)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.")}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("rotary.", "local_rotary."))}
 
 
 def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
@@ -243,7 +329,7 @@ def chunked_log_probs(model: LlamaModel, hidden: torch.Tensor, targets: torch.Te
     w = model.head_weight
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start:start + chunk]
-        logits = F.linear(h, w).float()
+        logits = softcap(F.linear(h, w).float(), model.config.final_logit_softcap)
         lp = torch.log_softmax(logits, dim=-1)
         out.append(lp.gather(-1, targets[start:start + chunk, None]).squeeze(-1))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

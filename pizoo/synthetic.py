@@ -103,12 +103,13 @@ def tiny_config(variant: str = "llama", *, vocab_size: int = 512, hidden_size: i
     variant_head_dim = v.pop("head_dim", 16)
     head_dim = head_dim or variant_head_dim
     sliding = v.pop("sliding_window", None)
+    layers = v.pop("sliding_window_layers", None)
     cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_layers=num_layers, head_dim=head_dim, max_position_embeddings=max_position_embeddings,
                       rope=rope or RopeConfig(theta=theta), rms_norm_eps=1e-5, bos_token_id=bos, eos_token_id=eos,
                       sliding_window=sliding, **v)
     if sliding:
-        cfg.sliding_window_layers = list(range(cfg.num_layers))
+        cfg.sliding_window_layers = layers if layers is not None else cfg.family.window_layers(cfg.num_layers)
     return cfg
 
 
@@ -118,8 +119,8 @@ def random_model(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> LlamaMod
     model = LlamaModel(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            if name.endswith("norm.weight"):  # about one, as the norm applies it (1 + w with an offset)
+                p.copy_((0.0 if cfg.norm_offset else 1.0) + 0.1 * torch.randn(p.shape, generator=gen))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
             else:

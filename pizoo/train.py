@@ -60,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 from . import __version__
 from .errors import Interrupted, PizooError
 from .fsutil import atomic_dir, atomic_write_json, check_output, output_lock, read_json, sha256_file, writing
+from .model import softcap
 
 STATE_SUFFIX = ".calibrate-state"
 MANIFEST_FILE = "manifest.json"  # present only in sharded (torchrun) training checkpoints
@@ -218,8 +219,9 @@ def sorted_random_positions(length: int, span: int, gen: torch.Generator) -> tor
 # The loss module (FSDP root): forward + chunked cross-entropy in one module call
 
 
-def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+def _ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
+    # the final-logit soft cap (Gemma 2) as the model's own head applies it
+    return F.cross_entropy(softcap(F.linear(hidden, weight).float(), cap), targets, reduction="sum")
 
 
 class CausalLMLoss(nn.Module):
@@ -238,10 +240,10 @@ class CausalLMLoss(nn.Module):
         hidden = self.lm(input_ids, position_ids)
         h = hidden.reshape(-1, hidden.shape[-1])
         t = targets.reshape(-1)
-        w = self.lm.head_weight
+        w, cap = self.lm.head_weight, self.lm.config.final_logit_softcap
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.chunk):
-            total = total + checkpoint(_ce_sum, h[s:s + self.chunk], w, t[s:s + self.chunk], use_reentrant=False)
+            total = total + checkpoint(_ce_sum, h[s:s + self.chunk], w, t[s:s + self.chunk], cap, use_reentrant=False)
         return total / t.numel()
 
 

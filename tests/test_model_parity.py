@@ -51,10 +51,15 @@ def models(tiny_model_factory):
 
 def max_diffs_vs_transformers(folder, lengths, batch: int):
     """pizoo's config and, per length, the max abs logit difference between pizoo and transformers
-    (fp32, SDPA) on seeded random ids of `batch` sequences."""
+    (fp32; SDPA, or transformers' eager attention for a family whose class has no SDPA path, Gemma 2)
+    on seeded random ids of `batch` sequences."""
     ours = load_model(folder)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                               attn_implementation="sdpa").eval()
+    try:
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                   attn_implementation="sdpa").eval()
+    except ValueError:  # "... does not support an attention implementation through ... sdpa"
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                   attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(1)
     diffs = {}
     for length in lengths:

@@ -739,6 +739,7 @@ class _Job:
     src_dtype: str = "F32"  # safetensors dtype name
     heads: int | None = None  # permute q/k rows with this many heads
     array: np.ndarray | None = None
+    offset_add: float = 0.0  # added to every value (Tensor.gguf_offset: Gemma's 1 + w norms)
     src_name: str = ""  # HF name (for messages)
 
 
@@ -856,6 +857,9 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
             np.copyto(dst.reshape(heads, half, 2, row_elems),
                       raw.reshape(heads, 2, half, row_elems).swapaxes(1, 2))
             raw = dst
+        if job.offset_add:
+            values = _bf16_to_f32(raw) if job.src_dtype == "BF16" else raw.astype(np.float32)
+            return _convert(values + np.float32(job.offset_add), "F32", job.out_type, out, scratch)
         return _convert(raw, job.src_dtype, job.out_type, out, scratch)
     except _F16Overflow:
         raise PizooError(f"{job.file}: tensor '{job.src_name}' has values beyond float16's range (+-65504) that "
@@ -888,7 +892,7 @@ def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: s
         if permute and entry.rotary:
             heads = cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads
         jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads,
-                         src_name=info.name))
+                         src_name=info.name, offset_add=entry.gguf_offset))
     for name, values in rope_tensors.items():
         jobs.append(_Job(name, tuple(values.shape), "f32", values.nbytes, array=values.astype(np.float32),
                          src_name=name.removesuffix(".weight")))
@@ -1037,7 +1041,8 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike | None = None, *,
     # (Qwen2: llama), or is refused.
     garch = cfg.family.gguf_arch(cfg, rope.needs_rope_freqs, where)
     arch = garch.name
-    if cfg.sliding_window is not None and cfg.sliding_window_layers and cfg.sliding_window < rope.context_length:
+    if (cfg.sliding_window is not None and cfg.sliding_window_layers and cfg.sliding_window < rope.context_length
+            and not garch.sliding_window):
         log.warning("%s: sliding_window=%d is shorter than the context (%d); llama.cpp's %s graph attends to the "
                     "whole context, so outputs differ past the window", where, cfg.sliding_window,
                     rope.context_length, arch)
@@ -1161,8 +1166,10 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
             _add_scalar(w, key, value)
 
 
-def _add_scalar(w, key: str, value: bool | int | float | str) -> None:
-    if isinstance(value, bool):
+def _add_scalar(w, key: str, value: bool | int | float | str | list) -> None:
+    if isinstance(value, list):
+        w.add_array(key, value)
+    elif isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
         w.add_uint32(key, value)

@@ -53,6 +53,10 @@ def hf_field(d: dict, key: str, source: str, kind: type | tuple, *, default: Any
     return v
 
 
+# pizoo's activation names (ModelConfig.hidden_act) -> transformers' (config.json hidden_act)
+HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
 # --------------------------------------------------------------------------------------------
 # The tensor table
 
@@ -73,6 +77,8 @@ class Tensor:
     `trt` names the TensorRT-LLM tensor ("{i}" is the layer number within its pipeline stage);
     several HF tensors with one `trt` name are concatenated on dim 0 in table order (q|k|v).
     `rotary` is "q" or "k" for the projections whose rows llama.cpp's llama graph wants permuted.
+    `gguf_offset` is added to the values in the GGUF file (llama.cpp stores Gemma's (1 + w) norms
+    with the one added; import subtracts it).
     """
 
     hf: str
@@ -82,6 +88,7 @@ class Tensor:
     split: str = "replicate"
     layer: int | None = None
     rotary: str | None = None
+    gguf_offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,12 +96,14 @@ class GGUFArch:
     """A llama.cpp architecture as pizoo writes it: its name, whether q/k rows are permuted to
     'adjacent pairs' order (only the llama graph rotates that way), whether its graph divides
     the frequencies by a `rope_freqs` tensor, and whether it reads LongRoPE's pair of factor tensors
-    instead (`rope_factors_long/short`, chosen by the context against the original one: phi3)."""
+    instead (`rope_factors_long/short`, chosen by the context against the original one: phi3), and
+    whether it applies sliding windows (gemma2/gemma3) or attends to the whole context."""
 
     name: str
     permute_qk: bool
     rope_freqs: bool
     rope_factor_pair: bool = False
+    sliding_window: bool = False
 
 
 GGUF_LLAMA = GGUFArch("llama", permute_qk=True, rope_freqs=True)
@@ -124,6 +133,30 @@ class Family:
     def features(cls, d: dict[str, Any], source: str, num_layers: int) -> dict[str, Any]:
         """ModelConfig feature fields read from config.json (family keys only)."""
         return {}
+
+    @classmethod
+    def activation(cls, d: dict[str, Any], source: str) -> str:
+        """The MLP activation (ModelConfig.hidden_act) from config.json."""
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise PizooError(f"{source}: hidden_act '{act}' is not supported for {cls.model_type}; its SwiGLU MLP "
+                             "uses silu")
+        return "silu"
+
+    @classmethod
+    def window_layers(cls, num_layers: int) -> list[int]:
+        """The layers a sliding window applies to when config.json does not list them: every layer."""
+        return list(range(num_layers))
+
+    @classmethod
+    def global_rope_view(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """config.json as the RoPE parser reads it: the global layers' rope keys at the top level."""
+        return d
+
+    @classmethod
+    def hf_rope_layout(cls, cfg: ModelConfig, d: dict[str, Any]) -> None:
+        """Rearrange the RoPE keys written to config.json `d` where the family's class reads them
+        in another layout (Gemma 3: one rope_parameters entry per layer type)."""
 
     @classmethod
     def hf_keys(cls, cfg: ModelConfig) -> dict[str, Any]:
@@ -302,4 +335,4 @@ def tiny_variants() -> dict[str, dict[str, Any]]:
 
 
 # The families, in the order they are listed and matched.
-from . import llama, mistral, qwen2, qwen3, phi3  # noqa: E402,F401
+from . import llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3  # noqa: E402,F401
