@@ -162,8 +162,10 @@ def _rope_from_keys(reader, arch: str, ctx: int, rope_dim: int, path: Path) -> t
                      "linear, yarn and rope_freqs")
 
 
-def config_from_gguf(reader, path: Path) -> ModelConfig:
-    """The HF config of a GGUF model (exact for files pizoo wrote)."""
+def config_from_gguf(reader, path: Path, identity: dict | None = None) -> ModelConfig:
+    """The HF config of a GGUF model (exact for files pizoo wrote). `identity`: who the model in a file
+    pizoo did not write is, when the caller knows better than its general.* keys (pizoo.resolve: the
+    alias a file stands for, the packaged file's origin); recorded in the pizoo block."""
     arch = field(reader, "general.architecture")
     names = {t.name: t for t in reader.tensors}
     hf_arch = field(reader, KEY_ARCH)
@@ -201,6 +203,8 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
     else:
         # A file pizoo did not write: keep who it says the model is (pizoo.lineage reads this).
         block = {"source_gguf": path.name, "gguf_general": gguf_general(reader)}
+        if identity:
+            block["identity"] = identity
     if recorded:
         rope = RopeConfig(**json.loads(recorded))
         rope.validate(f"{path}: {KEY_ROPE}")
@@ -424,9 +428,9 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                progress: bool = False, lock: bool = True) -> Path:
+                progress: bool = False, lock: bool = True, identity: dict | None = None) -> Path:
     """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic.
-    `lock`: take the output's lock (False: the caller holds it)."""
+    `lock`: take the output's lock (False: the caller holds it). `identity`: see config_from_gguf."""
     from .checkpoint import write_checkpoint
     from .fsutil import check_output, output_lock
 
@@ -437,7 +441,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         raise PizooError(f"{path}: no such GGUF file")
     out = check_output(out_dir, overwrite=overwrite, inputs=[path])
     reader = open_gguf(path)
-    cfg = config_from_gguf(reader, path)
+    cfg = config_from_gguf(reader, path, identity)
     arch = gguf_archs()[field(reader, "general.architecture")]
     tok, tcfg = build_tokenizer(reader, path)
     if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:

@@ -173,11 +173,14 @@ def from_hub_cache_path(folder: Path) -> Identity | None:
 
 
 def from_folder_config(folder: Path, config: dict[str, Any]) -> Identity:
-    """What an HF folder's own files say: an identity pizoo recorded (an imported GGUF's general.*
-    keys, or an extended model's base), a Hub-cache snapshot path, or config.json's
+    """What an HF folder's own files say: an identity pizoo recorded (the one resolve knew when it
+    imported a GGUF, else the imported GGUF's general.* keys), a Hub-cache snapshot path, or config.json's
     `_name_or_path` when it is a Hub id. Otherwise a local model named by its folder."""
     block = config.get("pizoo") if isinstance(config.get("pizoo"), dict) else {}
     local_name = folder.resolve().name
+    recorded = Identity.from_dict(block.get("identity"))  # what resolve knew when it imported a GGUF
+    if recorded is not None and recorded.public:
+        return recorded
     general = block.get("gguf_general")
     if isinstance(general, dict):
         stem = block.get("source_gguf")

@@ -46,7 +46,10 @@ def imported_gguf_dir(gguf: Path) -> Path:
 IMPORT_WAIT_S = 600.0
 
 
-def import_gguf_cached(gguf: Path) -> Path:
+def import_gguf_cached(gguf: Path, identity: Identity | None = None) -> Path:
+    """The GGUF's HF import, made once. A public `identity` (the alias's, the packaged file's origin) is
+    recorded in the import's config, so that everything made from the folder later names the model
+    by it, not by the file's own general.* keys."""
     from .gguf_import import import_gguf
 
     from .fsutil import output_lock
@@ -55,7 +58,8 @@ def import_gguf_cached(gguf: Path) -> Path:
     if not (out / "config.json").is_file():
         with output_lock(out, wait=IMPORT_WAIT_S):  # another process importing the same file: wait for it
             if not (out / "config.json").is_file():
-                import_gguf(gguf, out, overwrite=True, lock=False)
+                import_gguf(gguf, out, overwrite=True, lock=False,
+                            identity=identity.to_dict() if identity is not None and identity.public else None)
     return out
 
 
@@ -199,7 +203,7 @@ def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> Re
     elif path.is_file():
         if path.suffix.lower() == ".gguf":
             ident = file_identity(path)
-            return ResolvedModel(path=import_gguf_cached(path), source="gguf", spec=spec, gguf_file=path,
+            return ResolvedModel(path=import_gguf_cached(path, ident), source="gguf", spec=spec, gguf_file=path,
                                  hub_id=ident.hub_id, identity=ident)
         raise PizooError(f"{path}: not a model (expected an HF folder or a .gguf file)")
     else:
@@ -212,7 +216,7 @@ def resolve_model(spec: str | os.PathLike, *, allow_download: bool = True) -> Re
     local_gguf = alias_gguf(spec)
     if local_gguf is not None:
         gguf_file, ident = local_gguf
-        return ResolvedModel(path=import_gguf_cached(gguf_file), source="gguf", spec=spec, hub_id=ident.hub_id,
+        return ResolvedModel(path=import_gguf_cached(gguf_file, ident), source="gguf", spec=spec, hub_id=ident.hub_id,
                              gguf_file=gguf_file, identity=ident)
     if spec.lower() in PACKAGED_GGUFS:
         tried.append(f"the GGUF of the {PACKAGED_GGUFS[spec.lower()]['package']} package (not installed)")

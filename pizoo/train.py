@@ -1181,7 +1181,7 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
                    "hub_id": resolved.identity.hub_id or resolved.hub_id,
                    "revision": resolved.identity.revision or resolved.revision, "identity": identity, **digest}
     block = out_cfg.raw["pizoo"]
-    for key in ("base_model", "gguf_general", "source_gguf"):  # the base's own facts: now in base_identity
+    for key in ("base_model", "gguf_general", "source_gguf", "identity"):  # the base's own facts: now in base_identity
         block.pop(key, None)
     if resolved.identity.public:
         block["base_model"] = resolved.identity.label

@@ -226,9 +226,13 @@ def test_the_packaged_gguf_named_by_its_path_has_its_known_origin(user, packaged
     from pizoo.resolve import resolve_model
 
     (shipped,) = packaged_smollm2.glob("*.gguf")
-    ident = resolve_model(str(shipped), allow_download=False).identity
+    resolved = resolve_model(str(shipped), allow_download=False)
+    ident = resolved.identity
     assert (ident.hub_id, ident.license, ident.quantization, ident.source) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", "Q8_0", "packaged")
+    # The import keeps it: what is later made from the imported folder (calibrate, convert) names the model
+    # by its origin, not by the file's own general.name (a training-run label).
+    assert resolve_model(str(resolved.path), allow_download=False).identity == ident
 
 
 def test_a_user_alias_to_a_local_gguf_gives_its_hub_id_and_license(user, sources):
