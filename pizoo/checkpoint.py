@@ -105,6 +105,12 @@ class Checkpoint:
         finally:
             bar.close()
 
+    def iter_model_tensors(self, *, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """iter_tensors under pizoo's model parameter names (a family's own names mapped, GPT-NeoX's)."""
+        model_name = self.config.family.model_name
+        for name, t in self.iter_tensors(progress=progress):
+            yield model_name(name), t
+
     def load_state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor in RAM (only when explicitly asked: small models, tests)."""
         return dict(self.iter_tensors())

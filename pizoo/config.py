@@ -23,6 +23,10 @@ from typing import Any
 from .errors import PizooError
 from .families import HF_ACTIVATIONS, UNMODELLED, family, family_for_hf, hf_field, supported
 
+# Queries per block when pizoo.model.attend runs blocked (a sliding window past its window,
+# soft-capping); the planner's memory model reads it too.
+ATTENTION_BLOCK = 512
+
 # Model families that have no rotary position embedding at all.
 NON_ROPE_MODEL_TYPES = {
     "gpt2", "bert", "roberta", "distilbert", "t5", "bart", "opt", "bloom", "mpt", "albert",
@@ -170,7 +174,12 @@ class ModelConfig:
     fused_gate_up: bool = False  # phi3: one gate_up_proj whose rows are gate | up
     sliding_window: int | None = None
     sliding_window_layers: list[int] = field(default_factory=list)
-    hidden_act: str = "silu"  # the MLP's activation: silu | gelu_tanh (Gemma)
+    hidden_act: str = "silu"  # the MLP's activation: silu | gelu_tanh (Gemma) | gelu (GPT-NeoX)
+    norm_type: str = "rms"  # rms | layernorm (with bias: GPT-NeoX)
+    gated_mlp: bool = True  # down(act(gate x) * up x); False: down(act(up x)) (GPT-NeoX)
+    mlp_bias: bool = False  # gpt-neox: biases on the MLP's projections
+    parallel_residual: bool = False  # gpt-neox: x + attn(ln1 x) + mlp(ln2 x)
+    qkv_per_head: bool = False  # gpt-neox: the fused qkv_proj's rows go per head [q_h | k_h | v_h]
     norm_offset: bool = False  # gemma: RMSNorms scale by (1 + weight)
     sandwich_norms: bool = False  # gemma 2/3: norms on the attention output and around the MLP
     embedding_scale: bool = False  # gemma: embeddings x sqrt(hidden_size)
@@ -325,6 +334,7 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
     if fam is None:
         what = f"model_type '{model_type}'" if model_type else f"architectures {archs}"
         raise PizooError(f"{source}: unsupported {what}; pizoo supports {supported()}")
+    original, d = d, fam.hf_view(d)  # the family's own key names read as the common ones
     hidden = _get(d, "hidden_size", source, int, minimum=1)
     heads = _get(d, "num_attention_heads", source, int, minimum=1)
     kv_heads = _get(d, "num_key_value_heads", source, int, default=heads, minimum=1)
@@ -342,7 +352,7 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         raise PizooError(f"{source}: mlp_bias=true is not supported by pizoo's Llama model")
     rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
     partial = d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
-    features = fam.features(d, source, num_layers := _get(d, "num_hidden_layers", source, int, minimum=1))
+    features = fam.features(original, source, num_layers := _get(d, "num_hidden_layers", source, int, minimum=1))
     if partial not in (None, 1, 1.0) and not fam.partial_rotary:
         raise PizooError(f"{source}: partial_rotary_factor={partial} (partial rotary) is not modelled for "
                          f"{fam.model_type}; pizoo rotates part of each head only for {fam.partial_rotary_families()}")
@@ -366,16 +376,16 @@ def _parse_hf_config(d: dict[str, Any], source: str) -> ModelConfig:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         max_position_embeddings=max_pos,
-        rope=_parse_rope(fam.global_rope_view(d), source, rotary_dim or head_dim, max_pos),
+        rope=_parse_rope(d, source, rotary_dim or head_dim, max_pos),
         rms_norm_eps=_get(d, "rms_norm_eps", source, float, default=1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         rotary_dim=rotary_dim,
-        hidden_act=fam.activation(d, source),
+        hidden_act=fam.activation(original, source),
         **features,
         torch_dtype=str(dtype).removeprefix("torch."),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
-        raw=copy.deepcopy(d),
+        raw=copy.deepcopy(original),
     )
     return cfg
 

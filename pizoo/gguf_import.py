@@ -35,7 +35,7 @@ from .export.gguf import (KEY_ARCH, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDIN
                           ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, ROPE_TENSORS, TOKEN_BYTE,
                           TOKENIZER_BPE, TOKENIZER_SPM,
                           TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field, float32_value,
-                          open_gguf, unpermute_rows)
+                          open_gguf, qkv_per_head, unpermute_rows)
 from .families import FAMILIES, GGUFArch, family_for_gguf, gguf_archs
 _TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
@@ -216,15 +216,19 @@ def config_from_gguf(reader, path: Path, identity: dict | None = None) -> ModelC
             block.setdefault("target_context", ctx)
     sliding = field(reader, KEY_SLIDING)
     features = {"sliding_window": int(sliding) if sliding is not None else None,  # pizoo's record
-                "sliding_window_layers": [int(x) for x in field(reader, KEY_SLIDING_LAYERS, [])]}
-    features.update(fam.gguf_features(lambda key, default: field(reader, key, default), set(names)))
+                "sliding_window_layers": [int(x) for x in field(reader, KEY_SLIDING_LAYERS, [])],
+                "rms_norm_eps": float32_value(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6))}
+    def recorded(key: str, default: Any) -> Any:  # GGUF floats are float32: read back as the decimal written
+        v = field(reader, key, default)
+        return float32_value(v) if isinstance(v, float) else v
+
+    features.update(fam.gguf_features(recorded, set(names)))
     eos = field(reader, "tokenizer.ggml.eos_token_id")
     cfg = ModelConfig(
         architecture=fam.model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")), num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
         rotary_dim=rope_dim if rope_dim != head_dim else None,
         max_position_embeddings=ctx, rope=rope,
-        rms_norm_eps=float32_value(field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         tie_word_embeddings="output.weight" not in names,
         **features,
         torch_dtype=_dominant_dtype(reader),
@@ -295,6 +299,8 @@ def _iter_tensors(reader, cfg: ModelConfig, arch: GGUFArch, path: Path) -> Itera
             data = unpermute_rows(data, cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads).contiguous()
         if entry.gguf_offset:
             data = (data.float() - entry.gguf_offset).to(data.dtype)
+        if entry.qkv_per_head:
+            data = qkv_per_head(data, cfg.num_heads).contiguous()
         seen.add(name)
         yield name, data
         del data  # before the next tensor is dequantised

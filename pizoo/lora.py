@@ -183,6 +183,8 @@ def for_run(settings: LoraSettings | None, recipe, cfg) -> LoraSettings | None:
     else resolved against the model (LoraSettings.for_model)."""
     if settings is None:
         return None
+    if cfg.family.lora_refusal:
+        raise PizooError(cfg.family.lora_refusal)
     if not recipe.train:
         raise PizooError(f"--lora with recipe '{recipe.name}': {recipe.method} scales RoPE at inference and has "
                          "nothing to train; drop --lora or choose a trained recipe (pi, yarn, clex, ...)")

@@ -26,11 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig, RopeConfig
+from .config import ATTENTION_BLOCK, ModelConfig, RopeConfig
 from .rope import RotaryEmbedding, apply_rotary
-
-# Queries per block when attention runs blocked (a sliding window past its window, soft-capping).
-ATTENTION_BLOCK = 512
 
 
 class RMSNorm(nn.Module):
@@ -52,11 +49,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    if cfg.norm_type == "layernorm":  # with bias (GPT-NeoX)
+        return nn.LayerNorm(dim or cfg.hidden_size, eps=cfg.rms_norm_eps)
     return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, offset=cfg.norm_offset)
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -150,7 +149,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # per-head RMSNorm of q and k after the projection, before RoPE (Qwen3, Gemma 3)
             self.q_norm = make_norm(cfg, d)
             self.k_norm = make_norm(cfg, d)
-        self.qk_norm, self.fused_qkv = cfg.qk_norm, cfg.fused_qkv
+        self.qk_norm, self.fused_qkv, self.qkv_per_head = cfg.qk_norm, cfg.fused_qkv, cfg.qkv_per_head
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.window = cfg.layer_window(layer)
         self.layer = layer
@@ -161,7 +160,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.fused_qkv:
+        if self.qkv_per_head:  # rows [q_h | k_h | v_h] for each head in turn (GPT-NeoX)
+            q, k, v = self.qkv_proj(x).view(B, T, self.n_heads, 3 * self.head_dim).chunk(3, dim=-1)
+        elif self.fused_qkv:
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -181,21 +182,24 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)), SwiGLU (silu) or GeGLU (Gemma: tanh-approximated GELU); gate
-    and up are one gate_up_proj when fused (Phi-3)."""
+    and up are one gate_up_proj when fused (Phi-3). Plain (GPT-NeoX): down(act(up(x))), with biases."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h, inter = cfg.hidden_size, cfg.intermediate_size
-        self.fused = cfg.fused_gate_up
+        h, inter, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.fused, self.gated = cfg.fused_gate_up, cfg.gated_mlp
         if self.fused:
-            self.gate_up_proj = nn.Linear(h, 2 * inter, bias=False)
+            self.gate_up_proj = nn.Linear(h, 2 * inter, bias=bias)
         else:
-            self.gate_proj = nn.Linear(h, inter, bias=False)
-            self.up_proj = nn.Linear(h, inter, bias=False)
-        self.down_proj = nn.Linear(inter, h, bias=False)
+            if self.gated:
+                self.gate_proj = nn.Linear(h, inter, bias=bias)
+            self.up_proj = nn.Linear(h, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, h, bias=bias)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(self.act(self.up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(self.act(gate) * up)
 
@@ -203,7 +207,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block. With `sandwich_norms` (Gemma 2/3) post_attention_layernorm normalises the
     attention output, pre_feedforward_layernorm the MLP input and post_feedforward_layernorm its
-    output; without them post_attention_layernorm is the MLP's input norm, as in Llama."""
+    output; without them post_attention_layernorm is the MLP's input norm, as in Llama. With
+    `parallel_residual` (GPT-NeoX) attention and MLP both read the block's input:
+    x + attn(ln1 x) + mlp(ln2 x)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -214,7 +220,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = make_norm(cfg)
             self.post_feedforward_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.sandwich = cfg.sandwich_norms
+        self.sandwich, self.parallel = cfg.sandwich_norms, cfg.parallel_residual
         # A local (sliding-window) layer rotates with the local table when the family has one.
         self.local_rope = cfg.local_rope_theta is not None and self.self_attn.window is not None
 
@@ -223,6 +229,8 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        if self.parallel:
+            return x + self.self_attn(self.input_layernorm(x), cos, sin, cache) + self.mlp(self.post_attention_layernorm(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -286,8 +294,9 @@ class LlamaModel(nn.Module):
         return self.logits(self.forward(input_ids, position_ids))
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict under HF names (tied head omitted, rotary buffers excluded)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("rotary.", "local_rotary."))}
+        """State dict under the checkpoint's names (tied head omitted, rotary buffers excluded)."""
+        hf_name = self.config.family.hf_name
+        return {hf_name(k): v for k, v in self.state_dict().items() if not k.startswith(("rotary.", "local_rotary."))}
 
 
 def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu",
@@ -312,7 +321,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: t
     dtype = dtype or torch.float32
     model = build_model(ckpt.config, device=device, dtype=dtype)
     params = dict(model.named_parameters())
-    for name, tensor in ckpt.iter_tensors(progress=progress):
+    for name, tensor in ckpt.iter_model_tensors(progress=progress):
         if name in params:
             with torch.no_grad():
                 params[name].copy_(tensor.to(dtype))

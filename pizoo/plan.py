@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, RopeConfig
+from .config import ATTENTION_BLOCK, ModelConfig, RopeConfig
 from .errors import PizooError
 from .families import FAMILIES, family, family_for_gguf
 from .fsutil import human_bytes
@@ -374,9 +374,10 @@ def activation_elements_per_token_layer(cfg: ModelConfig, lora=None) -> int:
     """Saved activations of one decoder layer per token (elements), as pizoo.model computes it:
     two norms' inputs and outputs (4h), q/k/v projections and rotated q/k (2h + 4kv... counted as
     h + 2kv + h + kv, rounded up to 4kv), attention output and o_proj input (2h), the residual
-    inputs (2h), and the MLP's gate, up, silu(gate) and product (4I). With LoRA, less (see below)."""
+    inputs (2h), and the MLP's gate, up, silu(gate) and product (4I; a plain MLP, GPT-NeoX: up and
+    act(up), 2I). Gemma's two extra norms add 4h. With LoRA, less (see below)."""
     h, kv, i = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    full = 10 * h + 4 * kv + 4 * i
+    full = 10 * h + 4 * kv + (4 if cfg.gated_mlp else 2) * i + (4 * h if cfg.sandwich_norms else 0)
     if lora is None:
         return full
     from .lora import resolved_targets
@@ -388,6 +389,22 @@ def activation_elements_per_token_layer(cfg: ModelConfig, lora=None) -> int:
     inputs = {("q", "k", "v", "qkv"): h, ("o",): h, ("gate", "up", "gate_up"): h, ("down",): i}
     dropped = sum(n for readers, n in inputs.items() if not targets & set(readers))
     return full - dropped + lora.rank * len(targets)
+
+
+def kept_scores_per_head(cfg: ModelConfig, layer: int, seq_len: int) -> int:
+    """Attention probabilities one layer keeps for backward, per head (pizoo.model.attend): none on
+    the flash path (a whole causal sequence); past a sliding window, SDPA's math kernel on each
+    512-query block keeps [block, window + block]; soft-capped scores (eager) keep every visible key."""
+    window = cfg.layer_window(layer)
+    windowed = window is not None and seq_len > window
+    if cfg.attn_logit_softcap is None and not windowed:
+        return 0
+    return seq_len * (min(seq_len, window + ATTENTION_BLOCK) if windowed else seq_len)
+
+
+def attended_keys(cfg: ModelConfig, seq_len: int) -> int:
+    """Keys per query summed over the layers (a sliding-window layer attends to at most its window)."""
+    return sum(min(seq_len, cfg.layer_window(i) or seq_len) for i in range(cfg.num_layers))
 
 
 def trainable_params(cfg: ModelConfig, lora=None) -> tuple[int, int]:
@@ -418,13 +435,10 @@ def estimate_memory(cfg: ModelConfig, hw: Hardware, *, train_len: int, micro_bat
     gathered = 2 * 2 * layer_params(cfg) if gpu and (shards > 1 or offload) else 0.0
     tokens = train_len * micro_batch
     per_layer_tok = activation_elements_per_token_layer(cfg, lora) * act_bytes
-    window = [cfg.layer_window(i) for i in range(cfg.num_layers)]
-    attn_matrix = 0.0
-    if any(w is not None and train_len > w for w in window):
-        # The sliding-window mask path runs SDPA's math kernel, which keeps the probabilities.
-        attn_matrix = micro_batch * cfg.num_heads * train_len**2 * act_bytes
-    activations = cfg.num_layers * (tokens * per_layer_tok + attn_matrix) + tokens * cfg.hidden_size * act_bytes * 2
-    checkpointed = (cfg.num_layers * tokens * cfg.hidden_size * act_bytes + tokens * per_layer_tok + attn_matrix
+    kept = [micro_batch * cfg.num_heads * kept_scores_per_head(cfg, i, train_len) * act_bytes
+            for i in range(cfg.num_layers)]
+    activations = cfg.num_layers * tokens * per_layer_tok + sum(kept) + tokens * cfg.hidden_size * act_bytes * 2
+    checkpointed = (cfg.num_layers * tokens * cfg.hidden_size * act_bytes + tokens * per_layer_tok + max(kept)
                     + tokens * cfg.hidden_size * act_bytes * 2)
     # float32 logits, their log-softmax and its gradient, for one chunk (or all positions).
     logits_chunked = 3 * min(tokens, LOSS_CHUNK) * cfg.vocab_size * 4
@@ -454,13 +468,13 @@ def train_flops_per_token(cfg: ModelConfig, train_len: int, *, activation_checkp
         head_trains = "head" in lora.trainable or ("embed" in lora.trainable and cfg.tie_word_embeddings)
         dense = 4 * (cfg.num_non_embedding_params() + head) + 6 * adapter_params(lora, cfg) + (2 * head if head_trains
                                                                                                 else 0)
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * train_len
+    attention = 12 * cfg.num_heads * cfg.head_dim * attended_keys(cfg, train_len)
     return (dense + attention) * (4 / 3 if activation_checkpointing else 1.0)
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     head = cfg.vocab_size * cfg.hidden_size
-    return 2 * (cfg.num_non_embedding_params() + head) + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return 2 * (cfg.num_non_embedding_params() + head) + 4 * cfg.num_heads * cfg.head_dim * attended_keys(cfg, seq_len)
 
 
 # ------------------------------------------------------------------------------------------------

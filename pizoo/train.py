@@ -335,9 +335,9 @@ def _load_full(wrapper: nn.Module, tensors, *, strict: bool = True) -> None:
 def _load_base_weights(wrapper: nn.Module, ckpt) -> None:
     from .lora import is_lora_param
 
-    _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_tensors()), strict=False)
+    _load_full(wrapper, ((f"lm.{name}", t) for name, t in ckpt.iter_model_tensors()), strict=False)
     expected = {n for n, _ in wrapper.named_parameters() if not n.startswith("lm.rotary.") and not is_lora_param(n)}
-    loaded = {f"lm.{n}" for n in ckpt.tensors}
+    loaded = {f"lm.{ckpt.config.family.model_name(n)}" for n in ckpt.tensors}
     missing = sorted(expected - loaded)
     if missing:
         raise PizooError(f"{ckpt.path}: no weights for '{missing[0][3:]}'; the base checkpoint is incomplete")
@@ -1087,6 +1087,7 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
             from .lora import merged_tensors
 
             weights = merged_tensors(weights, lora, adapter)
+        weights = ((cfg.family.hf_name(k), v) for k, v in weights)  # the checkpoint's own names
         if dist_.is_main:
             _write_output(out, ckpt, cfg, rope, ctx, rec, weights, clex_state, dev, resolved=resolved, data=data,
                           describe_sources=describe_sources, fingerprint=fingerprint, stream=stream, steps=n_steps,

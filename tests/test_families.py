@@ -72,6 +72,8 @@ def sharp_base(tmp_path_factory):
                     for norm in (att.q_norm, att.k_norm):
                         norm.weight.copy_(SHARPEN_NORM * (norm.weight + 1) - 1 if cfg.norm_offset
                                           else SHARPEN_NORM * norm.weight)
+                elif cfg.qkv_per_head:  # rows [q_h | k_h | v_h] per head
+                    att.qkv_proj.weight.view(cfg.num_heads, 3, cfg.head_dim, -1)[:, :2].mul_(SHARPEN)
                 elif cfg.fused_qkv:  # rows q | k | v
                     att.qkv_proj.weight[:(cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim].mul_(SHARPEN)
                 else:

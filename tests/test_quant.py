@@ -144,8 +144,9 @@ def test_every_gguf_family_gets_a_ladder_identical_to_llama_quantize(family, tmp
 
     variant = next(iter(FAMILIES[family].tiny))
     rope = RopeConfig().scaled("yarn", EXTENDED / ORIGINAL, ORIGINAL)
+    kv_heads = 4 if FAMILIES[family].tiny[variant].get("qkv_per_head") else 2  # GPT-NeoX: one k, v per head
     model = write_tiny_model(tmp_path / "Tiny", variant=variant, tokenizer="bpe", rope=rope, hidden_size=256,
-                             intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=64, num_layers=1,
+                             intermediate_size=256, num_heads=4, num_kv_heads=kv_heads, head_dim=64, num_layers=1,
                              max_position_embeddings=EXTENDED)
     files = {f.type: f.path for f in write_ladder(model, tmp_path / "out", "f16,q4_k_m")}
     assert files["q4_k_m"].read_bytes() == by_hand(files["f16"], tmp_path / "hand.gguf", "q4_k_m").read_bytes()

@@ -83,6 +83,23 @@ def permute_rows(w, n_head: int):
     return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
+def qkv_blocks(w, n_head: int):
+    """Fused q/k/v rows per head [n_head, 3, head_dim, ...] (GPT-NeoX) -> Q|K|V blocks [3, n_head,
+    head_dim, ...] (llama.cpp, TensorRT-LLM); numpy or torch, weight or bias."""
+    shape = tuple(w.shape)
+    grouped = w.reshape(n_head, 3, shape[0] // (3 * n_head), *shape[1:])
+    out = grouped.swapaxes(0, 1) if isinstance(w, np.ndarray) else grouped.transpose(0, 1)
+    return out.reshape(shape)
+
+
+def qkv_per_head(w, n_head: int):
+    """Inverse of `qkv_blocks`."""
+    shape = tuple(w.shape)
+    grouped = w.reshape(3, n_head, shape[0] // (3 * n_head), *shape[1:])
+    out = grouped.swapaxes(0, 1) if isinstance(w, np.ndarray) else grouped.transpose(0, 1)
+    return out.reshape(shape)
+
+
 def unpermute_rows(w, n_head: int):
     """Inverse of `permute_rows`."""
     rows = w.shape[0]
@@ -740,6 +757,7 @@ class _Job:
     heads: int | None = None  # permute q/k rows with this many heads
     array: np.ndarray | None = None
     offset_add: float = 0.0  # added to every value (Tensor.gguf_offset: Gemma's 1 + w norms)
+    qkv_heads: int | None = None  # rows per head [q_h|k_h|v_h] -> Q|K|V blocks over this many heads
     src_name: str = ""  # HF name (for messages)
 
 
@@ -827,8 +845,8 @@ class _Cancelled(Exception):
 
 def _chunk_rows(job: _Job) -> list[tuple[int, int]]:
     """Row ranges of one tensor's pipeline chunks (whole heads for permuted q/k)."""
-    if job.array is not None or len(job.shape) == 1:
-        return [(0, job.shape[0])]
+    if job.array is not None or len(job.shape) == 1 or job.qkv_heads:
+        return [(0, job.shape[0])]  # regrouping q/k/v moves rows across the whole tensor
     rows, row_elems = job.shape[0], math.prod(job.shape[1:])
     align = rows // job.heads if job.heads else 1  # the permutation needs whole heads
     step = max(align, (CHUNK_ELEMENTS // row_elems) // align * align)
@@ -857,6 +875,8 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
             np.copyto(dst.reshape(heads, half, 2, row_elems),
                       raw.reshape(heads, 2, half, row_elems).swapaxes(1, 2))
             raw = dst
+        if job.qkv_heads:
+            raw = qkv_blocks(raw.reshape(job.shape), job.qkv_heads).reshape(-1)
         if job.offset_add:
             values = _bf16_to_f32(raw) if job.src_dtype == "BF16" else raw.astype(np.float32)
             return _convert(values + np.float32(job.offset_add), "F32", job.out_type, out, scratch)
@@ -892,7 +912,8 @@ def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: s
         if permute and entry.rotary:
             heads = cfg.num_heads if entry.rotary == "q" else cfg.num_kv_heads
         jobs.append(_Job(gname, shape, out, _out_nbytes(shape, out), info.file, info.offset, info.dtype, heads,
-                         src_name=info.name, offset_add=entry.gguf_offset))
+                         src_name=info.name, offset_add=entry.gguf_offset,
+                         qkv_heads=cfg.num_heads if entry.qkv_per_head else None))
     for name, values in rope_tensors.items():
         jobs.append(_Job(name, tuple(values.shape), "f32", values.nbytes, array=values.astype(np.float32),
                          src_name=name.removesuffix(".weight")))

@@ -54,7 +54,7 @@ def hf_field(d: dict, key: str, source: str, kind: type | tuple, *, default: Any
 
 
 # pizoo's activation names (ModelConfig.hidden_act) -> transformers' (config.json hidden_act)
-HF_ACTIVATIONS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}
+HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ class Tensor:
     several HF tensors with one `trt` name are concatenated on dim 0 in table order (q|k|v).
     `rotary` is "q" or "k" for the projections whose rows llama.cpp's llama graph wants permuted.
     `gguf_offset` is added to the values in the GGUF file (llama.cpp stores Gemma's (1 + w) norms
-    with the one added; import subtracts it).
+    with the one added; import subtracts it). `qkv_per_head`: a fused q/k/v tensor whose rows go per
+    head [q_h | k_h | v_h] (GPT-NeoX), which llama.cpp and TensorRT-LLM want as Q|K|V blocks.
     """
 
     hf: str
@@ -89,6 +90,7 @@ class Tensor:
     layer: int | None = None
     rotary: str | None = None
     gguf_offset: float = 0.0
+    qkv_per_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,18 @@ class Family:
     trtllm_refusal: str = ""
     tiny: dict[str, dict[str, Any]] = {}
     partial_rotary: bool = False  # reads partial_rotary_factor (ModelConfig.rotary_dim)
+    lora_refusal: str = ""  # why --lora is refused for this family ("" : it is not)
+
+    # --- names ---------------------------------------------------------------------------
+    @classmethod
+    def hf_name(cls, name: str) -> str:
+        """The checkpoint's name of one of pizoo's model parameters (the same for Llama-named families)."""
+        return name
+
+    @classmethod
+    def model_name(cls, name: str) -> str:
+        """pizoo's model parameter name of one of the checkpoint's tensors (inverse of hf_name)."""
+        return name
 
     # --- config.json ---------------------------------------------------------------------
     @classmethod
@@ -149,8 +163,9 @@ class Family:
         return list(range(num_layers))
 
     @classmethod
-    def global_rope_view(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """config.json as the RoPE parser reads it: the global layers' rope keys at the top level."""
+    def hf_view(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """config.json as pizoo's parser reads it: the family's own key names mapped to the common
+        ones (GPT-NeoX's rotary_pct), the global layers' RoPE keys at the top level (Gemma 3)."""
         return d
 
     @classmethod
@@ -335,4 +350,4 @@ def tiny_variants() -> dict[str, dict[str, Any]]:
 
 
 # The families, in the order they are listed and matched.
-from . import llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3  # noqa: E402,F401
+from . import llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, gptneox  # noqa: E402,F401

@@ -43,7 +43,7 @@ class Gemma3(Gemma2):
         return local if isinstance(local, dict) else None
 
     @classmethod
-    def global_rope_view(cls, d):
+    def hf_view(cls, d):
         params = d.get("rope_parameters")
         if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
             return {**d, "rope_parameters": params.get("full_attention") or {"rope_type": "default"}}
