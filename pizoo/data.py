@@ -108,12 +108,12 @@ def _is_hub_dataset(spec: str) -> bool:
 
 def _fetch_hub_dataset(repo_id: str) -> Path:
     """Download a dataset repo's text files (snapshot_download), with the bounded waits and retries of
-    every Hub call (hub.with_retries); any failure is one line naming --data."""
+    every Hub call (hub_client.with_retries); any failure is one line naming --data."""
     try:
         from huggingface_hub import get_token, snapshot_download
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise PizooError(f"--data {repo_id}: huggingface_hub is not installed; pip install huggingface_hub") from None
-    from .hub import bound_hub_requests, hub_endpoint, with_retries
+    from .hub_client import bound_hub_requests, hub_endpoint, with_retries
 
     bound_hub_requests()  # a Hub that never answers must not hang the run
     endpoint = hub_endpoint()

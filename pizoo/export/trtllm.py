@@ -43,6 +43,7 @@ from ..describe import register_format
 from ..errors import PizooError
 from ..families import Tensor, qkv_blocks
 from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output, output_lock, read_json
+from ..lineage import LOCAL_MODEL, model_identity
 
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4)
@@ -370,7 +371,8 @@ def export_trtllm(src: str | Path, out: str | Path | None = None, *, dtype: str 
                                        disable=not progress, leave=False))
         for rank, plan in enumerate(plans):
             _write_rank_file(tmp / f"rank{rank}.safetensors", plan, reader, torch_dtype, bar)
-        atomic_write_json(tmp / "config.json", trtllm_config(cfg, dtype=dtype, tp=tp, pp=pp))
+        atomic_write_json(tmp / "config.json", {**trtllm_config(cfg, dtype=dtype, tp=tp, pp=pp),
+                                                **lineage_fields(cfg, src)})
         atomic_write_text(tmp / README_FILE, _readme(tmp, out, src, cfg))
     return out
 
@@ -461,15 +463,33 @@ def _card_text(ckpt_dir: str | Path, config: dict[str, Any]) -> str:
     ])
 
 
+def lineage_fields(cfg: ModelConfig, src: Path) -> dict[str, Any]:
+    """An extended model's base by public identity (pizoo.lineage), as a `pizoo` key of config.json:
+    TensorRT-LLM's PretrainedConfig keeps keys it does not know as attributes (with a warning)."""
+    if not cfg.rope.is_scaled:
+        return {}
+    ident = model_identity(cfg.raw, src)
+    block = cfg.raw.get("pizoo") or {}
+    out = {"base_model": ident.label, "base_identity": ident.to_dict(), "base_sha256": block.get("base_sha256")}
+    return {"pizoo": {k: v for k, v in out.items() if v}}
+
+
 def _readme(tmp: Path, out: Path, src: Path, cfg: ModelConfig) -> str:
+    """The checkpoint's README: what it was made from by public identity (pizoo.lineage; never a local
+    path, since the folder may be published) and the build command relative to the folder holding it."""
     config = read_json(tmp / "config.json", "config.json")
+    ident = model_identity(cfg.raw, src)
+    made_from = f"[{ident.hub_id}]({ident.repo_url})" if ident.hub_id else ident.name or LOCAL_MODEL
+    what = "an extension of" if cfg.rope.is_scaled else "a conversion of"
     return "\n".join([
         f"# {out.name}",
         "",
-        f"Written by pizoo {__version__} from `{src}` ({cfg.architecture}, RoPE {cfg.rope.method}). "
+        f"Written by pizoo {__version__}: {what} {made_from} ({cfg.architecture}, RoPE {cfg.rope.method}). "
         "trtllm-build reads only config.json and rank*.safetensors; this file is for people.",
         "",
-        _card_text(out, config),
+        "Run the commands below from the folder that holds this checkpoint.",
+        "",
+        _card_text(Path(out.name), config),
     ])
 
 
