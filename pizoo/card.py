@@ -19,6 +19,7 @@ import yaml
 from . import __version__
 from .data import DEFAULT_CORPUS_NAME
 from .fsutil import human_bytes
+from .lineage import LOCAL_MODEL, Identity, base_identity, card_license
 
 # What users call each method, and the tag the card gets for it.
 METHOD_NAMES = {
@@ -49,6 +50,11 @@ class CardFacts:
     forced: bool = False  # pushed with --force past a failed or missing gate
     reproduce: str | None = None  # the pizoo command that makes this model
     quant_quality: list[dict] | None = None  # the GGUF ladder measured in llama.cpp (see quant_ladder_section)
+    base: Identity | None = None  # the base's public identity (default: from the records)
+
+    @property
+    def base_identity(self) -> Identity:
+        return self.base if self.base is not None else base_identity(self.config, self.calibration)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,21 +89,22 @@ def factor_of(config: dict, calibration: dict | None) -> float | None:
     return round(ctx / orig, 4) if ctx and orig else (config.get("rope_scaling") or {}).get("factor")
 
 
-def base_id_of(config: dict, calibration: dict | None) -> str | None:
-    base = (calibration or {}).get("base_model") or {}
-    return base.get("hub_id") or (config.get("pizoo") or {}).get("base_model") or base.get("spec")
+def base_id_of(config: dict, calibration: dict | None) -> str:
+    """How published text names the base: its Hub id, its public name, or "a local model" (never a path)."""
+    return base_identity(config, calibration).label
 
 
 def hub_base_id_of(config: dict, calibration: dict | None) -> str | None:
-    """The base's Hub id, or None when the base was a local folder or file (the Hub rejects a card whose
-    `base_model` is not a model id). calibration.json records `hub_id` whenever the base came from the Hub."""
-    from .resolve import HUB_ID
+    """The base's Hub id, or None when it has none (the Hub rejects a card whose `base_model` is not a
+    model id)."""
+    return base_identity(config, calibration).hub_id
 
-    if calibration and isinstance(calibration.get("base_model"), dict):
-        candidate = calibration["base_model"].get("hub_id")
-    else:
-        candidate = (config.get("pizoo") or {}).get("base_model")
-    return candidate if isinstance(candidate, str) and HUB_ID.match(candidate) else None
+
+def public_arg(arg: str) -> str:
+    """A command-line argument as published: an absolute (or ~) path becomes its last component."""
+    if arg.startswith(("/", "~")) and Path(arg).expanduser().name:
+        return Path(arg).expanduser().name
+    return arg
 
 
 def context_label(ctx: int) -> str:
@@ -112,12 +119,13 @@ def reproduce_command(calibration: dict | None, run: dict | None, config: dict) 
     for key in ("command", "argv"):
         cmd = run.get(key)
         if isinstance(cmd, list) and cmd:
-            return shlex.join(str(c) for c in cmd)
+            return shlex.join(public_arg(str(c)) for c in cmd)
         if isinstance(cmd, str) and cmd.strip():
-            return cmd.strip()
+            return shlex.join(public_arg(c) for c in shlex.split(cmd.strip()))
         if isinstance(cmd, dict) and cmd.get("model") and cmd.get("ctx"):
             return _extend_command(cmd, calib)
-    base = base_id_of(config, calib)
+    base = calib.get("base_model") if isinstance(calib.get("base_model"), dict) else {}
+    base = base_identity(config, calib).hub_id or base.get("spec")
     ctx = context_of(config, calib)
     if not (base and ctx):
         return None
@@ -136,11 +144,11 @@ _EXTEND_DEFAULTS = {"recipe": "pi", "formats": ["hf", "gguf", "trtllm"], "gguf_d
 def _extend_command(cmd: dict, calib: dict) -> str:
     """`pizoo extend ...` from run.json's `command` record (pipeline's options), with the global batch
     that calibration.json recorded when the record lacks it. Defaults are left out; --push and --out too."""
-    parts = ["pizoo", "extend", str(cmd["model"]), "--ctx", str(cmd["ctx"])]
+    parts = ["pizoo", "extend", public_arg(str(cmd["model"])), "--ctx", str(cmd["ctx"])]
     if cmd.get("recipe"):
-        parts += ["--recipe", str(cmd["recipe"])]
+        parts += ["--recipe", public_arg(str(cmd["recipe"]))]
     for src in cmd.get("data") or []:
-        parts += ["--data", str(src)]
+        parts += ["--data", public_arg(str(src))]
     for key, flag in (("steps", "--steps"), ("train_len", "--train-len")):
         if cmd.get(key) is not None:
             parts += [flag, str(cmd[key])]
@@ -186,7 +194,7 @@ def card_metadata(facts: CardFacts) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if facts.license:
         meta["license"] = facts.license
-    base = hub_base_id_of(cfg, calib)
+    base = facts.base_identity.hub_id
     if base:
         meta["base_model"] = base
         meta["base_model_relation"] = "finetune"
@@ -225,27 +233,40 @@ def render_card(facts: CardFacts) -> str:
     return f"---\n{meta}---\n\n{_body(facts)}"
 
 
+def _skipped(ev: dict) -> str:
+    """What a forced push went past, exactly: a failed gate, a gate that was not applied to an
+    evaluation that ran, or no evaluation at all."""
+    gate = ev.get("gate")
+    if isinstance(gate, dict) and gate.get("passed") is False:
+        return f"its evaluation gate failed ({'; '.join(failing_reasons(gate)) or 'no reasons recorded'})"
+    if ev.get("results") or ev.get("passkey"):
+        return ("its evaluation gate was not applied: an evaluation ran without the gate (e.g. `--eval quick`), "
+                "so nothing was checked against thresholds")
+    return "no evaluation ran (neither the measurements nor the gate)"
+
+
 def _body(facts: CardFacts) -> str:
     cfg, calib, ev = facts.config, facts.calibration or {}, facts.evaluation or {}
     name = facts.repo_id.split("/")[-1]
     method = method_of(cfg, calib)
     method_name = METHOD_NAMES.get(str(method), str(method or "RoPE scaling"))
     ctx, orig, factor = context_of(cfg, calib), original_context_of(cfg, calib), factor_of(cfg, calib)
-    base = base_id_of(cfg, calib) or "an unrecorded base model"
-    hub_base = hub_base_id_of(cfg, calib)
+    ident = facts.base_identity
+    base = ident.label
     out: list[str] = [f"# {name}", ""]
     span = f"from {orig:,} to {ctx:,} tokens" if orig and ctx else f"to {ctx:,} tokens" if ctx else ""
-    out.append(f"{f'[{hub_base}](https://huggingface.co/{hub_base})' if hub_base else base} with its context "
-               f"window extended {span}"
+    named = f"[{ident.hub_id}]({ident.repo_url})" if ident.hub_id else (ident.name or LOCAL_MODEL.capitalize())
+    out.append(f"{named} with its context window extended {span}"
                f"{f' (factor {factor:g})' if factor else ''} by **{method_name}**, calibrated and evaluated "
                f"with [pizoo](https://pypi.org/project/pizoo/) {__version__}.")
     out.append("")
+    if ident.quantization:
+        out += [f"The base weights were dequantized from a {ident.quantization} GGUF file of {base}, not taken from "
+                "its original floating-point release: they carry that quantization's error, and so does this "
+                "model.", ""]
     if facts.forced:
-        gate = ev.get("gate")
-        why = "; ".join(failing_reasons(gate)) if gate else "the evaluation never ran"
-        verdict = "failed" if gate else "was not run"
-        out += [f"> **Warning:** this model was published with `--force` although its evaluation gate {verdict}"
-                f" ({why or 'no reasons recorded'}). Check the results below before relying on it.", ""]
+        out += [f"> **Warning:** this model was published with `--force` although {_skipped(ev)}. Check the "
+                "results below before relying on it.", ""]
 
     out += ["## Method", "", f"- Method: {method_name} (`{method}`)" if method else "- Method: not recorded"]
     if factor:
@@ -325,11 +346,13 @@ def _body(facts: CardFacts) -> str:
     out += ["## Usage", "", "### transformers", "", "The scaling is in config.json; no custom code is needed.",
             "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'tokenizer = AutoTokenizer.from_pretrained("{facts.repo_id}")',
-            f'model = AutoModelForCausalLM.from_pretrained("{facts.repo_id}", torch_dtype="auto")', "```", ""]
+            f'model = AutoModelForCausalLM.from_pretrained("{facts.repo_id}", dtype="auto")', "```", ""]
     if facts.gguf_files:
         gguf = facts.gguf_files[0]
+        # llama-completion: one prompt, then exit (llama-cli is the interactive chat); llama-server: an API.
         out += ["### llama.cpp", "", "```bash", f"hf download {facts.repo_id} {gguf} --local-dir .",
-                f"llama-cli -m {gguf} -c {ctx or 0} -p \"Once upon a time\"", "```", ""]
+                f"llama-completion -m {gguf} -c {ctx or 0} -n 64 -p \"Once upon a time\"",
+                f"llama-server -m {gguf} -c {ctx or 0}", "```", ""]
     if facts.trtllm_build:
         out += ["### TensorRT-LLM", "", "```bash", f"hf download {facts.repo_id} --include 'trtllm/*' --local-dir .",
                 facts.trtllm_build, "```", ""]
@@ -485,15 +508,4 @@ def _cell(v: Any) -> str:
 
 def read_card_license(readme: Path) -> str | None:
     """The `license:` of a model card's YAML front matter, if the file has one."""
-    try:
-        text = readme.read_text(encoding="utf-8")
-    except OSError:
-        return None
-    if not text.startswith("---"):
-        return None
-    try:
-        meta = yaml.safe_load(text.split("---", 2)[1])
-    except (yaml.YAMLError, IndexError):
-        return None
-    lic = meta.get("license") if isinstance(meta, dict) else None
-    return str(lic) if lic else None
+    return card_license(readme)

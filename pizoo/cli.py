@@ -739,12 +739,14 @@ def zoo_alias_cmd(
     architecture: Optional[str] = typer.Option(None, "--architecture", help="The family's model_type: llama, mistral, qwen2, ..."),
     context: Optional[int] = typer.Option(None, "--context", help="The base's native context in tokens."),
     license: Optional[str] = typer.Option(None, "--license", help="The base's license id (inherited by cards)."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="A GGUF file on this machine made from HUB_ID: the "
+                                        "alias resolves to it offline, with HUB_ID as the base's public identity."),
 ) -> None:
     """Add a user alias (it wins over a shipped one with the same name)."""
     from .zoo import Zoo
 
-    Zoo().add_alias(name, hub_id, architecture=architecture, context=context, license=license)
-    typer.echo(f"alias {name} -> {hub_id}")
+    Zoo().add_alias(name, hub_id, architecture=architecture, context=context, license=license, gguf=gguf)
+    typer.echo(f"alias {name} -> {hub_id}" + (f" (the GGUF file {gguf})" if gguf else ""))
 
 
 @command("aliases", HUB, sub=zoo_app)

@@ -291,11 +291,11 @@ def _cached_files(repo_id: str, revision: str | None, pattern: str | None) -> tu
 
 def _hub_call(call, repo_id: str, endpoint: str, action: str, revision: str | None):
     """Run `call()` (Hub requests) with the bounded waits and network retries of every Hub call
-    (hub.with_retries); what fails ends as one line naming --data."""
+    (hub_client.with_retries); what fails ends as one line naming --data."""
     from huggingface_hub import get_token
     from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
-    from .hub import with_retries
+    from .hub_client import with_retries
 
     answered: list[Exception] = []  # an answer, not a network failure: worded for --data, never retried
 
@@ -321,12 +321,12 @@ def hub_dataset_files(repo_id: str, revision: str | None = None, pattern: str | 
     The revision asked for (default main) is searched first; with no usable file there and no
     explicit revision, the Hub's automatic Parquet conversion (refs/convert/parquet) is used. Only
     the usable files (matching `pattern`) are downloaded; hf_hub_download resumes partial files.
-    Every request has a bounded wait (hub.bound_hub_requests) and network failures are retried.
+    Every request has a bounded wait (hub_client.bound_hub_requests) and network failures are retried.
     """
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RevisionNotFoundError
 
-    from .hub import bound_hub_requests, hub_endpoint, hub_offline
+    from .hub_client import bound_hub_requests, hub_endpoint, hub_offline
 
     if hub_offline():
         return _cached_files(repo_id, revision, pattern)

@@ -35,8 +35,8 @@ from .export.gguf import (KEY_ARCH, KEY_BLOCK, KEY_ROPE, KEY_SLIDING, KEY_SLIDIN
                           ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT, ROPE_FREQS, ROPE_TENSORS, TOKEN_BYTE,
                           TOKENIZER_BPE, TOKENIZER_SPM,
                           TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, field, float32_value,
-                          open_gguf, qkv_per_head, unpermute_rows)
-from .families import FAMILIES, GGUFArch, family_for_gguf, gguf_archs
+                          open_gguf, unpermute_rows)
+from .families import FAMILIES, GGUFArch, family_for_gguf, gguf_archs, qkv_per_head
 _TORCH_FOR = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when tokenizer.ggml.add_bos_token is absent
 LLAMA_CPP_BOS_PRE = frozenset({"llama3", "llama-v3", "llama-bpe"})
@@ -64,6 +64,40 @@ def find_smollm2_gguf() -> Path | None:
 
 # --------------------------------------------------------------------------------------------
 # Config
+
+
+# general.* keys that say who a model is (llama.cpp's convert_hf_to_gguf writes them from the card).
+IDENTITY_KEYS = ("name", "basename", "size_label", "finetune", "organization", "license", "source.url",
+                 "source.huggingface.repository", "base_model.count")
+
+
+def gguf_file_type_label(reader) -> str | None:
+    """general.file_type as llama.cpp names it (F16, Q8_0, Q4_1, ...), None when absent."""
+    import gguf
+
+    value = field(reader, "general.file_type")
+    if value is None:
+        return None
+    try:
+        name = gguf.LlamaFileType(int(value)).name
+    except ValueError:
+        return f"type{value}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def gguf_general(reader) -> dict[str, Any]:
+    """The identity keys of a GGUF's general.* metadata (without the prefix), and its file type."""
+    out: dict[str, Any] = {}
+    for key in reader.fields:
+        short = key.removeprefix("general.")
+        if short in IDENTITY_KEYS or (short.startswith("base_model.") and short.count(".") == 2):
+            value = field(reader, key)
+            if isinstance(value, (str, int)):
+                out[short] = value
+    file_type = gguf_file_type_label(reader)
+    if file_type:
+        out["file_type"] = file_type
+    return out
 
 
 def _factors(reader, name: str, rope_dim: int, path: Path) -> list[float] | None:
@@ -128,8 +162,10 @@ def _rope_from_keys(reader, arch: str, ctx: int, rope_dim: int, path: Path) -> t
                      "linear, yarn and rope_freqs")
 
 
-def config_from_gguf(reader, path: Path) -> ModelConfig:
-    """The HF config of a GGUF model (exact for files pizoo wrote)."""
+def config_from_gguf(reader, path: Path, identity: dict | None = None) -> ModelConfig:
+    """The HF config of a GGUF model (exact for files pizoo wrote). `identity`: who the model in a file
+    pizoo did not write is, when the caller knows better than its general.* keys (pizoo.resolve: the
+    alias a file stands for, the packaged file's origin); recorded in the pizoo block."""
     arch = field(reader, "general.architecture")
     names = {t.name: t for t in reader.tensors}
     hf_arch = field(reader, KEY_ARCH)
@@ -165,9 +201,10 @@ def config_from_gguf(reader, path: Path) -> ModelConfig:
         # `import --overwrite` may replace it even when the model's own block was empty (an unscaled base).
         block["source_gguf"] = path.name
     else:
-        # A file pizoo did not write: keep where it came from, for lineage and file names.
-        general = {k: field(reader, f"general.{k}") for k in ("name", "basename", "size_label", "organization")}
-        block = {"source_gguf": path.name, "gguf_general": {k: v for k, v in general.items() if v is not None}}
+        # A file pizoo did not write: keep who it says the model is (pizoo.lineage reads this).
+        block = {"source_gguf": path.name, "gguf_general": gguf_general(reader)}
+        if identity:
+            block["identity"] = identity
     if recorded:
         rope = RopeConfig(**json.loads(recorded))
         rope.validate(f"{path}: {KEY_ROPE}")
@@ -397,9 +434,9 @@ def _merges_from_scores(tokens: list[str], scores: list[float], types: list[int]
 
 
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                progress: bool = False, lock: bool = True) -> Path:
+                progress: bool = False, lock: bool = True, identity: dict | None = None) -> Path:
     """Convert a GGUF file to an HF folder (weights, config, tokenizer, generation config); atomic.
-    `lock`: take the output's lock (False: the caller holds it)."""
+    `lock`: take the output's lock (False: the caller holds it). `identity`: see config_from_gguf."""
     from .checkpoint import write_checkpoint
     from .fsutil import check_output, output_lock
 
@@ -410,7 +447,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         raise PizooError(f"{path}: no such GGUF file")
     out = check_output(out_dir, overwrite=overwrite, inputs=[path])
     reader = open_gguf(path)
-    cfg = config_from_gguf(reader, path)
+    cfg = config_from_gguf(reader, path, identity)
     arch = gguf_archs()[field(reader, "general.architecture")]
     tok, tcfg = build_tokenizer(reader, path)
     if tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:

@@ -10,9 +10,8 @@ is missing when it is run again. A model whose evaluation gate failed or never r
 pull: snapshot_download (resumable: partial files stay in the zoo's downloads/ folder) into the
 zoo, then one rename into models/ and a zoo entry.
 
-Every request is bounded: a Hub that accepts the connection but never answers is given up on after
-PIZOO_HUB_TIMEOUT seconds without progress (default 60), the call is retried PIZOO_HUB_RETRIES times
-in all (default 3, with a short backoff), and then pizoo stops with one line.
+Every request is bounded and retried (pizoo.hub_client: PIZOO_HUB_TIMEOUT, PIZOO_HUB_RETRIES), then
+pizoo stops with one line.
 
 The endpoint comes from HF_ENDPOINT, the token from the argument, HF_TOKEN or the saved login,
 all read at call time. The token is only handed to huggingface_hub: it is never printed, logged,
@@ -25,138 +24,20 @@ import json
 import os
 import shlex
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .card import (METHOD_LABELS, CardFacts, base_id_of, context_label, context_of, failing_reasons, method_of,
-                   read_card_license, render_card, reproduce_command)
+from .card import (CardFacts, context_of, failing_reasons, method_of, read_card_license, render_card,
+                   reproduce_command)
 from .errors import GateFailed, PizooError
 from .fsutil import output_lock, read_json, replace_dir
-from .resolve import HUB_ID
-from .zoo import Artifact, Zoo, alias_info, default_name, locate_artifact
+from .hub_client import LOGIN_HINT, bound_hub_requests, hub_endpoint, hub_offline, with_retries
+from .lineage import HUB_ID, Identity, base_identity, find_local_path, local_roots
+from .zoo import Artifact, Zoo, alias_info, default_name, license_for, locate_artifact, pizoo_home
 
 PULL_WAIT_S = 3600.0  # another process downloading the same repo: wait for it rather than fetch twice
-LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN"
-_TRUE = {"1", "true", "yes", "on"}
-
-
-# --------------------------------------------------------------------------------------------
-# Environment
-
-
-TIMEOUT_ENV = "PIZOO_HUB_TIMEOUT"
-RETRIES_ENV = "PIZOO_HUB_RETRIES"
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_ATTEMPTS = 3
-
-
-def _env_number(name: str, default: float, minimum: float) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise PizooError(f"{name}={text}: not a number") from None
-    if value < minimum:
-        raise PizooError(f"{name}={text}: must be at least {minimum:g}")
-    return value
-
-
-def hub_timeout() -> float:
-    """Seconds any Hub request may wait without progress (connect, each read, each write)."""
-    return _env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, 0.1)
-
-
-def hub_attempts() -> int:
-    """How many times a Hub call that got no answer (timeout, connection error) is tried in all."""
-    return int(_env_number(RETRIES_ENV, DEFAULT_ATTEMPTS, 1))
-
-
-_bounded_for: float | None = None
-_library_timeouts: dict[str, float | None] = {}
-
-
-def bound_hub_requests() -> None:
-    """Give every huggingface_hub request a bounded wait (hub_timeout()).
-
-    The client's shared HTTP session has no timeout of its own, and most API calls pass none, so a
-    Hub that accepts the connection and never answers would block forever. The session's transport is
-    wrapped so that each request's unset timeouts get ours; the download timeouts the library reads
-    from its constants (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) are capped by it too."""
-    global _bounded_for
-    from huggingface_hub import constants
-
-    limit = hub_timeout()
-    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
-        if hasattr(constants, name):
-            # Capped from the library's own value, so a later call with a longer limit (another
-            # PIZOO_HUB_TIMEOUT in the same process) is not held to an earlier, shorter one.
-            own = _library_timeouts.setdefault(name, getattr(constants, name))
-            setattr(constants, name, min(own or limit, limit))
-    if _bounded_for == limit:
-        return
-    try:
-        from huggingface_hub.utils import _http as hf_http
-    except ImportError:  # pragma: no cover - an old requests-based client: the constants above apply
-        return
-    httpx = getattr(hf_http, "httpx2", None) or getattr(hf_http, "httpx", None)
-    if httpx is None or not hasattr(hf_http, "set_client_factory"):  # pragma: no cover - old client
-        return
-
-    class BoundedTransport(httpx.BaseTransport):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def handle_request(self, request):
-            given = dict(request.extensions.get("timeout") or {})
-            request.extensions = {**request.extensions,
-                                  "timeout": {k: limit if given.get(k) is None else given[k]
-                                              for k in ("connect", "read", "write", "pool")}}
-            return self.inner.handle_request(request)
-
-        def close(self) -> None:
-            self.inner.close()
-
-    def factory():
-        client = hf_http.default_client_factory()
-        client._transport = BoundedTransport(client._transport)
-        client._mounts = {k: BoundedTransport(v) if v is not None else v for k, v in client._mounts.items()}
-        return client
-
-    hf_http.set_client_factory(factory)
-    _bounded_for = limit
-
-
-def with_retries(call, *, action: str, repo_id: str, endpoint: str, token: str | None):
-    """Run `call()` (Hub requests), retrying what got no answer; any failure ends as one PizooError
-    line (hub_failure)."""
-    attempts = hub_attempts()
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except Exception as e:
-            if attempt < attempts and _is_network_error(e):
-                time.sleep(min(2.0 ** (attempt - 1), 10.0))
-                continue
-            raise hub_failure(e, action=action, repo_id=repo_id, endpoint=endpoint, token=token,
-                              attempts=attempt) from None
-
-
-def hub_endpoint() -> str:
-    """HF_ENDPOINT as it is now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or constants.is_offline_mode()
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -237,38 +118,27 @@ def read_release(folder: str | os.PathLike) -> Release:
 
 def gguf_file_type(path: Path) -> str | None:
     """The GGUF's general.file_type as a label (F32, F16, BF16, Q8_0, ...), None when absent."""
-    import gguf
+    from .export.gguf import open_gguf
+    from .gguf_import import gguf_file_type_label
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise PizooError(f"{path}: not a readable GGUF file ({e}); re-export it with `pizoo convert --to gguf`") from None
-    fld = reader.fields.get("general.file_type")
-    if fld is None:
-        return None
-    value = int(fld.parts[fld.data[0]][0])
-    try:
-        name = gguf.LlamaFileType(value).name
-    except ValueError:
-        return f"type{value}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return gguf_file_type_label(open_gguf(path))
 
 
-def gguf_repo_name(release: Release, gguf_path: Path, repo_id: str) -> str:
-    """The convention on the Hub: BASE-CTXK-METHOD-TYPE.gguf, e.g. SmolLM2-135M-32K-PI-Q8_0.gguf."""
-    base = base_id_of(release.config, release.calibration)
-    stem = (base or repo_id).rstrip("/").split("/")[-1]
-    parts = [stem]
-    ctx = context_of(release.config, release.calibration)
-    if ctx:
-        parts.append(context_label(int(ctx)))
-    method = method_of(release.config, release.calibration)
-    if method:
-        parts.append(METHOD_LABELS.get(str(method), str(method).upper()))
-    kind = gguf_file_type(gguf_path)
-    if kind:
-        parts.append(kind)
-    return "-".join(parts) + ".gguf"
+def gguf_repo_name(release: Release, gguf_path: Path, repo_id: str | None = None) -> str:
+    """The GGUF's one name, locally and on the Hub: the name the exporter gives it
+    (pizoo.export.gguf.default_file_name), e.g. SmolLM2-135M-Instruct-32K-PI-Q8_0.gguf. (`repo_id`
+    no longer matters: the name comes from the base's public identity.)"""
+    from .config import ModelConfig
+    from .export.gguf import default_file_name, field, open_gguf
+
+    art = release.artifact
+    cfg = ModelConfig.from_file(art.hf_dir / "config.json")
+    kind = gguf_file_type(gguf_path) or "F32"
+    static = None
+    if cfg.rope.type == "dynamic":  # baked at the length the file declares
+        reader = open_gguf(gguf_path)
+        static = field(reader, f"{field(reader, 'general.architecture')}.context_length")
+    return default_file_name(art.hf_dir, cfg, kind, static)
 
 
 def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
@@ -282,7 +152,7 @@ def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
             continue  # the generated card replaces any README; eval files go under eval/
         files.append(UploadFile(rel, path.stat().st_size, path))
     for path in art.gguf_files:
-        files.append(UploadFile(gguf_repo_name(release, path, repo_id), path.stat().st_size, path))
+        files.append(UploadFile(gguf_repo_name(release, path), path.stat().st_size, path))
     for path in art.trtllm_files():
         files.append(UploadFile(f"trtllm/{path.relative_to(art.trtllm_dir).as_posix()}", path.stat().st_size, path))
     for path in art.eval_files():
@@ -299,7 +169,8 @@ def plan_upload(release: Release, repo_id: str) -> list[UploadFile]:
 
 def publishable_json(path: Path) -> bytes | None:
     """The JSON file's bytes with every absolute path of this machine (a string naming a file or
-    folder that exists here) cut to its last component, or None when it holds none. calibration.json
+    folder that exists here, or a path inside the user's folders: home, PIZOO_HOME, the working
+    folder) cut to its last component, or None when it holds none. calibration.json
     and eval.json record local paths so that pizoo finds the base and the data again; the Hub copy
     must not show the publisher's directories and user name."""
     try:
@@ -307,23 +178,43 @@ def publishable_json(path: Path) -> bytes | None:
     except (OSError, ValueError):
         return None  # not JSON after all: uploaded as it is
     changed = False
+    roots = local_roots(pizoo_home())
+
+    def ours(value: str) -> bool:
+        """A file or folder here, or a path inside the user's folders (a data file since deleted)."""
+        return Path(value).exists() or find_local_path(value, roots) is not None
 
     def scrub(value: Any) -> Any:
         nonlocal changed
         if isinstance(value, str):
             # A name too: "//" is absolute and exists (the root) but names nothing of ours.
-            if os.path.isabs(value) and len(value) < 4096 and Path(value).name and Path(value).exists():
+            if os.path.isabs(value) and len(value) < 4096 and Path(value).name and ours(value):
                 changed = True
                 return Path(value).name
             return value
         if isinstance(value, list):
             return [scrub(v) for v in value]
-        if isinstance(value, dict):
-            return {k: scrub(v) for k, v in value.items()}
+        if isinstance(value, dict):  # keys too: calibration.json's data.per_source is keyed by source
+            return {scrub(k): scrub(v) for k, v in value.items()}
         return value
 
+    base = data.get("base_model") if path.name == "calibration.json" and isinstance(data, dict) else None
+    if isinstance(base, dict):
+        # The base is published by its identity and sha256: where it lay here, and a spec that was a
+        # path, are this machine's business (checked before the scrub cuts a path to its last name).
+        for key in ("path", "spec"):
+            if key in base and (key == "path" or _names_a_local_path(base[key])):
+                del base[key]
+                changed = True
     data = scrub(data)
     return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode() if changed else None
+
+
+def _names_a_local_path(spec: Any) -> bool:
+    if not isinstance(spec, str):
+        return False
+    path = Path(spec).expanduser()
+    return path.is_absolute() or spec.startswith(("~", ".")) or path.exists() or ("/" in spec and not HUB_ID.match(spec))
 
 
 # pizoo's own JSON records, which hold local paths; every other file (tokenizer.json above all,
@@ -338,10 +229,27 @@ def _without_local_paths(f: UploadFile) -> UploadFile:
     return f if content is None else UploadFile(f.path_in_repo, len(content), f.source, content)
 
 
+def release_base(release: Release) -> Identity:
+    return base_identity(release.config, release.calibration)
+
+
+def check_nothing_local(release: Release, files: list[UploadFile]) -> None:
+    """Refuse (one error line naming the file and key) when any file of the commit holds one of the
+    user's folders: home, PIZOO_HOME, the working folder or the release folder (pizoo.privacy)."""
+    from .privacy import check_publishable
+
+    roots = local_roots(release.artifact.root, pizoo_home())
+    check_publishable([(f.path_in_repo, f.source, f.content) for f in files], roots)
+
+
 def inherited_license(release: Release) -> str | None:
-    """The base's license: its local card, its zoo copy's card, the shipped alias data, in that order."""
+    """The base's license: its recorded identity, its local card, its zoo copy's card, the aliases'
+    data, in that order."""
+    ident = release_base(release)
+    if ident.license:
+        return ident.license
     base = (release.calibration or {}).get("base_model") or {}
-    base_id = base_id_of(release.config, release.calibration)
+    base_id = ident.hub_id
     cards = []
     if base.get("path"):
         cards.append(Path(base["path"]) / "README.md")
@@ -353,12 +261,7 @@ def inherited_license(release: Release) -> str | None:
         lic = read_card_license(card)
         if lic:
             return lic
-    aliases = Zoo().aliases()
-    for info in aliases.values():
-        if base_id and info.get("hub_id") == base_id and info.get("license"):
-            return info["license"]
-    info = alias_info(base["spec"]) if base.get("spec") else None
-    return info.get("license") if info else None
+    return license_for(base_id)
 
 
 def trtllm_build_line(release: Release) -> str | None:
@@ -379,7 +282,7 @@ def card_for(release: Release, repo_id: str, files: list[UploadFile], *, forced:
         gguf_files=[f.path_in_repo for f in files if f.path_in_repo.endswith(".gguf")],
         trtllm_build=trtllm_build_line(release),
         plot=next((f.path_in_repo for f in files if f.path_in_repo.startswith("eval/") and f.path_in_repo.endswith(".png")), None),
-        license=inherited_license(release), forced=forced,
+        license=inherited_license(release), forced=forced, base=release_base(release),
         reproduce=reproduce_command(release.calibration, release.run, release.config),
         quant_quality=quant_quality_rows(release, files))
     return render_card(facts)
@@ -432,6 +335,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     files = plan_upload(release, repo_id)
     card = card_for(release, repo_id, files, forced=forced)
     files.append(UploadFile("README.md", len(card.encode()), None, card.encode()))
+    check_nothing_local(release, files)
     if dry_run:
         return PushResult(url=None, commit=None, files=files, card=card, dry_run=True, forced=forced)
 
@@ -567,79 +471,3 @@ def _files_present(entry: dict) -> bool:
     root = Path(entry["path"])
     return all((root / f["path"]).is_file() and (root / f["path"]).stat().st_size == f["size"]
                for fmt in entry["formats"].values() for f in fmt["files"])
-
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _network_errors() -> tuple[type, ...]:
-    types: list[type] = [ConnectionError, TimeoutError]
-    for mod_name in ("httpx2", "httpx"):
-        try:
-            mod = __import__(mod_name)
-        except ImportError:
-            continue
-        types += [mod.NetworkError, mod.TimeoutException, mod.RemoteProtocolError]
-    return tuple(types)
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    return any(isinstance(e, _network_errors()) for e in _chain(exc))
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    return any(isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ for e in _chain(exc))
-
-
-def hub_failure(exc: BaseException, *, action: str, repo_id: str, endpoint: str, token: str | None,
-                attempts: int = 1) -> PizooError:
-    """One line for what went wrong talking to the Hub, with the fix; the token is scrubbed out."""
-    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    chain = list(_chain(exc))
-    message = None
-    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
-        message = f"HF_HUB_OFFLINE is set: cannot {action} {repo_id}; unset HF_HUB_OFFLINE to use the Hub"
-    http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
-    if message is None and http is not None:
-        status = http.response.status_code
-        server = (http.server_message or "").strip().splitlines()
-        detail = f": {server[0]}" if server else ""
-        namespace = repo_id.split("/")[0]
-        if status == 401 and not isinstance(http, RepositoryNotFoundError):
-            message = f"the Hub at {endpoint} rejected the token (401 Unauthorized); {LOGIN_HINT} with a valid token"
-        elif status == 403:
-            message = (f"the token may not write to '{namespace}' on the Hub (403 Forbidden{detail}); use a token "
-                       f"with write access to that user or organization ({LOGIN_HINT})")
-        elif isinstance(http, RevisionNotFoundError):
-            message = f"{repo_id}: revision not found on the Hub; check --revision"
-        elif isinstance(http, RepositoryNotFoundError) or status in (401, 404):
-            message = f"{repo_id}: repository not found on the Hub at {endpoint} (or private and the token cannot see it)"
-        else:
-            message = f"cannot {action} {repo_id}: the Hub at {endpoint} answered {status}{detail}"
-    if message is None and _is_network_error(exc):
-        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-        how = (f"no answer within {hub_timeout():g} s, {tries}" if _is_timeout(exc) else f"no connection, {tries}")
-        resume = "a retried push uploads only what is missing" if action.startswith("push") else \
-            "a retried pull resumes the partial download"
-        message = (f"cannot reach the Hub at {endpoint} to {action} {repo_id} ({how}); check the network or "
-                   f"HF_ENDPOINT and retry ({resume}; {TIMEOUT_ENV} sets the wait)")
-    if message is None and any(isinstance(e, HFValidationError) for e in chain):
-        message = f"repo id '{repo_id}': rejected by huggingface_hub ({str(chain[-1]).splitlines()[0]})"
-    if message is None:
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        message = f"cannot {action} {repo_id}: {type(exc).__name__}: {first}"
-    if token:
-        message = message.replace(token, "***")
-    return PizooError(message)

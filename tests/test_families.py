@@ -142,6 +142,9 @@ def test_family_pipeline_gguf_import_and_trtllm(calibrated, tmp_path, family):
     src = calibrated(family, "yarn")
     _check_gguf(src, tmp_path, family)
     _check_trtllm(src, tmp_path, family)
+    rope_types = FAMILIES[family].trtllm_rope_types
+    if rope_types is not None:  # a family whose TensorRT-LLM model takes only some methods: one it takes
+        _check_trtllm(calibrated(family, "ntk" if "ntk" in rope_types else rope_types[0]), tmp_path / "t2", family)
 
 
 def _check_gguf(src: Path, tmp_path: Path, family: str) -> None:
@@ -181,9 +184,10 @@ def _check_gguf(src: Path, tmp_path: Path, family: str) -> None:
 
 
 def _check_trtllm(src: Path, tmp_path: Path, family: str) -> None:
-    # TensorRT-LLM, or a one-line refusal naming what to use.
+    # TensorRT-LLM, or a one-line refusal naming what to use (the family, or this RoPE method for it).
     fam = FAMILIES[family]
-    if fam.trtllm_arch is None:
+    rope_type = open_checkpoint(src).config.rope.type
+    if fam.trtllm_arch is None or (fam.trtllm_rope_types is not None and rope_type not in fam.trtllm_rope_types):
         with pytest.raises(PizooError) as e:
             export_trtllm(src, tmp_path / "trt", dtype="float32", tp=2)
         assert "\n" not in str(e.value) and ("--to gguf" in str(e.value) or "--formats hf" in str(e.value))
@@ -256,11 +260,12 @@ min_passkey_accuracy = 0.0
 """
 
 
-@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.trtllm_arch is None])
+@pytest.mark.parametrize("family", [f for f, fam in FAMILIES.items() if fam.trtllm_arch is None or (
+    fam.trtllm_rope_types is not None and "linear" not in fam.trtllm_rope_types)])
 def test_extend_writes_the_formats_the_family_has_and_refuses_one_asked_for_that_it_lacks(
         sharp_base, tmp_path, monkeypatch, family):
-    """By default extend writes every format the family can be written as and runs to the end; a
-    format asked for that the family lacks is refused in one line before anything is written."""
+    """By default extend writes every format the family (with PI's scaling) can be written as and runs
+    to the end; a format asked for that it lacks is refused in one line before anything is written."""
     from pizoo.pipeline import ExtendOptions, extend
 
     monkeypatch.setenv("PIZOO_HOME", str(tmp_path / "home"))
@@ -271,7 +276,8 @@ def test_extend_writes_the_formats_the_family_has_and_refuses_one_asked_for_that
                 eval="quick", eval_ctx=[EXTENDED], progress=False)
     with pytest.raises(PizooError) as e:
         extend(ExtendOptions(**opts, formats=("hf", "gguf", "trtllm")), say=lambda m: None)
-    assert "\n" not in str(e.value) and str(e.value).startswith("--formats trtllm: ")
+    msg = str(e.value)  # the family has no TensorRT-LLM form, or none for PI's scaling
+    assert "\n" not in msg and (msg.startswith("--formats trtllm: ") or " with --formats trtllm: " in msg)
     assert not out.exists()
 
     summary = extend(ExtendOptions(**opts), say=lambda m: None)

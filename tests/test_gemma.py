@@ -206,3 +206,17 @@ def test_a_k_quant_gemma_gguf_imports_to_what_llama_cpp_computes(tmp_path):
     # llama.cpp multiplies K-quant blocks against activations it quantises to Q8_K; pizoo multiplies
     # the exactly dequantised weights in float32: the gap is that activation rounding.
     assert rel <= 3e-2
+
+
+def test_the_plan_counts_local_layers_and_soft_capped_scores():
+    """A local layer attends to its window (FLOPs); a soft-capped global layer keeps its [T, T] scores
+    for backward while a plain one (flash) keeps none; Gemma 3 1B at 32k: 22 local layers, 4 global."""
+    from pizoo.plan import attended_keys, kept_scores_per_head, planning_config
+
+    g3, _ = planning_config("gemma-3-1b")
+    T = 32768
+    assert attended_keys(g3, T) == 22 * 512 + 4 * T
+    assert kept_scores_per_head(g3, 5, T) == 0 and kept_scores_per_head(g3, 0, T) == T * (512 + 512)
+    g2, _ = planning_config("gemma-2-2b")
+    assert kept_scores_per_head(g2, 1, T) == T * T  # global, capped: eager scores
+    assert kept_scores_per_head(g2, 0, T) == T * (4096 + 512)  # local, capped: its window and a block

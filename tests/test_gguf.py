@@ -492,8 +492,9 @@ def test_cli_convert_of_a_gguf_writes_to_the_current_folder_not_the_cache(sharp_
                            text=True, cwd=work, env=env)
         assert r.returncode == 0, r.stderr
     made = sorted(p.name for p in work.iterdir())
-    # the GGUF keeps its Hub-style name; the TensorRT-LLM folder is named after the file, not the cache entry
-    assert made == ["Model-F32-trtllm-float16-tp1-pp1", "Tiny-Llama-107K-256-YARN-F16.gguf"], made
+    # the GGUF keeps its one name (the base's public name, then context, method, type); the TensorRT-LLM
+    # folder is named after the file, not the cache entry
+    assert made == ["Model-F32-trtllm-float16-tp1-pp1", "Tiny-Llama-256-YARN-F16.gguf"], made
     assert [p.name for p in (home / "imports").iterdir() if not p.is_dir()] == []
 
 

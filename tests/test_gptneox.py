@@ -117,3 +117,14 @@ def test_known_bases_plan_without_a_download(alias, params):
     hf = transformers.AutoConfig.for_model(**cfg.to_hf_dict())  # transformers reads what pizoo writes
     assert hf.rope_parameters["partial_rotary_factor"] == 0.25 and hf.use_parallel_residual
     assert np.isclose(hf.layer_norm_eps, 1e-5)
+
+
+def test_tensorrt_llm_refuses_what_its_gpt_neox_does_not_build(tmp_path):
+    from pizoo.export.trtllm import export_trtllm
+
+    folder = _transformers_neox(tmp_path / "neox", parallel=False, legacy_keys=False)
+    with pytest.raises(PizooError) as e:
+        export_trtllm(folder, tmp_path / "trt", dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and "parallel residual" in msg and "--to gguf" in msg
+    assert not (tmp_path / "trt").exists()

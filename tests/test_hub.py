@@ -208,11 +208,11 @@ def test_push_uploads_every_file_byte_for_byte(hub, release, tmp_path):
         if path not in local_paths:
             assert remote[path] == data, path
             continue
-        # The records name local folders (the base, the evaluated model): on the Hub only their
-        # last component is left, and nothing else differs.
+        # calibration.json records where the base lay here: the Hub copy names the base by its
+        # identity and sha256 only, and nothing else differs.
         ours, theirs = json.loads(data), json.loads(remote[path])
         outer, key = local_paths[path]
-        assert Path(ours[outer][key]).is_absolute() and theirs[outer][key] == Path(ours[outer][key]).name
+        assert Path(ours[outer][key]).is_absolute() and key not in theirs[outer]
         assert str(release.parent) not in remote[path].decode() and str(Path.home()) not in remote[path].decode()
         theirs[outer][key] = ours[outer][key]
         assert theirs == ours
@@ -234,7 +234,8 @@ def test_push_uploads_every_file_byte_for_byte(hub, release, tmp_path):
     card = remote["README.md"].decode()
     for needle in ("Position Interpolation", "factor 4", "| lr | 2e-05 |", "Steps: 30", "builtin:corpus",
                    "| 256 | 9.125 |", "](eval/ppl.png)", "AutoModelForCausalLM.from_pretrained(\"alice/tiny-256-pi\"",
-                   "llama-cli -m SmolLM2-135M-256-PI-Q8_0.gguf -c 256",
+                   "llama-completion -m SmolLM2-135M-256-PI-Q8_0.gguf -c 256 -n 64",
+                   "llama-server -m SmolLM2-135M-256-PI-Q8_0.gguf -c 256", 'dtype="auto"',
                    "trtllm-build --checkpoint_dir trtllm --output_dir trtllm-engine",
                    "pizoo extend smollm2-135m --ctx 256 --recipe pi --steps 30"):
         assert needle in card, needle
@@ -409,7 +410,7 @@ def test_missing_gate_is_refused_unless_forced(hub, release):
         push(release, "alice/tiny-256-pi")
     assert not isinstance(e.value, GateFailed)
     result = push(release, "alice/tiny-256-pi", force=True)
-    assert result.forced and "evaluation gate was not run" in result.card
+    assert result.forced and "although no evaluation ran (neither the measurements nor the gate)" in result.card
 
 
 def test_revision_branch_and_pull_request(hub, release):
@@ -512,3 +513,8 @@ def test_publishable_json_cuts_only_this_machines_paths(tmp_path):
                    "url": "https://huggingface.co/org/base", "n": 3}
     f.write_text(json.dumps({"path": "relative/dir", "other": "/not/on/this/machine", "token": "//"}))
     assert publishable_json(f) is None  # nothing to cut ("//" names no file): the file goes up byte for byte
+    # A path inside the user's folders is cut even when it is gone (a deleted data file).
+    gone = str(Path.home() / "corpus" / "deleted-since.txt")
+    f.write_text(json.dumps({"data": {"sources": [gone], "per_source": {gone: {"documents": 3}}}}))
+    assert json.loads(publishable_json(f)) == {"data": {"sources": ["deleted-since.txt"],
+                                                        "per_source": {"deleted-since.txt": {"documents": 3}}}}

@@ -124,6 +124,8 @@ def load_ranks(ckpt: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
 
 def reference_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
     config, ranks = load_ranks(ckpt)
+    if config["architecture"] == "GPTNeoXForCausalLM":
+        return neox_reference_logits(config, ranks, ids)
     tp, pp = config["mapping"]["tp_size"], config["mapping"]["pp_size"]
     hd, eps, V = config["head_size"], config["norm_epsilon"], config["vocab_size"]
     nh_local = config["num_attention_heads"] // tp
@@ -180,6 +182,46 @@ def reference_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
     head = torch.cat([rank(r, pp - 1)["lm_head.weight"] for r in range(tp)], dim=0)
     assert head.shape[0] % tp == 0 and head.shape[0] >= V
     assert not head[V:].any(), "vocabulary padding rows must be zero"
+    return (x @ head.T)[:, :V]
+
+
+def neox_reference_logits(config: dict, ranks: list[dict[str, torch.Tensor]], ids: torch.Tensor) -> torch.Tensor:
+    """TensorRT-LLM's GPTNeoXForCausalLM as its model and converter define it (tensorrt_llm/models/
+    gptneox): LayerNorms with bias at the default epsilon 1e-5 (it reads no norm_epsilon), a parallel
+    residual, per rank a fused qkv of its heads as Q|K|V blocks with bias, rotate-half on the first
+    head_size * rotary_pct dims at base rotary_emb_base and no scaling, gelu(fc) -> proj with biases
+    (the row-parallel biases replicated, added once), ln_f, lm_head over the padded vocabulary."""
+    tp, V = config["mapping"]["tp_size"], config["vocab_size"]
+    assert config["mapping"]["pp_size"] == 1 and config.get("rotary_scaling") is None
+    h, nh = config["hidden_size"], config["num_attention_heads"]
+    hd, nl = h // nh, nh // tp
+    rot = int(hd * config["rotary_pct"])
+    ln = lambda x, pre: torch.nn.functional.layer_norm(x, (h,), ranks[0][pre + "weight"], ranks[0][pre + "bias"], 1e-5)
+    x = ranks[0]["transformer.vocab_embedding.weight"][ids]
+    T = ids.shape[0]
+    inv = float(config["rotary_emb_base"]) ** -(torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((angles.sin(), angles.sin()), -1)
+    causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+
+    def rotate(t):  # [heads, T, hd]: the first `rot` dims rotate, the rest pass through
+        return torch.cat((_rotate(t[..., :rot], cos, sin), t[..., rot:]), dim=-1)
+
+    for layer in range(config["num_hidden_layers"]):
+        pre = f"transformer.layers.{layer}."
+        h1, h2 = ln(x, pre + "input_layernorm."), ln(x, pre + "post_attention_layernorm.")
+        attn, mlp = ranks[0][pre + "attention.dense.bias"].clone(), ranks[0][pre + "mlp.proj.bias"].clone()
+        for w in ranks:
+            qkv = h1 @ w[pre + "attention.qkv.weight"].T + w[pre + "attention.qkv.bias"]
+            q, k, v = (t.view(T, nl, hd).transpose(0, 1) for t in qkv.split(nl * hd, dim=-1))
+            probs = torch.softmax(rotate(q) @ rotate(k).transpose(1, 2) / math.sqrt(hd) + causal, dim=-1)
+            attn = attn + (probs @ v).transpose(0, 1).reshape(T, nl * hd) @ w[pre + "attention.dense.weight"].T
+            fc = h2 @ w[pre + "mlp.fc.weight"].T + w[pre + "mlp.fc.bias"]
+            mlp = mlp + torch.nn.functional.gelu(fc) @ w[pre + "mlp.proj.weight"].T
+        x = x + attn + mlp
+    x = ln(x, "transformer.ln_f.")
+    head = torch.cat([w["lm_head.weight"] for w in ranks], dim=0)
+    assert head.shape[0] % tp == 0 and not head[V:].any()
     return (x @ head.T)[:, :V]
 
 
@@ -254,7 +296,9 @@ REQUIRED = {
     "use_parallel_embedding": {False}, "embedding_sharding_dim": {0},
     "tie_word_embeddings": bool, "mlp_bias": {False}, "attn_bias": bool,
 }
-OPTIONAL = {"qwen_type": {"qwen2"}, "use_logn_attn": {False}}
+# `pizoo` (an extended model's lineage): TensorRT-LLM's PretrainedConfig sets a key it does not know
+# as an attribute (logging "Implicitly setting ...") and writes it back in to_dict().
+OPTIONAL = {"qwen_type": {"qwen2"}, "use_logn_attn": {False}, "pizoo": dict}
 # RotaryScalingType names and the keys TensorRT-LLM reads for each
 SCALING_KEYS = {
     "linear": {"type", "factor"},
@@ -382,7 +426,10 @@ def test_cli_convert_prints_build_command_and_inspect_reads_it(model, tmp_path):
     assert command in result.stdout
     assert command.startswith(f"trtllm-build --checkpoint_dir {out} --output_dir {out}-engine --max_seq_len 64 ")
     assert "--workers 4" in command
-    assert command in (out / "README.md").read_text() and command in trtllm_card_section(out)
+    assert command in trtllm_card_section(out)
+    # The folder's own README may be published: its command is relative to the folder holding it.
+    readme = (out / "README.md").read_text()
+    assert command.replace(str(out), out.name) in readme and str(tmp_path) not in readme
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"] + [f"rank{r}.safetensors" for r in range(4)]
     info = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert info["format"] == "trtllm" and info["dtype"] == "float16"

@@ -49,7 +49,10 @@ def test_manifest_records_lineage_recipe_data_eval_and_formats(home, extended):
     entry = Zoo().register_folder(extended)
     assert entry["name"] == "tiny-ext" and entry["kind"] == "extended" and entry["source"] == "local"
     assert entry["lineage"] == {"base_model": "HuggingFaceTB/SmolLM2-135M", "base_revision": "abc123",
-                                "base_sha256": "cd" * 32, "base_spec": "smollm2-135m"}
+                                "base_sha256": "cd" * 32, "base_spec": "smollm2-135m",
+                                "base_identity": {"hub_id": "HuggingFaceTB/SmolLM2-135M", "name": "SmolLM2-135M",
+                                                  "organization": "HuggingFaceTB", "revision": "abc123",
+                                                  "source": "hub"}}
     assert entry["recipe"]["name"] == "yarn" and entry["steps"] == 12 and entry["data_fingerprint"] == "beef" * 4
     assert entry["eval"]["results"][0]["ppl"] == 8.5 and entry["eval"]["gate_passed"] is True
     files = {f["path"]: f for f in entry["formats"]["hf"]["files"]}

@@ -69,7 +69,7 @@ class EvalCache:
     """JSON results under PIZOO_HOME/eval-cache/<key[:2]>/<key>.json, written atomically."""
 
     def __init__(self, root: Path | None = None, enabled: bool = True):
-        from ..resolve import pizoo_home
+        from ..zoo import pizoo_home
 
         self.root = Path(root) if root is not None else pizoo_home() / "eval-cache"
         self.enabled = enabled

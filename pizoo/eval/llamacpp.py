@@ -287,7 +287,7 @@ def run_eval_command(model: Path, *, ctx: str | None, reference: Path | None, da
     """`pizoo eval FILE.gguf --backend llama.cpp`: measure, write OUT/eval.json, print the table."""
     import json
 
-    from .runner import parse_contexts
+    from ..options import parse_contexts
     from ..fsutil import atomic_write_json
 
     if model.suffix.lower() != ".gguf" or not model.is_file():

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..errors import PizooError
+from ..options import parse_contexts  # noqa: F401  (re-exported by pizoo.eval)
 from ..recipes import GateThresholds
 from .batching import auto_batch_size, resolve_device, resolve_dtype
 from .cache import EvalCache, model_fingerprint
@@ -70,33 +71,6 @@ class _Subject:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def parse_contexts(text: str | int | Iterable[int] | None, option: str = "--ctx") -> list[int] | None:
-    """'2048,4096,8k' / 8192 / [2048, 4096] -> sorted unique ints (None stays None). `option` is the
-    command-line option the text came from, named in the errors."""
-    from ..options import check_context
-
-    if text is None:
-        return None
-    if isinstance(text, int):
-        items: list = [text]
-    elif isinstance(text, str):
-        items = [s.strip() for s in text.split(",") if s.strip()]
-    else:
-        items = list(text)
-    out = []
-    for s in items:
-        try:
-            v = int(s) if not isinstance(s, str) else (int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s))
-        except ValueError:
-            raise PizooError(f"{option}: '{s}' is not a number; give lengths like 2048,4096,8k") from None
-        if v < 2:
-            raise PizooError(f"{option}: {v} is too short; a window needs at least 2 tokens")
-        out.append(check_context(v, option))
-    if not out:
-        raise PizooError(f"{option}: no context lengths given; e.g. {option} 2048,4096,8192")
-    return sorted(set(out))
 
 
 def default_contexts(original: int, target: int) -> list[int]:

@@ -54,7 +54,9 @@ import numpy as np
 
 from ..config import ModelConfig, RopeConfig, ntk_theta, rope_to_dict
 from ..errors import PizooError
+from ..families import qkv_blocks
 from ..hf_folder import TensorInfo, index_hf_folder
+from ..lineage import artifact_stem, model_identity, split_size
 
 log = logging.getLogger("pizoo.gguf")
 
@@ -80,23 +82,6 @@ def permute_rows(w, n_head: int):
     rows = w.shape[0]
     rest = w.shape[1:]
     return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
-
-
-def qkv_blocks(w, n_head: int):
-    """Fused q/k/v rows per head [n_head, 3, head_dim, ...] (GPT-NeoX) -> Q|K|V blocks [3, n_head,
-    head_dim, ...] (llama.cpp, TensorRT-LLM); numpy or torch, weight or bias."""
-    shape = tuple(w.shape)
-    grouped = w.reshape(n_head, 3, shape[0] // (3 * n_head), *shape[1:])
-    out = grouped.swapaxes(0, 1) if isinstance(w, np.ndarray) else grouped.transpose(0, 1)
-    return out.reshape(shape)
-
-
-def qkv_per_head(w, n_head: int):
-    """Inverse of `qkv_blocks`."""
-    shape = tuple(w.shape)
-    grouped = w.reshape(3, n_head, shape[0] // (3 * n_head), *shape[1:])
-    out = grouped.swapaxes(0, 1) if isinstance(w, np.ndarray) else grouped.transpose(0, 1)
-    return out.reshape(shape)
 
 
 def unpermute_rows(w, n_head: int):
@@ -500,24 +485,26 @@ def context_label(n: int) -> str:
 
 
 def lineage(src: Path, cfg: ModelConfig) -> dict[str, Any]:
-    """general.* facts: basename, size label, finetune (e.g. 32k-pi) and the base model."""
-    block = cfg.raw.get("pizoo") or {}
-    base = block.get("base_model") or (block.get("lineage") or {}).get("base_model") or cfg.raw.get("_name_or_path")
-    base = str(base) if base else None
+    """general.* facts from the model's public identity (pizoo.lineage): basename and size label,
+    finetune (Instruct-32k-pi), the base model's public name, organization and repo URL, the license.
+    A base with no public identity is not listed (never a path); its folder's name names the file."""
+    ident = model_identity(cfg.raw, src)
     size = size_label(cfg.num_params())
-    imported = (block.get("gguf_general") or {}).get("basename")  # set by pizoo import
-    name_source = base.rstrip("/").split("/")[-1] if base else imported or src.resolve().name
-    basename = re.sub(rf"[-_. ]?{re.escape(size)}.*$", "", name_source, flags=re.IGNORECASE) or name_source
-    out: dict[str, Any] = {"basename": basename, "size_label": size}
-    method = cfg.rope.method
+    basename, rest = split_size(ident.file_name, size)
+    out: dict[str, Any] = {"basename": basename, "size_label": size, "identity": ident}
+    finetune = [rest] if rest else []
     if cfg.rope.is_scaled:
-        out["finetune"] = f"{context_label(extended_length(cfg))}-{METHOD_LABELS.get(method, method)}"
-    if base:
-        entry: dict[str, str] = {"name": base.split("/")[-1]}
-        if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", base) and not Path(base).exists():
-            entry["organization"] = base.split("/")[0]
-            entry["repo_url"] = f"https://huggingface.co/{base}"
-        out["base_models"] = [entry]
+        method = cfg.rope.method
+        finetune.append(f"{context_label(extended_length(cfg))}-{METHOD_LABELS.get(method, method)}")
+        if ident.public:
+            entry = {"name": ident.name or ident.label, "organization": ident.organization, "repo_url": ident.repo_url}
+            out["base_models"] = [{k: v for k, v in entry.items() if v}]
+    elif ident.hub_id:
+        out["source_repo"] = ident.hub_id
+    if finetune:
+        out["finetune"] = "-".join(finetune)
+    if ident.license:
+        out["license"] = ident.license
     return out
 
 
@@ -544,14 +531,15 @@ def refuse_unloadable_name(name: str, tokens: list[str], where: str) -> None:
 
 
 def default_file_name(src: Path, cfg: ModelConfig, dtype: str, static_length: int | None = None) -> str:
-    """Hub convention: <Basename>-<Size>-<Context>-<METHOD>-<TYPE>.gguf, e.g. SmolLM2-135M-32K-PI-F16.gguf."""
-    lin = lineage(src, cfg)
-    parts = [lin["basename"], lin["size_label"]]
+    """The artifact's one name, locally and on the Hub: the base's public name, the context and method,
+    the type: SmolLM2-135M-Instruct-32K-PI-F16.gguf (pizoo.lineage.artifact_stem)."""
+    ident = model_identity(cfg.raw, src)
+    extension = []
     if cfg.rope.is_scaled:
         ctx = static_length if cfg.rope.type == "dynamic" and static_length else extended_length(cfg)
-        parts += [context_label(ctx).upper(), METHOD_LABELS.get(cfg.rope.method, cfg.rope.method).upper()]
-    parts.append(dtype.upper())
-    return re.sub(r"[^\w.+-]", "_", "-".join(parts)) + ".gguf"
+        extension += [context_label(ctx).upper(), METHOD_LABELS.get(cfg.rope.method, cfg.rope.method).upper()]
+    extension.append(dtype.upper())
+    return artifact_stem(ident, extension) + ".gguf"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1125,6 +1113,10 @@ def _write_metadata(w, arch: str, cfg: ModelConfig, rope: RopeExport, tok: dict[
     w.add_size_label(lin["size_label"])
     if lin.get("finetune"):
         w.add_finetune(lin["finetune"])
+    if lin.get("license"):
+        w.add_string("general.license", lin["license"])
+    if lin.get("source_repo"):
+        w.add_string("general.source.huggingface.repository", lin["source_repo"])
     bases = lin.get("base_models") or []
     if bases:
         w.add_base_model_count(len(bases))

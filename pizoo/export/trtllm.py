@@ -41,8 +41,9 @@ from ..checkpoint import Checkpoint, open_checkpoint, write_safetensors
 from ..config import ModelConfig, ntk_theta
 from ..describe import register_format
 from ..errors import PizooError
-from ..families import Tensor
+from ..families import Tensor, qkv_blocks
 from ..fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output, output_lock, read_json
+from ..lineage import LOCAL_MODEL, model_identity
 
 TP_SIZES = (1, 2, 4, 8)
 PP_SIZES = (1, 2, 4)
@@ -127,6 +128,9 @@ def trtllm_rope_fields(cfg: ModelConfig, where: str = "config.json") -> tuple[fl
     """
     rope = cfg.rope
     target = cfg.context_length
+    allowed = cfg.family.trtllm_rope_types
+    if allowed is not None and rope.type not in allowed:
+        raise PizooError(f"{where}: '{rope.method}' scaling: {cfg.family.trtllm_rope_refusal}")
     if rope.method == "clex" or rope.type == "clex":
         raise PizooError(
             f"{where}: CLEX frequencies (baked as longrope factors) have no faithful TensorRT-LLM form for Llama: "
@@ -141,7 +145,7 @@ def trtllm_rope_fields(cfg: ModelConfig, where: str = "config.json") -> tuple[fl
         return rope.theta, None, max(cfg.max_position_embeddings, target)
     if rope.type == "ntk":
         # Static NTK is exactly a changed base; TensorRT-LLM has no other field for it.
-        return ntk_theta(rope.theta, rope.factor, cfg.head_dim), None, target
+        return ntk_theta(rope.theta, rope.factor, cfg.rope_dim), None, target
     if rope.type == "linear":
         return rope.theta, {"type": "linear", "factor": rope.factor}, target
     if rope.type == "dynamic":
@@ -203,12 +207,14 @@ def trtllm_config(cfg: ModelConfig, *, dtype: str, tp: int, pp: int) -> dict[str
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows (dim 0) or columns (dim 1) [start, stop) of one HF tensor; rows past its end are zeros."""
+    """Rows (dim 0) or columns (dim 1) [start, stop) of one HF tensor; rows past its end are zeros.
+    `qkv_heads`: the rows are that many heads' [q_h | k_h | v_h], regrouped into Q|K|V blocks."""
 
     source: str
     dim: int
     start: int
     stop: int
+    qkv_heads: int = 0
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,9 @@ def rank_plan(cfg: ModelConfig, tp: int, pp: int, rank: int) -> list[RankTensor]
             return Piece(t.hf, 0, 0, t.shape[0]), t.shape
         if split == "kv":
             return Piece(t.hf, 0, kv_start, kv_start + kv_rows), (kv_rows, *t.shape[1:])
+        if split == "qkv_heads":  # this rank's heads are contiguous rows of the per-head layout
+            n = t.shape[0] // tp
+            return Piece(t.hf, 0, tp_rank * n, (tp_rank + 1) * n, cfg.num_heads // tp), (n, *t.shape[1:])
         if split == "cols":
             n = t.shape[1] // tp
             return Piece(t.hf, 1, tp_rank * n, (tp_rank + 1) * n), (t.shape[0], n)
@@ -307,7 +316,7 @@ class _SliceReader:
 
 
 def _materialise(reader: _SliceReader, entry: RankTensor, dtype: torch.dtype) -> torch.Tensor:
-    parts = [reader.read(p) for p in entry.pieces]
+    parts = [qkv_blocks(reader.read(p), p.qkv_heads) if p.qkv_heads else reader.read(p) for p in entry.pieces]
     src = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     out = src.to(dtype).contiguous()
     if tuple(out.shape) != entry.shape:
@@ -362,7 +371,8 @@ def export_trtllm(src: str | Path, out: str | Path | None = None, *, dtype: str 
                                        disable=not progress, leave=False))
         for rank, plan in enumerate(plans):
             _write_rank_file(tmp / f"rank{rank}.safetensors", plan, reader, torch_dtype, bar)
-        atomic_write_json(tmp / "config.json", trtllm_config(cfg, dtype=dtype, tp=tp, pp=pp))
+        atomic_write_json(tmp / "config.json", {**trtllm_config(cfg, dtype=dtype, tp=tp, pp=pp),
+                                                **lineage_fields(cfg, src)})
         atomic_write_text(tmp / README_FILE, _readme(tmp, out, src, cfg))
     return out
 
@@ -453,15 +463,33 @@ def _card_text(ckpt_dir: str | Path, config: dict[str, Any]) -> str:
     ])
 
 
+def lineage_fields(cfg: ModelConfig, src: Path) -> dict[str, Any]:
+    """An extended model's base by public identity (pizoo.lineage), as a `pizoo` key of config.json:
+    TensorRT-LLM's PretrainedConfig keeps keys it does not know as attributes (with a warning)."""
+    if not cfg.rope.is_scaled:
+        return {}
+    ident = model_identity(cfg.raw, src)
+    block = cfg.raw.get("pizoo") or {}
+    out = {"base_model": ident.label, "base_identity": ident.to_dict(), "base_sha256": block.get("base_sha256")}
+    return {"pizoo": {k: v for k, v in out.items() if v}}
+
+
 def _readme(tmp: Path, out: Path, src: Path, cfg: ModelConfig) -> str:
+    """The checkpoint's README: what it was made from by public identity (pizoo.lineage; never a local
+    path, since the folder may be published) and the build command relative to the folder holding it."""
     config = read_json(tmp / "config.json", "config.json")
+    ident = model_identity(cfg.raw, src)
+    made_from = f"[{ident.hub_id}]({ident.repo_url})" if ident.hub_id else ident.name or LOCAL_MODEL
+    what = "an extension of" if cfg.rope.is_scaled else "a conversion of"
     return "\n".join([
         f"# {out.name}",
         "",
-        f"Written by pizoo {__version__} from `{src}` ({cfg.architecture}, RoPE {cfg.rope.method}). "
+        f"Written by pizoo {__version__}: {what} {made_from} ({cfg.architecture}, RoPE {cfg.rope.method}). "
         "trtllm-build reads only config.json and rank*.safetensors; this file is for people.",
         "",
-        _card_text(out, config),
+        "Run the commands below from the folder that holds this checkpoint.",
+        "",
+        _card_text(Path(out.name), config),
     ])
 
 
@@ -479,9 +507,12 @@ def _logical_params(config: dict[str, Any]) -> int:
     h, v, n = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
     hd = config.get("head_size") or h // config["num_attention_heads"]
     q, kv, inter = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd, config["intermediate_size"]
-    per_layer = 2 * h + h * (q + 2 * kv) + q * h + 3 * h * inter
+    mlp_mats = 3 if config.get("hidden_act", "silu") == "silu" else 2  # gated (SwiGLU) or plain (GPT-NeoX)
+    per_layer = 2 * h + h * (q + 2 * kv) + q * h + mlp_mats * h * inter
     if config.get("attn_bias"):
         per_layer += q + 2 * kv + (0 if config.get("qwen_type") else h)
+    if config.get("bias"):  # biases everywhere (GPT-NeoX): qkv, dense, both norms, fc, proj
+        per_layer += q + 2 * kv + h + 2 * h + inter + h
     return v * h * (1 if config.get("tie_word_embeddings") else 2) + h + n * per_layer
 
 

@@ -67,7 +67,8 @@ HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tan
 #   q          query rows: the rank's heads
 #   kv         key/value rows: the rank's KV heads (one repeated head when n_kv < tp)
 #   vocab      dim 0 over the vocabulary padded to a multiple of tp
-TP_SPLITS = ("replicate", "rows", "cols", "q", "kv", "vocab")
+#   qkv_heads  a fused per-head q/k/v tensor (Tensor.qkv_per_head): the rank's heads, as Q|K|V blocks
+TP_SPLITS = ("replicate", "rows", "cols", "q", "kv", "vocab", "qkv_heads")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,19 @@ class Tensor:
     rotary: str | None = None
     gguf_offset: float = 0.0
     qkv_per_head: bool = False
+
+
+def qkv_blocks(w, n_head: int):
+    """Fused q/k/v rows per head [n_head, 3, head_dim, ...] (GPT-NeoX) -> Q|K|V blocks [3, n_head,
+    head_dim, ...] (llama.cpp, TensorRT-LLM); a numpy array or a torch tensor, weight or bias."""
+    shape = tuple(w.shape)
+    return w.reshape(n_head, 3, shape[0] // (3 * n_head), *shape[1:]).swapaxes(0, 1).reshape(shape)
+
+
+def qkv_per_head(w, n_head: int):
+    """Inverse of `qkv_blocks`."""
+    shape = tuple(w.shape)
+    return w.reshape(3, n_head, shape[0] // (3 * n_head), *shape[1:]).swapaxes(0, 1).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,9 @@ class Family:
     gguf_fallback: GGUFArch | None = None
     trtllm_arch: str | None = "LlamaForCausalLM"
     trtllm_refusal: str = ""
+    # The RoPE types its TensorRT-LLM model reads (None: every one pizoo writes for Llama) and why not.
+    trtllm_rope_types: tuple[str, ...] | None = None
+    trtllm_rope_refusal: str = ""
     tiny: dict[str, dict[str, Any]] = {}
     partial_rotary: bool = False  # reads partial_rotary_factor (ModelConfig.rotary_dim)
     lora_refusal: str = ""  # why --lora is refused for this family ("" : it is not)

@@ -13,7 +13,8 @@
 GGUF is llama.cpp's `gemma2` graph, which computes all of the above itself, reads no rope_freqs
 tensor (so per-frequency methods are refused) and stores the norms with the one added. It derives
 the attention scale from the model size rather than reading query_pre_attn_scalar, so a config whose
-scalar differs from llama.cpp's choice is refused. TensorRT-LLM is refused for now.
+scalar differs from llama.cpp's choice is refused. TensorRT-LLM is refused: its Gemma checkpoint
+applies one rotary_scaling to every layer and has no window field (tensorrt_llm/models/gemma).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class Gemma2(Family):
     gguf = GGUFArch("gemma2", permute_qk=False, rope_freqs=False, sliding_window=True)
     gguf_fallback = None
     trtllm_arch = None
-    trtllm_refusal = ("pizoo does not write Gemma as a TensorRT-LLM checkpoint; serve the HF folder with "
+    # TensorRT-LLM's Gemma checkpoint applies one rotary_scaling to local and global layers alike and
+    # takes sliding windows only as a runtime setting, so an extended Gemma would compute differently.
+    trtllm_refusal = ("TensorRT-LLM's Gemma checkpoint scales local and global layers alike and has no sliding "
+                      "window field, so an extended Gemma cannot be written faithfully; serve the HF folder with "
                       "TensorRT-LLM's PyTorch backend (trtllm-serve MODEL_DIR), or export with --to gguf")
     # Every `window_period`-th layer (counting from 1) is global, the others are local.
     window_period = 2

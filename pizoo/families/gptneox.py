@@ -15,11 +15,16 @@ graph and TensorRT-LLM want the fused rows as Q|K|V blocks: the tensor table say
 (`Tensor.qkv_per_head`) and both exports regroup them.
 
 llama.cpp's gptneox graph reads no rope_freqs tensor: per-frequency methods are refused for GGUF.
+TensorRT-LLM's GPTNeoXForCausalLM reads a base (`rotary_emb_base`) and `rotary_pct` but no RoPE
+scaling, and builds only the parallel residual with a 4 x hidden MLP and LayerNorm epsilon 1e-5:
+an unscaled or NTK-scaled model (NTK is exactly a changed base) of that shape is written, the rest
+is refused naming what to use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from . import Family, GGUFArch, PizooError, Tensor, hf_field, register
@@ -62,13 +67,16 @@ class GPTNeoX(Family):
     hf_class = "GPTNeoXForCausalLM"
     gguf = GGUFArch("gptneox", permute_qk=False, rope_freqs=False)
     gguf_fallback = None
-    trtllm_arch = None
-    trtllm_refusal = ("pizoo does not write GPT-NeoX as a TensorRT-LLM checkpoint yet; export with --to gguf "
-                      "(pizoo extend: --formats hf,gguf)")
+    trtllm_arch = "GPTNeoXForCausalLM"
+    trtllm_rope_types = ("none", "ntk")
+    trtllm_rope_refusal = ("TensorRT-LLM's GPTNeoXForCausalLM reads no RoPE scaling (only a base); extend with ntk "
+                           "(a changed base) for TensorRT-LLM, or export with --to gguf")
     partial_rotary = True
     lora_refusal = ("--lora: LoRA for GPT-NeoX (a fused per-head query_key_value) is not supported yet; "
                     "calibrate in full (drop --lora)")
+    # intermediate 4 x hidden (64): the only MLP width TensorRT-LLM's GPT-NeoX builds
     tiny = {"gpt_neox": dict(num_heads=4, num_kv_heads=4, head_dim=16, rotary_dim=4, tie_word_embeddings=False,
+                             intermediate_size=256,
                              fused_qkv=True, qkv_per_head=True, attention_bias=True, norm_type="layernorm",
                              hidden_act="gelu", gated_mlp=False, mlp_bias=True, parallel_residual=True)}
 
@@ -138,30 +146,58 @@ class GPTNeoX(Family):
     @classmethod
     def global_tensors(cls, cfg):
         h, v = cfg.hidden_size, cfg.vocab_size
-        return [Tensor("gpt_neox.embed_in.weight", (v, h), "token_embd.weight"),
-                Tensor("gpt_neox.final_layer_norm.weight", (h,), "output_norm.weight"),
-                Tensor("gpt_neox.final_layer_norm.bias", (h,), "output_norm.bias"),
-                Tensor("embed_out.weight", (v, h), "output.weight")]
+        return [Tensor("gpt_neox.embed_in.weight", (v, h), "token_embd.weight", "transformer.vocab_embedding.weight"),
+                Tensor("gpt_neox.final_layer_norm.weight", (h,), "output_norm.weight", "transformer.ln_f.weight"),
+                Tensor("gpt_neox.final_layer_norm.bias", (h,), "output_norm.bias", "transformer.ln_f.bias"),
+                Tensor("embed_out.weight", (v, h), "output.weight", "lm_head.weight", "vocab")]
 
     @classmethod
     def layer_tensors(cls, cfg, i):
         h, inter = cfg.hidden_size, cfg.intermediate_size
-        p, b = f"gpt_neox.layers.{i}.", f"blk.{i}."
-        out = [Tensor(p + "input_layernorm.weight", (h,), b + "attn_norm.weight"),
-               Tensor(p + "input_layernorm.bias", (h,), b + "attn_norm.bias"),
-               Tensor(p + "attention.query_key_value.weight", (3 * h, h), b + "attn_qkv.weight", qkv_per_head=True)]
+        p, b, t = f"gpt_neox.layers.{i}.", f"blk.{i}.", "transformer.layers.{i}."
+        out = [Tensor(p + "input_layernorm.weight", (h,), b + "attn_norm.weight", t + "input_layernorm.weight"),
+               Tensor(p + "input_layernorm.bias", (h,), b + "attn_norm.bias", t + "input_layernorm.bias"),
+               Tensor(p + "attention.query_key_value.weight", (3 * h, h), b + "attn_qkv.weight",
+                      t + "attention.qkv.weight", "qkv_heads", qkv_per_head=True)]
         if cfg.attention_bias:
-            out.append(Tensor(p + "attention.query_key_value.bias", (3 * h,), b + "attn_qkv.bias", qkv_per_head=True))
-        out.append(Tensor(p + "attention.dense.weight", (h, h), b + "attn_output.weight"))
-        if cfg.attention_bias:
-            out.append(Tensor(p + "attention.dense.bias", (h,), b + "attn_output.bias"))
-        out += [Tensor(p + "post_attention_layernorm.weight", (h,), b + "ffn_norm.weight"),
-                Tensor(p + "post_attention_layernorm.bias", (h,), b + "ffn_norm.bias"),
-                Tensor(p + "mlp.dense_h_to_4h.weight", (inter, h), b + "ffn_up.weight"),
-                Tensor(p + "mlp.dense_h_to_4h.bias", (inter,), b + "ffn_up.bias"),
-                Tensor(p + "mlp.dense_4h_to_h.weight", (h, inter), b + "ffn_down.weight"),
-                Tensor(p + "mlp.dense_4h_to_h.bias", (h,), b + "ffn_down.bias")]
+            out.append(Tensor(p + "attention.query_key_value.bias", (3 * h,), b + "attn_qkv.bias",
+                              t + "attention.qkv.bias", "qkv_heads", qkv_per_head=True))
+        out.append(Tensor(p + "attention.dense.weight", (h, h), b + "attn_output.weight", t + "attention.dense.weight",
+                          "cols"))
+        if cfg.attention_bias:  # row-parallel: added once after the ranks' sum, so replicated
+            out.append(Tensor(p + "attention.dense.bias", (h,), b + "attn_output.bias", t + "attention.dense.bias"))
+        out += [Tensor(p + "post_attention_layernorm.weight", (h,), b + "ffn_norm.weight",
+                       t + "post_attention_layernorm.weight"),
+                Tensor(p + "post_attention_layernorm.bias", (h,), b + "ffn_norm.bias",
+                       t + "post_attention_layernorm.bias"),
+                Tensor(p + "mlp.dense_h_to_4h.weight", (inter, h), b + "ffn_up.weight", t + "mlp.fc.weight", "rows"),
+                Tensor(p + "mlp.dense_h_to_4h.bias", (inter,), b + "ffn_up.bias", t + "mlp.fc.bias", "rows"),
+                Tensor(p + "mlp.dense_4h_to_h.weight", (h, inter), b + "ffn_down.weight", t + "mlp.proj.weight", "cols"),
+                Tensor(p + "mlp.dense_4h_to_h.bias", (h,), b + "ffn_down.bias", t + "mlp.proj.bias")]
         return [dataclasses.replace(t, layer=i) for t in out]
+
+    # --- TensorRT-LLM ----------------------------------------------------------------------------
+    @classmethod
+    def check_trtllm(cls, cfg, where):
+        fixed = {"the parallel residual (use_parallel_residual=true)": cfg.parallel_residual,
+                 "an MLP of 4 x hidden_size": cfg.intermediate_size == 4 * cfg.hidden_size,
+                 "LayerNorm epsilon 1e-5": math.isclose(cfg.rms_norm_eps, 1e-5, rel_tol=1e-6),
+                 "biases on every projection (attention_bias=true)": cfg.attention_bias}
+        missing = [what for what, ok in fixed.items() if not ok]
+        if missing:
+            raise PizooError(f"{where}: TensorRT-LLM's GPTNeoXForCausalLM builds only {missing[0]}, which this "
+                             "model does not have; export with --to gguf")
+        return super().check_trtllm(cfg, where)
+
+    @classmethod
+    def trtllm_fields(cls, cfg):
+        from ..config import ntk_theta
+
+        rope = cfg.rope
+        base = ntk_theta(rope.theta, rope.factor, cfg.rope_dim) if rope.type == "ntk" else rope.theta
+        # GPT-NeoX's own field names (its model reads rotary_emb_base and rotary_pct, not rotary_base)
+        return {"hidden_act": "gelu", "rotary_emb_base": base, "rotary_pct": cfg.rope_dim / cfg.head_dim,
+                "rotary_scaling": None, "use_parallel_residual": True, "bias": True, "mlp_bias": True}
 
     # --- GGUF ----------------------------------------------------------------------------------
     @classmethod
