@@ -397,7 +397,7 @@ def eval_cmd(
                                                          help="Gate: passkey accuracy, averaged over the distances "
                                                          "up to the target, half of it at each (default 0.9)."),
     no_gate: bool = typer.Option(False, "--no-gate", help="Measure only; apply no gate (exit 0)."),
-    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most this many documents."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Score at most this many documents (reading stops there)."),
     doc_tokens: Optional[int] = typer.Option(None, "--doc-tokens", help="Tokens scored per document (default: "
                                              "the longest --ctx; with one --ctx, whole documents)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the passkeys."),

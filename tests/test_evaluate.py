@@ -577,6 +577,11 @@ def test_several_contexts_score_the_same_tokens_and_say_so(gqa_model, long_text_
     assert {r["tokens"] for r in report["results"]} == {2 * 63}  # the same 64 tokens of both documents
     assert report["data"]["protocol"] == "same-tokens" and "(the PI/YaRN protocol)" in report["data"]["protocol_note"]
     assert sum("the gate also measures ctx 64" in x for x in lines) == 1
+    # --max-docs: reading stops once that many documents reach every length wanted (a big corpus is not read whole)
+    one = evaluate_model(gqa_model, ctx="16,32", data=[str(long_text_file)], stride=16, passkey=False,
+                         progress=False, max_documents=1)
+    assert one["data"]["documents_read"] == one["data"]["documents"] == 1
+    assert one["results"][0]["tokens"] == 63
 
 
 def test_held_out_split_by_default_only_for_the_models_own_calibration_data(base_model, long_text_file, tmp_path):

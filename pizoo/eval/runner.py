@@ -131,15 +131,23 @@ class _Corpus:
     doc_tokens: int | None = None  # each document cut to this many tokens (None: whole)
 
 
-def _read_documents(encoder: TextEncoder, data, split: str) -> tuple[list[tuple[str, str, list[int]]], str]:
-    """Every document of the split, tokenized: ([(id, text, tokens)], fingerprint over ids and texts)."""
+def _read_documents(encoder: TextEncoder, data, split: str,
+                    enough: tuple[int, int] | None = None) -> tuple[list[tuple[str, str, list[int]]], str]:
+    """The split's documents, tokenized: ([(id, text, tokens)], fingerprint over the ids and texts read).
+    enough=(length, count): stop once `count` documents have at least `length` tokens (--max-docs:
+    every selection then lies within what was read, so a large corpus is not read to its end)."""
     from ..data import describe_sources, fingerprint_update, iter_documents
 
     h = hashlib.sha256()
     docs = []
+    reaching = 0
     for doc in iter_documents(data, split=split):
         fingerprint_update(h, doc)  # the same fingerprint as data_fingerprint over the documents read
         docs.append((doc.id, doc.text, encoder.document(doc.text)))
+        if enough is not None and len(docs[-1][2]) >= enough[0]:
+            reaching += 1
+            if reaching >= enough[1]:
+                break
     if not docs:
         raise PizooError(f"--data {', '.join(describe_sources(data))}: no {split} documents")
     return docs, h.hexdigest()
@@ -487,7 +495,11 @@ def evaluate_model(model: str | Path, *, ctx: int | str | Iterable[int] | None =
         split, why = default_split(subject.path, data)
         if why:
             log.note(why)
-    docs, data_fp = _read_documents(subject.encoder, data, split)
+    # With --max-docs, reading stops at that many documents long enough for every length wanted.
+    wanted = max(requested + ([original, target] if gate_on else [])
+                 + ([base_cfg.original_context] if base_cfg is not None and baseline_ctx != "listed" else []))
+    docs, data_fp = _read_documents(subject.encoder, data, split,
+                                    enough=(wanted, max_documents) if max_documents is not None else None)
     ctx_plan = _plan_contexts(requested, docs, split, target=target, original=original, gate_on=gate_on,
                           base_context=base_cfg.original_context if base_cfg is not None and baseline_ctx != "listed"
                           else None, log=log)
