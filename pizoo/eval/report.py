@@ -174,6 +174,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     for r in report["results"]:
         bp = base_by_ctx.get(r["ctx"])
         note = ", ".join(x for x in ("extrapolation" if r.get("extrapolation") else "",
+                                      f"{r['short_documents']} shorter than the window (one window each)"
+                                      if r.get("short_documents") else "",
                                       "cached" if r.get("cached") else "") if x)
         lines.append(f"{r['ctx']:>8}  {r['stride']:>6}  {_fmt(r['ppl']):>10}  {_fmt(bp) if bp is not None else '-':>10}"
                      f"  {r['tokens']:>10}  {r['documents']:>5}  {note}")

@@ -392,11 +392,12 @@ def _plan_contexts(requested: list[int], docs: list[tuple[str, str, list[int]]],
 def _protocol_line(corpus: _Corpus, split: str, ctx: int, stride: int) -> str:
     """How the documents are scored, for the log and the report."""
     n, tokens = len(corpus.tokens), sum(len(t) for t in corpus.tokens)
+    which = "" if split == "all" else f"{split} "
     if corpus.protocol == PROTOCOL_WHOLE:
         cut = f", each cut to its first {corpus.doc_tokens} tokens" if corpus.doc_tokens else ""
-        return (f"{n} of {corpus.read} {split} documents scored whole ({tokens} tokens{cut}) with windows of "
+        return (f"{n} of {corpus.read} {which}documents scored whole ({tokens} tokens{cut}) with windows of "
                 f"{ctx} tokens moving by {min(stride, ctx)}")
-    return (f"{n} of {corpus.read} {split} documents have >= {corpus.min_tokens} tokens; the same first "
+    return (f"{n} of {corpus.read} {which}documents have >= {corpus.min_tokens} tokens; the same first "
             f"{corpus.doc_tokens} tokens of each are scored at every length (the PI/YaRN protocol)")
 
 
