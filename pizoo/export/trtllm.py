@@ -197,7 +197,7 @@ def trtllm_config(cfg: ModelConfig, *, dtype: str, tp: int, pp: int) -> dict[str
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "mlp_bias": False,
     }
-    d.update(cfg.family.trtllm_fields(cfg))
+    d.update(cfg.family.trtllm_fields(cfg, rotary_base))
     return d
 
 

@@ -14,7 +14,7 @@ The class says, in one place:
 - `gguf` (`GGUFArch`: llama.cpp architecture name, q/k permutation, whether its graph reads
   `rope_freqs` or LongRoPE's factor pair) and `gguf_fallback` (an architecture whose graph computes the same network with
   `rope_freqs`, or None: then per-frequency methods are refused);
-- `trtllm_arch` and `trtllm_fields(cfg)`, or `trtllm_refusal` (why not, and what to use instead);
+- `trtllm_arch` and `trtllm_fields(cfg, rotary_base)`, or `trtllm_refusal` (why not, and what to use instead);
 - `tiny` (synthetic variants for tests) and `known_features(entry)` (the planner's known bases).
 
 Adding a family: one module below (imported at the end of this file) and, when the family brings a
@@ -295,8 +295,9 @@ class Family:
         return cls.trtllm_arch
 
     @classmethod
-    def trtllm_fields(cls, cfg: ModelConfig) -> dict[str, Any]:
-        """Family fields appended to TensorRT-LLM's config.json."""
+    def trtllm_fields(cls, cfg: ModelConfig, rotary_base: float) -> dict[str, Any]:
+        """Family fields appended to TensorRT-LLM's config.json (`rotary_base`: the base it computes with,
+        NTK's changed base included)."""
         return {"attn_bias": cfg.attention_bias}
 
 

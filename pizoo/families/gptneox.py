@@ -190,13 +190,9 @@ class GPTNeoX(Family):
         return super().check_trtllm(cfg, where)
 
     @classmethod
-    def trtllm_fields(cls, cfg):
-        from ..config import ntk_theta
-
-        rope = cfg.rope
-        base = ntk_theta(rope.theta, rope.factor, cfg.rope_dim) if rope.type == "ntk" else rope.theta
+    def trtllm_fields(cls, cfg, rotary_base):
         # GPT-NeoX's own field names (its model reads rotary_emb_base and rotary_pct, not rotary_base)
-        return {"hidden_act": "gelu", "rotary_emb_base": base, "rotary_pct": cfg.rope_dim / cfg.head_dim,
+        return {"hidden_act": "gelu", "rotary_emb_base": rotary_base, "rotary_pct": cfg.rope_dim / cfg.head_dim,
                 "rotary_scaling": None, "use_parallel_residual": True, "bias": True, "mlp_bias": True}
 
     # --- GGUF ----------------------------------------------------------------------------------

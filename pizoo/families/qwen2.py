@@ -40,6 +40,6 @@ class Qwen2(Family):
         return {"qkv_bias": True}
 
     @classmethod
-    def trtllm_fields(cls, cfg):
+    def trtllm_fields(cls, cfg, rotary_base):
         # QWen's attention has q/k/v biases and no dense bias; qwen_type selects the Qwen2 layout.
         return {"qwen_type": "qwen2", "attn_bias": True, "use_logn_attn": False}
