@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .config import RopeConfig, ntk_theta
+from .rope_config import RopeConfig, ntk_theta
 
 InvFreqFn = Callable[[RopeConfig, int, int], tuple[torch.Tensor, float]]
 METHODS: dict[str, InvFreqFn] = {}
