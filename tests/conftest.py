@@ -36,6 +36,29 @@ def _build(root: Path, name: str, **kwargs) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (pytestmark = usefixtures("one_thread")): two xdist
+    workers on two cores, and small matmuls gain nothing from more."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fast_clex_recipe(tmp_path_factory) -> Path:
+    """The clex recipe with a coarser ODE step (time_dt 0.1) so CPU tests stay fast."""
+    from pizoo.recipes import recipe_path
+
+    src = recipe_path("clex").read_text().replace("time_dt = 0.01", "time_dt = 0.1")
+    p = tmp_path_factory.mktemp("recipes") / "clex-fast.toml"
+    p.write_text(src)
+    return p
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     """60k characters of synthetic prose as a .txt file: calibration data for the tiny models."""

@@ -26,29 +26,12 @@ CTX = 256  # the tiny models are pre-trained at 64 tokens: a 4x extension
 TRAIN_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the CI box has 2 shared cores, and small matmuls gain nothing from more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def base(tiny_model_factory) -> Path:
     return tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
-
-
-@pytest.fixture(scope="module")
-def fast_clex_recipe(tmp_path_factory) -> Path:
-    """The clex recipe with a coarser ODE step (time_dt 0.1) so CPU tests stay fast."""
-    from pizoo.recipes import recipe_path
-
-    src = recipe_path("clex").read_text().replace("time_dt = 0.01", "time_dt = 0.1")
-    p = tmp_path_factory.mktemp("recipes") / "clex-fast.toml"
-    p.write_text(src)
-    return p
 
 
 def _calibrate(base, out, data, **kw):

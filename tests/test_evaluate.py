@@ -47,13 +47,7 @@ ORIGINAL = 128  # the tiny base's context
 TARGET = 256  # the tiny "extended" model's context (linear x2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two xdist workers on two cores: one torch thread each avoids OpenMP oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

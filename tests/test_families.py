@@ -87,14 +87,12 @@ def sharp_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def calibrated(sharp_base, text_file, tmp_path_factory):
+def calibrated(sharp_base, text_file, fast_clex_recipe, tmp_path_factory):
     """calibrated(family, recipe) -> the base extended to EXTENDED tokens by one calibration step."""
-    from pizoo.recipes import recipe_path
     from pizoo.train import calibrate
 
     root = tmp_path_factory.mktemp("family-calibrated")
-    clex = root / "clex-fast.toml"  # a coarser ODE step keeps CLEX fast on CPU
-    clex.write_text(recipe_path("clex").read_text().replace("time_dt = 0.01", "time_dt = 0.1"))
+    clex = fast_clex_recipe
     done: dict[tuple[str, str], Path] = {}
 
     def make(family: str, recipe: str) -> Path:

@@ -70,16 +70,28 @@ def test_names_map_both_ways_for_every_tensor():
         assert fam.hf_name(fam.model_name(name)) == name and fam.model_name(name) != name
 
 
-def test_a_gguf_without_pizoo_keys_imports_to_the_same_model(tmp_path):
-    """What llama.cpp's converter writes: no pizoo.* keys; rows of attn_qkv as Q|K|V blocks."""
+def test_a_gguf_without_pizoo_keys_imports_to_the_same_model(tmp_path, monkeypatch):
+    """What llama.cpp's converter writes: no pizoo.* keys; rows of attn_qkv as Q|K|V blocks, regrouped
+    while streaming (chunks of 16 rows here, so a chunk holds parts of several heads' blocks)."""
+    from gguf import GGUFReader
     from test_families import _without_pizoo_keys
 
+    import pizoo.export.gguf as gguf_export
     from pizoo.export.gguf import export_gguf
+    from pizoo.families import qkv_blocks
     from pizoo.gguf_import import import_gguf
     from pizoo.synthetic import write_tiny_model
 
     src = write_tiny_model(tmp_path / "src", "gpt_neox", max_position_embeddings=128)
+    monkeypatch.setattr(gguf_export, "CHUNK_ELEMENTS", 16 * 64)  # 16 rows of the 64-wide qkv weight
     gguf_file = export_gguf(src, tmp_path / "m.gguf", dtype="f32")
+    monkeypatch.undo()
+    qkv = {t.name: np.array(t.data) for t in GGUFReader(gguf_file).tensors if t.name.startswith("blk.0.attn_qkv")}
+    ckpt = load_model(src)
+    assert np.array_equal(qkv["blk.0.attn_qkv.weight"],
+                          qkv_blocks(ckpt.model.layers[0].self_attn.qkv_proj.weight.detach().numpy(), 4))
+    assert np.array_equal(qkv["blk.0.attn_qkv.bias"],
+                          qkv_blocks(ckpt.model.layers[0].self_attn.qkv_proj.bias.detach().numpy(), 4))
     back = import_gguf(_without_pizoo_keys(gguf_file, tmp_path / "foreign.gguf"), tmp_path / "back")
     ids = torch.randint(0, 300, (1, 80), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

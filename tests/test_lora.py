@@ -25,27 +25,12 @@ from pizoo.lora import lora_settings
 CTX, TRAIN_LEN = 256, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def base(tiny_model_factory) -> Path:
     return tiny_model_factory("llama", variant="llama", tokenizer="sentencepiece")
-
-
-@pytest.fixture(scope="module")
-def fast_clex_recipe(tmp_path_factory) -> Path:
-    from pizoo.recipes import recipe_path
-
-    src = recipe_path("clex").read_text().replace("time_dt = 0.01", "time_dt = 0.1")
-    p = tmp_path_factory.mktemp("recipes") / "clex-fast.toml"
-    p.write_text(src)
-    return p
 
 
 def _calibrate(base, out, data, **kw):

@@ -54,7 +54,7 @@ import numpy as np
 
 from ..config import ModelConfig, RopeConfig, ntk_theta, rope_to_dict
 from ..errors import PizooError
-from ..families import qkv_blocks
+from ..families import FAMILIES
 from ..hf_folder import TensorInfo, index_hf_folder
 from ..lineage import artifact_stem, model_identity, split_size
 
@@ -513,19 +513,18 @@ def general_name(lin: dict[str, Any]) -> str:
     return " ".join(p for p in (lin["basename"], lin["size_label"], lin.get("finetune")) if p)
 
 
-# llama.cpp (llama-vocab.cpp) marks special tokens right-stripping when general.name contains one of
-# these, and looks the listed tokens up by text: a vocabulary without one of them fails to load.
-LLAMA_CPP_NAMED_VOCAB_RULES = {("phi-3", "phi3"): ("</s>", "<unk>", "<s>", "<|endoftext|>")}
-
-
 def refuse_unloadable_name(name: str, tokens: list[str], where: str) -> None:
-    """A general.name llama.cpp would apply a vocabulary rule to that this vocabulary cannot take."""
+    """A general.name llama.cpp would apply a family's vocabulary rule to (Family.gguf_name_rule) that
+    this vocabulary cannot take."""
     present = set(tokens)
-    for markers, needed in LLAMA_CPP_NAMED_VOCAB_RULES.items():
+    for fam in FAMILIES.values():
+        if fam.gguf_name_rule is None:
+            continue
+        markers, needed = fam.gguf_name_rule
         missing = [t for t in needed if t not in present]
         if missing and any(m in name.lower() for m in markers):
             raise PizooError(
-                f"{where}: the GGUF name '{name}' makes llama.cpp treat the vocabulary as Phi-3's, which needs the "
+                f"{where}: the GGUF name '{name}' makes llama.cpp apply its {fam.model_type} vocabulary rule, which needs the "
                 f"token {missing[0]!r} this tokenizer lacks, so llama.cpp could not load the file; rename the model "
                 f"folder (or its _name_or_path) so its name does not contain {' or '.join(repr(m) for m in markers)}")
 
@@ -829,10 +828,11 @@ class _Cancelled(Exception):
 
 def _chunk_rows(job: _Job) -> list[tuple[int, int]]:
     """Row ranges of one tensor's pipeline chunks (whole heads for permuted q/k)."""
-    if job.array is not None or len(job.shape) == 1 or job.qkv_heads:
-        return [(0, job.shape[0])]  # regrouping q/k/v moves rows across the whole tensor
+    if job.array is not None or len(job.shape) == 1:
+        return [(0, job.shape[0])]
     rows, row_elems = job.shape[0], math.prod(job.shape[1:])
-    align = rows // job.heads if job.heads else 1  # the permutation needs whole heads
+    # the q/k permutation needs whole heads; the q/k/v regrouping reads whole head rows
+    align = rows // job.heads if job.heads else rows // (3 * job.qkv_heads) if job.qkv_heads else 1
     step = max(align, (CHUNK_ELEMENTS // row_elems) // align * align)
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
@@ -850,7 +850,10 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
         dtype = _ST_FLOAT[job.src_dtype]
         row_elems = math.prod(job.shape[1:]) if len(job.shape) > 1 else 1
         n = (r1 - r0) * row_elems
-        raw = files.read(job.file, job.offset + r0 * row_elems * dtype.itemsize, scratch(1, n, dtype))
+        if job.qkv_heads:
+            raw = _read_qkv_blocks(job, r0, r1, row_elems, files, scratch(1, n, dtype))
+        else:
+            raw = files.read(job.file, job.offset + r0 * row_elems * dtype.itemsize, scratch(1, n, dtype))
         if job.heads:
             # HF 'rotate halves' rows -> llama.cpp's adjacent pairs (permute_rows), copied in one pass
             heads = (r1 - r0) // (job.shape[0] // job.heads)
@@ -859,8 +862,6 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
             np.copyto(dst.reshape(heads, half, 2, row_elems),
                       raw.reshape(heads, 2, half, row_elems).swapaxes(1, 2))
             raw = dst
-        if job.qkv_heads:
-            raw = qkv_blocks(raw.reshape(job.shape), job.qkv_heads).reshape(-1)
         if job.offset_add:
             values = _bf16_to_f32(raw) if job.src_dtype == "BF16" else raw.astype(np.float32)
             return _convert(values + np.float32(job.offset_add), "F32", job.out_type, out, scratch)
@@ -868,6 +869,19 @@ def _convert_chunk(job: _Job, r0: int, r1: int, files: _SourceFiles, scratch: _S
     except _F16Overflow:
         raise PizooError(f"{job.file}: tensor '{job.src_name}' has values beyond float16's range (+-65504) that "
                          "would become inf; export with --dtype bf16, f32 or q8_0") from None
+
+
+def _read_qkv_blocks(job: _Job, r0: int, r1: int, row_elems: int, files: _SourceFiles,
+                     into: np.ndarray) -> np.ndarray:
+    """Rows [r0, r1) of the Q|K|V-block layout (families.qkv_blocks) read from the per-head source
+    layout [n_head, 3, head_dim, ...]: each head_dim run of output rows is one run of source rows."""
+    hd = job.shape[0] // (3 * job.qkv_heads)
+    per = hd * row_elems
+    for k, block in enumerate(range(r0 // hd, r1 // hd)):
+        part, head = divmod(block, job.qkv_heads)  # block = part * n_head + head in the output
+        source_row = (head * 3 + part) * hd
+        files.read(job.file, job.offset + source_row * row_elems * into.itemsize, into[k * per:(k + 1) * per])
+    return into
 
 
 def _plan_tensors(src_tensors: dict[str, TensorInfo], cfg: ModelConfig, dtype: str, permute: bool,

@@ -147,6 +147,9 @@ class Family:
     tiny: dict[str, dict[str, Any]] = {}
     partial_rotary: bool = False  # reads partial_rotary_factor (ModelConfig.rotary_dim)
     lora_refusal: str = ""  # why --lora is refused for this family ("" : it is not)
+    # llama.cpp (llama-vocab.cpp) applies this family's vocabulary rule to any GGUF whose general.name
+    # holds one of the markers, looking the tokens up by text: (markers, tokens), or None.
+    gguf_name_rule: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     # --- names ---------------------------------------------------------------------------
     @classmethod

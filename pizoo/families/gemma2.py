@@ -131,9 +131,14 @@ class Gemma2(Family):
 
     # --- GGUF ----------------------------------------------------------------------------------
     @classmethod
+    def llama_cpp_scalar(cls, num_layers: int, hidden_size: int, num_heads: int, head_dim: int) -> float:
+        """The query_pre_attn_scalar llama.cpp's graph uses: it reads none, and derives it from the
+        model size (hidden / heads for the 27B layer counts, head_dim otherwise)."""
+        return float(hidden_size / num_heads if num_layers in cls.gguf_scale_by_hidden_layers else head_dim)
+
+    @classmethod
     def gguf_arch(cls, cfg, needs_rope_freqs, where):
-        scale_by = (cfg.hidden_size / cfg.num_heads if cfg.num_layers in cls.gguf_scale_by_hidden_layers
-                    else cfg.head_dim)
+        scale_by = cls.llama_cpp_scalar(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim)
         if cfg.query_pre_attn_scalar is not None and abs(cfg.query_pre_attn_scalar - scale_by) > 1e-6:
             raise PizooError(f"{where}: query_pre_attn_scalar {cfg.query_pre_attn_scalar:g} is not the {scale_by:g} "
                              f"llama.cpp's {cls.gguf.name} graph uses for a {cfg.num_layers}-layer model, so the "
@@ -166,7 +171,6 @@ class Gemma2(Family):
                 "sliding_window": int(window) if window else None,
                 "sliding_window_layers": ([int(x) for x in layers] if layers is not None
                                           else cls.window_layers(n_layers)) if window else [],
-                "query_pre_attn_scalar": float(hidden / heads if n_layers in cls.gguf_scale_by_hidden_layers
-                                               else head_dim),
+                "query_pre_attn_scalar": cls.llama_cpp_scalar(n_layers, hidden, heads, head_dim),
                 "attn_logit_softcap": recorded(f"{a}.attn_logit_softcapping", None),
                 "final_logit_softcap": recorded(f"{a}.final_logit_softcapping", None)}

@@ -30,6 +30,8 @@ class Phi3(Family):
     trtllm_refusal = ("pizoo does not write Phi-3 as a TensorRT-LLM checkpoint; serve the HF folder with "
                       "TensorRT-LLM's PyTorch backend (trtllm-serve MODEL_DIR) (pizoo extend: --formats hf)")
     partial_rotary = True
+    # right-stripping special tokens for any file named so, whatever its architecture
+    gguf_name_rule = (("phi-3", "phi3"), ("</s>", "<unk>", "<s>", "<|endoftext|>"))
     tiny = {"phi3": dict(num_heads=4, num_kv_heads=2, head_dim=16, rotary_dim=12, tie_word_embeddings=False,
                          fused_qkv=True, fused_gate_up=True)}
 
